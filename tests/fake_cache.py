@@ -1,0 +1,51 @@
+"""Test support: a source-native cache with random (but valid) signals, written through the real writer.
+
+No model is involved, so format, verify and reader tests run in milliseconds.
+"""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from cache_builder.corpus import Record, sha256_hex
+from cache_builder.format import STAT_COLUMNS, SourceRow, new_manifest, source_table, write_manifest, write_shard
+
+VOCAB = 100
+
+
+def fake_rows(n_rows: int, k: int = 4, seed: int = 0, vocab: int = VOCAB) -> list[SourceRow]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_rows):
+        text = f"record {i} " + "x" * int(rng.integers(3, 30))
+        n = len(text.encode())
+        ends = np.unique(np.concatenate([rng.integers(1, n, size=min(5, n - 1)), [n]])).astype(np.int32)
+        t = len(ends)
+        logits = -np.sort(-rng.normal(size=(t - 1, k)).astype(np.float32), axis=1)
+        scored = SimpleNamespace(
+            topk_ids=rng.integers(0, vocab, size=(t - 1, k)).astype(np.int32),
+            topk_logits=logits,
+            **{name: rng.normal(size=t - 1).astype(np.float32) for name in STAT_COLUMNS},
+        )
+        record = Record(sha256_hex(text), sha256_hex(text), 0, "prose" if i % 2 else "code", "train", text,
+                        ((0, n),), f"fake:{i + 1}")
+        rows.append(SourceRow(record, rng.integers(0, vocab, size=t).astype(np.int32), ends, scored, 1.5))
+    return rows
+
+
+def write_fake_cache(folder: Path, n_rows: int = 10, rows_per_shard: int = 4, k: int = 4,
+                     logit_dtype: str = "float32", seed: int = 0) -> dict:
+    rows = fake_rows(n_rows, k, seed)
+    shards = [
+        write_shard(source_table(rows[i : i + rows_per_shard], k, logit_dtype), folder,
+                    f"shards/part-r00000-{i // rows_per_shard:05d}.parquet")
+        for i in range(0, n_rows, rows_per_shard)
+    ]
+    manifest = new_manifest(
+        "source", top_k=k, logit_dtype=logit_dtype,
+        source={"name": "fake", "vocab_size": VOCAB, "tokenizer_fingerprint": "f" * 64},
+        corpus={"fingerprint": "c" * 64}, build={}, shards=shards,
+    )
+    write_manifest(folder, manifest)
+    return manifest
