@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(VENV)/bin/bash scripts/demo.sh 2>/dev/null || bash scripts/demo.sh
+	bash scripts/demo.sh
 
 test: setup
 	$(PY) -m pytest -q

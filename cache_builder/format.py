@@ -100,6 +100,7 @@ def aligned_schema(k: int) -> pa.Schema:
             pa.field("src_pos", pa.list_(pa.int32()), nullable=False),  # (A) the partner source positions
             pa.field("topk_ids", _per_position_topk(pa.int32(), k), nullable=False),  # pivot ids, -1 = empty
             pa.field("topk_logits", _per_position_topk(pa.float32(), k), nullable=False),
+            pa.field("native_topk_logits", _per_position_topk(pa.float32(), k), nullable=False),  # before mapping
             *_stats_fields(),
             pa.field("kept_mass", _per_position(pa.float32()), nullable=False),
             pa.field("chunk_logprob", _per_position(pa.float32()), nullable=False),

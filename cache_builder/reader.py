@@ -60,9 +60,16 @@ def iter_batches(
     batch whatever the cache size. Checksums are NOT verified here: call `verify_cache` first.
     """
     folder = Path(folder)
-    manifest = load_manifest(folder)
-    for shard in manifest["shards"]:
-        parquet = pq.ParquetFile(folder / shard["path"])
+    shards = [s["path"] for s in load_manifest(folder)["shards"]]
+    yield from iter_shard_batches(folder, shards, columns, batch_rows)
+
+
+def iter_shard_batches(
+    folder: Path, shard_paths: list[str], columns: list[str] | None = None, batch_rows: int = 64
+) -> Iterator[dict[str, np.ndarray | Ragged]]:
+    """Like iter_batches, over the given shards (relative paths) of a folder that may have no manifest yet."""
+    for relpath in shard_paths:
+        parquet = pq.ParquetFile(Path(folder) / relpath)
         for batch in parquet.iter_batches(batch_size=batch_rows, columns=columns):
             yield {name: column_to_numpy(batch.column(name)) for name in batch.schema.names}
 
@@ -76,4 +83,4 @@ def read_rows(folder: str | Path, columns: list[str] | None = None) -> dict[str,
     return {name: column_to_numpy(table.column(name)) for name in table.schema.names}
 
 
-__all__ = ["Ragged", "column_to_numpy", "iter_batches", "read_rows", "MANIFEST"]
+__all__ = ["Ragged", "column_to_numpy", "iter_batches", "iter_shard_batches", "read_rows", "MANIFEST"]

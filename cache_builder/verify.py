@@ -34,7 +34,10 @@ def _check_values(name: str, columns: dict, manifest: dict) -> list[str]:
         if not np.array_equal(columns[col].lengths, n_tokens):
             problems.append(f"{name}: {col} lengths disagree with num_tokens")
     per_row = columns["aligned_pos"].lengths if aligned else n_pos
-    for col in ("topk_ids", "topk_logits", "logsumexp", "logit_mean", "logit_std", "z_logsumexp", "gold_logprob"):
+    per_position = ("topk_ids", "topk_logits", "logsumexp", "logit_mean", "logit_std", "z_logsumexp", "gold_logprob")
+    if aligned:
+        per_position += ("native_topk_logits", "src_pos", "kept_mass", "chunk_logprob")
+    for col in per_position:
         if not np.array_equal(columns[col].lengths, per_row):
             problems.append(f"{name}: {col} has the wrong number of positions per row")
     if aligned:
@@ -44,7 +47,7 @@ def _check_values(name: str, columns: dict, manifest: dict) -> list[str]:
         row_of = np.repeat(np.arange(len(n_pos)), columns["aligned_pos"].lengths)
         if pos.size and (pos.min() < 0 or np.any(pos >= n_pos[row_of])):
             problems.append(f"{name}: aligned_pos outside the row's positions")
-    for col in FLOAT_COLUMNS + ("topk_logits",):
+    for col in FLOAT_COLUMNS + ("topk_logits", "native_topk_logits"):
         if col in columns and not np.all(np.isfinite(columns[col].values.astype(np.float32))):
             problems.append(f"{name}: {col} contains NaN or infinite values")
     ids = columns["token_ids"].values

@@ -1,0 +1,123 @@
+"""Thin click commands over the cache_builder library: cache-build, cache-align, cache-info, cache-verify."""
+
+from __future__ import annotations
+
+import json
+import sys
+import click
+
+from cache_builder.corpus import DEFAULT_WINDOW_CHARS
+
+
+def _fail(message: str) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(2)
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--model", required=True, help="Source model: smollm2 | gemma3 | qwen, a local HF folder, a .gguf file, or a cached hub id.")
+@click.option("--corpus", "corpus_path", required=True, type=click.Path(exists=True), help="Corpus file or folder (.jsonl, .jsonl.zst, .parquet, .txt).")
+@click.option("--out", default="cache", type=click.Path(), help="Cache root; shards go to OUT/<model-name>/.")
+@click.option("--pivot", default=None, help="Also write pivot-aligned shards for this pivot model (only its tokenizer is loaded).")
+@click.option("--top-k", default=10, type=click.IntRange(1, 1024), help="Candidates kept per position.")
+@click.option("--max-tokens", default=2048, type=click.IntRange(2), help="Tokens per window at most (longer windows are truncated).")
+@click.option("--window-chars", default=DEFAULT_WINDOW_CHARS, type=click.IntRange(16), help="Long records are cut into windows of at most this many characters.")
+@click.option("--batch-tokens", default=4096, type=click.IntRange(1), help="Padded tokens per forward batch (length-bucketed).")
+@click.option("--position-chunk", default=256, type=click.IntRange(1), help="Positions projected to the vocabulary at once (bounds memory).")
+@click.option("--dtype", default="fp32", type=click.Choice(["fp32", "bf16", "fp16"]), help="Trunk dtype; the output layer is always scored in fp32.")
+@click.option("--logit-dtype", default="float16", type=click.Choice(["float16", "float32"]), help="Storage type of the top-k logits (statistics are always float32).")
+@click.option("--rows-per-shard", default=256, type=click.IntRange(1), help="Record windows per Parquet shard.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: cuda when available.")
+@click.option("--limit", default=None, type=click.IntRange(1), help="Use only the first N records of the corpus.")
+@click.option("--rank", default=None, type=click.IntRange(0), help="This process's rank (default: $RANK from torchrun, else 0).")
+@click.option("--world-size", default=None, type=click.IntRange(1), help="Number of ranks (default: $WORLD_SIZE, else 1).")
+@click.option("--overwrite", is_flag=True, help="Delete a cache built with other settings instead of refusing.")
+def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch_tokens, position_chunk, dtype,
+          logit_dtype, rows_per_shard, device, limit, rank, world_size, overwrite):
+    """Run ONE source model once over a corpus and write its sparse top-k signals to Parquet shards.
+
+    Resumable: rerun the same command after a crash and finished shards are kept. Re-running a finished
+    build does nothing. Several ranks (torchrun or --rank/--world-size) split the records between them;
+    the manifest is written when every rank is done.
+    """
+    import torch
+
+    from cache_builder.build import BuildError, BuildSettings, build_cache, rank_from_env
+
+    try:
+        rank, world_size = rank_from_env(rank, world_size)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        settings = BuildSettings(model=model, top_k=top_k, window_chars=window_chars, max_tokens=max_tokens,
+                                 batch_tokens=batch_tokens, position_chunk=position_chunk, dtype=dtype,
+                                 logit_dtype=logit_dtype, rows_per_shard=rows_per_shard, limit=limit,
+                                 world_size=world_size)
+        summary = build_cache(corpus_path, settings, out, rank=rank, device=device, overwrite=overwrite)
+    except (BuildError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    click.echo(
+        f"done: {summary.records} records, {summary.tokens} tokens, {summary.skipped_records} bad records skipped, "
+        f"{summary.shards_written} shards written, {summary.shards_skipped} already there, {summary.seconds:.1f} s"
+        + (f", {summary.bytes_per_token:.1f} bytes per token" if summary.bytes_per_token else "")
+    )
+    if not summary.complete:
+        click.echo("this rank is done; the manifest is written when every rank has finished")
+    elif pivot:
+        from cache_builder.align import align_cache
+
+        align_cache(summary.folder, pivot)
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--cache", "cache_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A source-native cache folder, e.g. cache/qwen.")
+@click.option("--pivot", required=True, help="Pivot model whose tokenizer the shards are aligned to.")
+@click.option("--vocab-map", default="exact+first-token", help="Vocabulary map strategy (see alignment.vocab).")
+def align(cache_dir, pivot, vocab_map):
+    """Build pivot-aligned shards from a source-native cache, without loading the source model."""
+    from cache_builder.align import align_cache
+
+    try:
+        align_cache(cache_dir, pivot, strategy=vocab_map)
+    except ValueError as err:
+        _fail(str(err))
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(path, as_json):
+    """Summarise a cache (a source folder or a root with several): sources, tokenizers, k, rows, tokens, size, coverage."""
+    from cache_builder.info import cache_summary, format_summary
+
+    rows = cache_summary(path)
+    if not rows:
+        _fail(f"no cache under {path} (a cache folder has a manifest.json)")
+    click.echo(json.dumps(rows, indent=2) if as_json else format_summary(rows))
+
+
+@click.command()
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--rescore", default=0, type=click.IntRange(0), help="Also re-run the source model on N random rows and compare.")
+@click.option("--model", default=None, help="Model to rescore with (default: the one named in the build settings).")
+@click.option("--device", default="cpu", type=click.Choice(["cpu", "cuda"]))
+def verify(path, rescore, model, device):
+    """Check a cache before trusting it: manifest, paths, checksums, schema, values, agreement across sources.
+
+    Exits 0 when everything checks out, 1 with one line per problem otherwise.
+    """
+    from cache_builder.manifest import find_layers, load_manifest
+    from cache_builder.verify import verify_cache
+
+    problems = verify_cache(path)
+    layers = find_layers(path)
+    if rescore and not problems:
+        from cache_builder.rescore import rescore_problems
+
+        for layer in layers:
+            if load_manifest(layer)["layer"] == "source":
+                problems += rescore_problems(layer, rescore, device=device, model_name=model)
+    for problem in problems:
+        click.secho(f"FAIL {problem}", fg="red")
+    if problems:
+        sys.exit(1)
+    click.secho(f"OK {len(layers)} cache layer(s) under {path} verified" + (f", {rescore} rows rescored per source" if rescore else ""), fg="green")
+

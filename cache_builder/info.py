@@ -1,0 +1,45 @@
+"""cache-info: one line per cache layer (source or aligned) with the figures a user asks first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cache_builder.manifest import find_layers, load_manifest
+
+
+def cache_summary(path: str | Path) -> list[dict]:
+    """Figures of every cache layer under `path`, from the manifests only (no shard is read)."""
+    rows = []
+    for layer in find_layers(path):
+        m = load_manifest(layer)
+        totals = m["totals"]
+        pivot = m.get("pivot") or {}
+        alignment = pivot.get("alignment", {})
+        rows.append({
+            "path": str(layer),
+            "layer": m["layer"],
+            "source": m["source"].get("name"),
+            "pivot": pivot.get("name"),
+            "tokenizer": m["source"].get("tokenizer_fingerprint", "")[:12],
+            "vocab": m["source"].get("vocab_size"),
+            "k": m["top_k"],
+            "logits": m["logit_dtype"],
+            "rows": totals["rows"],
+            "tokens": totals["tokens"],
+            "bytes": totals["bytes"],
+            "bytes_per_token": round(totals["bytes"] / max(totals["tokens"], 1), 2),
+            "coverage": round(alignment["coverage"], 4) if "coverage" in alignment else None,
+            "kept_mass": round(alignment["mean_kept_mass"], 4) if "mean_kept_mass" in alignment else None,
+            "bad_records": m["corpus"].get("summary", {}).get("bad_records"),
+        })
+    return rows
+
+
+def format_summary(rows: list[dict]) -> str:
+    """A plain-text table of cache_summary rows."""
+    columns = ["layer", "source", "pivot", "tokenizer", "vocab", "k", "logits", "rows", "tokens", "bytes_per_token", "coverage", "kept_mass", "path"]
+    cells = [[("" if r[c] is None else str(r[c])) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)

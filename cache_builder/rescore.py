@@ -1,0 +1,60 @@
+"""cache-verify --rescore: re-run the source model on random cached rows and compare its signals.
+
+The check a lab runs on a cache it downloaded: checksums prove the bytes are the ones the manifest
+lists; rescoring proves the manifest's model really produced them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from cache_builder.build import DTYPES, tokenize
+from cache_builder.format import STAT_COLUMNS
+from cache_builder.manifest import load_manifest
+from cache_builder.models import load_model, load_tokenizer, resolve_model
+from cache_builder.reader import read_rows
+from cache_builder.scoring import score_batch
+
+# Differences allowed between a stored value and a fresh fp32 rescoring on possibly other hardware.
+STAT_TOLERANCE = 2e-3
+FP16_LOGIT_TOLERANCE = 3e-2
+
+
+def rescore_problems(folder: str | Path, n_rows: int, *, seed: int = 0, device: str = "cpu", model_name: str | None = None) -> list[str]:
+    """Problems found re-scoring `n_rows` random rows of a source-native cache; [] means they match."""
+    from alignment import token_surface
+
+    folder = Path(folder)
+    manifest = load_manifest(folder)
+    if manifest["layer"] != "source":
+        return [f"{folder}: --rescore needs a source-native cache, this is the {manifest['layer']} layer"]
+    source = resolve_model(model_name or manifest["build"]["model"])
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, DTYPES["fp32"], device)
+    rows = read_rows(folder)
+    picks = np.random.default_rng(seed).choice(len(rows["record_id"]), size=min(n_rows, len(rows["record_id"])), replace=False)
+    logit_tol = FP16_LOGIT_TOLERANCE if manifest["logit_dtype"] == "float16" else STAT_TOLERANCE
+    problems = []
+    surface = token_surface(tokenizer)
+    for i in sorted(picks.tolist()):
+        rid = rows["record_id"][i]
+        stored_ids = rows["token_ids"].row(i)
+        ids, _ = tokenize(rows["text"][i], tokenizer, surface, source.add_bos, manifest["build"]["max_tokens"])
+        if not np.array_equal(ids, stored_ids):
+            problems.append(f"row {rid[:12]}: the tokenizer gives other token ids than the cache holds")
+            continue
+        (fresh,) = score_batch(model, [stored_ids], manifest["top_k"])
+        for name in STAT_COLUMNS:
+            diff = np.abs(getattr(fresh, name) - rows[name].row(i)).max(initial=0.0)
+            if diff > STAT_TOLERANCE * max(1.0, float(np.abs(rows[name].row(i)).max(initial=1.0))):
+                problems.append(f"row {rid[:12]}: {name} differs by {diff:.4g} from a fresh scoring")
+        stored_logits = rows["topk_logits"].row(i).astype(np.float32)
+        diff = np.abs(fresh.topk_logits - stored_logits).max(initial=0.0)
+        if diff > logit_tol * max(1.0, float(np.abs(stored_logits).max(initial=1.0))):
+            problems.append(f"row {rid[:12]}: top-k logits differ by {diff:.4g} from a fresh scoring")
+        same_top1 = np.mean(fresh.topk_ids[:, 0] == rows["topk_ids"].row(i)[:, 0]) if len(stored_ids) > 1 else 1.0
+        if same_top1 < 0.99:
+            problems.append(f"row {rid[:12]}: only {same_top1:.1%} of top-1 ids agree with a fresh scoring")
+    return problems

@@ -1,0 +1,218 @@
+"""The scoring core: one trunk forward per batch, then the output layer in float32, chunk by chunk.
+
+For each sequence of T token ids, position t (0 <= t < T-1) predicts token t+1 (docs/contracts.md). We keep
+per position the top-k logits and the full-vocabulary statistics, never the [batch, seq, vocab] logits:
+
+    hidden = trunk(ids)                       # (B, T, D) in the model's dtype, right-padded bucket
+    h = hidden[real positions]                # (N, D), N = sum(T_b - 1)
+    for each chunk of C positions:
+        logits = head(h[chunk]) in float32    # (C, V)  the only vocab-wide tensor (plus one temporary)
+        top-k, logsumexp, mean, std, z-logsumexp, gold log-prob -> CPU numpy
+
+Peak extra memory is about 2 x position_chunk x V x 4 bytes (Gemma-3, V=262,144, chunk 128: ~0.27 GB).
+
+Exactness: on CPU in float32, a sequence scored alone or inside a padded batch agrees within 1e-5 (right
+padding cannot reach real positions under a causal mask; only matmul blocking differs). Determinism: the same
+batch (same sequences in the same order), position_chunk, dtype, device, library versions and thread count
+give bitwise identical arrays on CPU; on CUDA the kernels used here (GEMM, SDPA forward, topk, reductions) are
+run-to-run deterministic for identical shapes on the same GPU and library versions. A byte-for-byte resume must
+therefore rebuild the same batches (see `length_buckets`, which is deterministic).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+FIELDS = ("topk_ids", "topk_logits", "logsumexp", "logit_mean", "logit_std", "z_logsumexp", "gold_logprob")
+
+
+@dataclass
+class ScoredSequence:
+    """Per-position outputs for one sequence of T tokens (docs/contracts.md, "Scoring core output")."""
+
+    topk_ids: np.ndarray  # (T-1, K) int32, by descending logit
+    topk_logits: np.ndarray  # (T-1, K) float32, sorted descending
+    logsumexp: np.ndarray  # (T-1,) float32, over the full vocabulary (every output row)
+    logit_mean: np.ndarray  # (T-1,) float32
+    logit_std: np.ndarray  # (T-1,) float32, population std (correction 0)
+    z_logsumexp: np.ndarray  # (T-1,) float32, logsumexp of (logits - mean) / std
+    gold_logprob: np.ndarray  # (T-1,) float32, log-prob of token t+1 at position t
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """The output layer as float32 tensors: logits = cap(scale * (h @ weight.T + bias))."""
+
+    weight: torch.Tensor  # (V, D) float32
+    bias: torch.Tensor | None  # (V,) float32
+    scale: float  # Cohere's logit_scale, 1 / Granite's logits_scaling, else 1
+    softcap: float | None  # Gemma-family final_logit_softcapping: cap * tanh(logits / cap)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, D) hidden states of any float dtype -> (N, V) float32 logits."""
+        logits = hidden.float() @ self.weight.T  # (N, V)
+        if self.bias is not None:
+            logits += self.bias
+        if self.scale != 1.0:
+            logits *= self.scale
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap).mul_(self.softcap)
+        return logits
+
+
+def output_head(model: torch.nn.Module, verify: bool = True) -> OutputHead:
+    """Read the model's output layer into an OutputHead (float32 copy if the model is not float32).
+
+    `score_batch` caches one per model (`cached_output_head`); pass your own to control it. With verify, one
+    short forward checks it against the model's own logits, so an unhandled output transform fails loudly here.
+    """
+    layer = model.get_output_embeddings()
+    if layer is None or not hasattr(layer, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embedding layer; pass a *ForCausalLM model")
+    config = model.config.get_text_config()
+    bias = getattr(layer, "bias", None)
+    scale = float(getattr(model, "logit_scale", None) or 1.0)
+    if config.model_type.startswith("granite") and getattr(config, "logits_scaling", None):
+        scale /= float(config.logits_scaling)
+    head = OutputHead(weight=layer.weight.detach().float(), bias=None if bias is None else bias.detach().float(),
+                      scale=scale, softcap=getattr(config, "final_logit_softcapping", None) or None)
+    if verify:
+        verify_output_head(model, head)
+    return head
+
+
+HEADS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (weight key, verified OutputHead)
+
+
+def cached_output_head(model: torch.nn.Module) -> OutputHead:
+    """`output_head(model)` built and verified once per model, rebuilt if the output weight is replaced or
+    updated in place (tracked by the tensor's storage pointer and version counter)."""
+    weight = model.get_output_embeddings().weight
+    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+    cached = HEADS.get(model)
+    if cached is None or cached[0] != key:
+        cached = (key, output_head(model))
+        HEADS[model] = cached
+    return cached[1]
+
+
+def verify_output_head(model: torch.nn.Module, head: OutputHead, probe_len: int = 8) -> None:
+    """Compare `head` on the trunk's hidden states with `model(ids).logits` on a short probe; raise if apart.
+
+    Tolerance: 1e-4 of the logit range in float32, 2e-2 in half types (the model's own head rounds there).
+    """
+    device = model_device(model)
+    ids = torch.arange(min(probe_len, head.weight.shape[0]), device=device)[None]  # (1, P)
+    with torch.inference_mode():
+        reference = model(input_ids=ids, use_cache=False).logits[0].float()  # (P, V)
+        ours = head.logits(trunk_hidden(model, ids, torch.ones_like(ids))[0])  # (P, V)
+    rel = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
+    worst = (ours - reference).abs().max().item()
+    if worst > 1e-4 + rel * reference.abs().max().item():
+        raise ValueError(
+            f"{type(model).__name__}: hidden states projected by the output layer differ from the model's own logits "
+            f"by {worst:.3g}; its forward applies an output transform cache_builder.scoring.output_head does not "
+            f"handle yet: add it there"
+        )
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def trunk_hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) ids and attention mask -> (B, T, D) final hidden states of the decoder trunk (final norm applied)."""
+    decoder = model.get_decoder()
+    if decoder is model:
+        raise ValueError(f"{type(model).__name__}.get_decoder() returns the model itself; pass a *ForCausalLM model")
+    return decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def pad_right(sequences: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to the longest: (B, T) int64 ids (pad id 0) and (B, T) int64 attention mask."""
+    width = max(len(seq) for seq in sequences)
+    ids = np.zeros((len(sequences), width), dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = np.asarray(seq, dtype=np.int64)
+        mask[row, : len(seq)] = 1
+    return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+
+
+def score_positions(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, top_k: int) -> dict:
+    """(C, D) hidden states and (C,) next-token ids -> per-position arrays (numpy, on CPU) of one chunk."""
+    logits = head.logits(hidden)  # (C, V) float32
+    top_logits, top_ids = torch.topk(logits, top_k, dim=-1, sorted=True)  # (C, K)
+    lse = torch.logsumexp(logits, dim=-1)  # (C,)
+    gold = logits.gather(1, targets[:, None])[:, 0] - lse  # (C,)
+    mean = logits.mean(dim=-1)  # (C,)
+    centered = logits.sub_(mean[:, None])  # (C, V), in place: two-pass std, faster than torch.std_mean on CPU
+    std = torch.linalg.vector_norm(centered, dim=-1) / logits.shape[-1] ** 0.5  # (C,) population std
+    z_lse = torch.logsumexp(centered.div_(std.clamp_min(torch.finfo(torch.float32).tiny)[:, None]), dim=-1)  # (C,)
+    return {"topk_ids": top_ids.int().cpu().numpy(), "topk_logits": top_logits.cpu().numpy(),
+            "logsumexp": lse.cpu().numpy(), "logit_mean": mean.cpu().numpy(), "logit_std": std.cpu().numpy(),
+            "z_logsumexp": z_lse.cpu().numpy(), "gold_logprob": gold.cpu().numpy()}
+
+
+def score_batch(model: torch.nn.Module, sequences: Sequence[Sequence[int] | np.ndarray], top_k: int,
+                position_chunk: int = 128, head: OutputHead | None = None) -> list[ScoredSequence]:
+    """Score a bucket of token id sequences with one trunk forward; returns one ScoredSequence per sequence.
+
+    sequences: token ids, each of length >= 1 (a length-1 sequence has no positions and gives empty arrays).
+    position_chunk: positions projected to the vocabulary at once (bounds memory, see the module docstring).
+    head: `output_head(model)`; when omitted, a verified head cached per model is used.
+    """
+    if not sequences or min(len(seq) for seq in sequences) < 1:
+        raise ValueError("score_batch needs a non-empty list of non-empty token id sequences")
+    head = head if head is not None else cached_output_head(model)
+    vocab = head.weight.shape[0]
+    if not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k={top_k} must be between 1 and the vocabulary size {vocab}")
+    device = model_device(model)
+    ids, mask = pad_right(sequences, device)  # (B, T), (B, T)
+    with torch.inference_mode():
+        hidden = trunk_hidden(model, ids, mask)  # (B, T, D)
+        scored = mask[:, 1:].bool()  # (B, T-1): position t of row b predicts a real token t+1
+        flat_hidden = hidden[:, :-1][scored]  # (N, D), row by row, position by position
+        targets = ids[:, 1:][scored]  # (N,)
+        chunks = [score_positions(head, flat_hidden[start:start + position_chunk],
+                                  targets[start:start + position_chunk], top_k)
+                  for start in range(0, flat_hidden.shape[0], position_chunk)]
+    return split_sequences(chunks, [len(seq) - 1 for seq in sequences], top_k)
+
+
+def split_sequences(chunks: list[dict], positions: list[int], top_k: int) -> list[ScoredSequence]:
+    """Concatenate per-chunk arrays and cut them back into one ScoredSequence per sequence."""
+    if chunks:
+        merged = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in FIELDS}
+    else:
+        merged = {name: np.zeros((0, top_k) if name.startswith("topk") else (0,),
+                                 dtype=np.int32 if name == "topk_ids" else np.float32) for name in FIELDS}
+    cuts = np.cumsum(positions)[:-1]
+    per_field = {name: np.split(array, cuts) for name, array in merged.items()}
+    return [ScoredSequence(**{name: per_field[name][row] for name in FIELDS}) for row in range(len(positions))]
+
+
+def length_buckets(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Group indices by ascending length (ties by index) so that max_len * batch_size <= batch_tokens.
+
+    A sequence longer than the budget forms a batch of its own. Deterministic: same input, same batches.
+    """
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be positive, got {batch_tokens}")
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+        if current and lengths[index] * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,103 @@
+"""The training configuration: every fuse-train flag, also settable from a YAML file."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+MODES = ("unified", "pairwise", "sft")
+GATES = ("none", "token", "record")
+
+
+@dataclass
+class TrainConfig:
+    """Resolved settings of one fuse-train command; saved with the run and inside every checkpoint."""
+
+    shards: str = "cache"
+    pivot: str = "smollm2"
+    mode: str = "unified"  # unified: one run, all sources; pairwise: one run per source + merge; sft: no fusion
+    sources: list[str] | None = None  # default: every source aligned to the pivot
+    loss: str = "topk-kl"  # a key of fuse_trainer.losses.FUSION_LOSSES
+    lam: float = 0.5  # total = (1 - lam) * SFT + lam * fusion
+    temperature: float = 1.0  # softmax temperature of the fusion loss (ALM: binarization temperature)
+    top_k: int = 10  # InfiFusion's K
+    standardize: bool = True  # InfiFusion: z-score the logits before the softmax
+    normalize: str = "topk"  # InfiFusion: "topk" or "full" vocabulary normalisation
+    alm_distance: str = "kl"
+    weighting: str = "uniform"  # unified mode: uniform | mince | avgce | entropy
+    weighting_temperature: float = 1.0
+    gate: str = "none"  # distil only where the source's gold log-prob beats the pivot's: none | token | record
+    gate_margin: float = 0.0
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 5e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_tokens: int = 2048
+    grad_accum: int = 1
+    dtype: str = "fp32"
+    seed: int = 0
+    out: str = "runs/fuse"
+    resume: bool = False
+    save_every: int = 50
+    merge: str = "task-arithmetic"  # pairwise mode: a key of fuse_trainer.merge.MERGE_METHODS
+    merge_weights: list[float] | None = None  # default: 1 / number of sources each
+    ties_density: float = 0.2
+    extra: dict = field(default_factory=dict)  # free-form notes kept with the run (e.g. experiment name)
+
+    def loss_kwargs(self) -> dict:
+        """Keyword arguments of the chosen fusion loss."""
+        return {
+            "infifusion": {"top_k": self.top_k, "temperature": self.temperature, "standardize": self.standardize,
+                           "normalize": self.normalize},
+            "fusellm": {"temperature": self.temperature},
+            "topk-kl": {},
+            "alm": {"temperature": self.temperature, "distance": self.alm_distance},
+        }[self.loss]
+
+    def validate(self) -> "TrainConfig":
+        from fuse_trainer.losses import FUSION_LOSSES
+        from fuse_trainer.merge import MERGE_METHODS
+        from fuse_trainer.weighting import SOURCE_WEIGHTINGS
+
+        checks = [
+            (self.mode in MODES, f"mode must be one of {MODES}"),
+            (self.loss in FUSION_LOSSES, f"loss must be one of {sorted(FUSION_LOSSES)}"),
+            (self.weighting in SOURCE_WEIGHTINGS, f"weighting must be one of {sorted(SOURCE_WEIGHTINGS)}"),
+            (self.gate in GATES, f"gate must be one of {GATES}"),
+            (self.merge in MERGE_METHODS, f"merge must be one of {sorted(MERGE_METHODS)}"),
+            (0.0 <= self.lam <= 1.0, "lambda must be in [0, 1]"),
+            (self.dtype in ("fp32", "bf16"), "dtype must be fp32 or bf16"),
+            (self.grad_accum >= 1 and self.batch_tokens >= 1, "grad_accum and batch_tokens must be positive"),
+        ]
+        errors = [message for ok, message in checks if not ok]
+        if errors:
+            raise ValueError("invalid training configuration: " + "; ".join(errors))
+        return self
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Settings from a YAML file; unknown keys are an error (a typo must not be silently ignored)."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must be a mapping of setting: value")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    if "lambda" in data:
+        data["lam"] = data.pop("lambda")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {unknown}; valid settings are {sorted(known)}")
+    return data
+
+
+def resolve_config(file_values: dict, cli_values: dict) -> TrainConfig:
+    """Defaults < YAML file < command-line flags (only the flags the user actually passed)."""
+    return TrainConfig(**{**file_values, **cli_values}).validate()
+
+
+def dump_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(asdict(config), sort_keys=True)

@@ -1,0 +1,208 @@
+"""Aligned shards of N sources -> training batches of tensors. No source model is ever loaded.
+
+Each source folder under the cache root holds `aligned/<pivot>/`. The sources are checked to describe
+the same corpus and the same records on the same pivot tokenizer, verified (checksums, schema, values),
+then joined by record id. A batch carries the pivot's tokens and, per source, the cached signals at the
+pivot positions that have a partner in that source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cache_builder.format import ALIGNED_DIR, MANIFEST
+from cache_builder.manifest import CacheError, load_manifest
+from cache_builder.reader import Ragged, read_rows
+from cache_builder.verify import cross_source_problems, verify_layer
+
+SOURCE_FIELDS = ("aligned_pos", "topk_ids", "topk_logits", "native_topk_logits", "logsumexp", "logit_mean", "logit_std", "z_logsumexp",
+                 "gold_logprob", "kept_mass", "chunk_logprob")
+
+
+def discover_sources(root: str | Path, pivot: str, sources: list[str] | None = None) -> dict[str, Path]:
+    """{source name: its aligned folder for `pivot`} under the cache root, optionally restricted."""
+    root = Path(root)
+    found = {p.parent.parent.parent.name: p.parent for p in sorted(root.glob(f"*/{ALIGNED_DIR}/{pivot}/{MANIFEST}"))}
+    if not found:
+        raise CacheError(
+            f"no source under {root} is aligned to pivot {pivot!r}; run `cache-align --cache {root}/<source> --pivot {pivot}`"
+        )
+    if sources:
+        missing = [s for s in sources if s not in found]
+        if missing:
+            raise CacheError(f"sources {missing} have no aligned/{pivot} under {root}; found {sorted(found)}")
+        found = {s: found[s] for s in sources}
+    return found
+
+
+def check_sources(layers: dict[str, Path]) -> None:
+    """Verify every aligned layer, then that they share corpus, pivot tokenizer and record ids."""
+    problems, id_sets, corpus, pivots = [], {}, {}, {}
+    for name, folder in layers.items():
+        layer_problems, ids = verify_layer(folder)
+        problems += layer_problems
+        if layer_problems:
+            continue
+        manifest = load_manifest(folder)
+        id_sets[folder], corpus[folder] = set(ids), manifest["corpus"]["fingerprint"]
+        pivots[folder] = manifest["pivot"]["tokenizer_fingerprint"]
+    problems += cross_source_problems(id_sets, corpus, pivots)
+    if len(set(pivots.values())) > 1:
+        problems.append("the sources were aligned to different pivot tokenizers (fingerprints differ)")
+    if problems:
+        raise CacheError("refusing to train on these caches:\n  " + "\n  ".join(dict.fromkeys(problems)))
+
+
+@dataclass
+class FusionDataset:
+    """All records of one split, joined across sources; arrays stay columnar (Ragged), never per token."""
+
+    record_ids: list[str]
+    domains: list[str | None]
+    token_ids: Ragged  # (T) per record
+    loss_mask: Ragged  # (T-1) per record
+    sources: dict[str, dict[str, Ragged]]  # source -> field -> Ragged, rows in record_ids order
+    top_k: int
+
+    def __len__(self) -> int:
+        return len(self.record_ids)
+
+    @property
+    def num_tokens(self) -> np.ndarray:
+        return self.token_ids.lengths
+
+
+def load_dataset(layers: dict[str, Path], split: str = "train") -> FusionDataset:
+    """Read the aligned rows of every source and join them by record id (rows of `split` only)."""
+    first = None
+    sources: dict[str, dict[str, Ragged]] = {}
+    for name, folder in layers.items():
+        rows = read_rows(folder)
+        keep = np.flatnonzero(rows["split"] == split)
+        order = keep[np.argsort(rows["record_id"][keep], kind="stable")]
+        if first is None:
+            first = {k: rows[k] for k in ("record_id", "domain", "token_ids", "loss_mask")}
+            first_order = order
+            ids = rows["record_id"][order]
+        elif not np.array_equal(rows["record_id"][order], ids):
+            raise CacheError(f"{folder}: its {split} records differ from the other sources'")
+        sources[name] = {f: take_rows(rows[f], order) for f in SOURCE_FIELDS}
+        k = load_manifest(folder)["top_k"]
+    if first is None or len(first_order) == 0:
+        raise CacheError(f"no records of split {split!r} in the caches")
+    return FusionDataset(
+        record_ids=list(ids),
+        domains=list(first["domain"][first_order]),
+        token_ids=take_rows(first["token_ids"], first_order),
+        loss_mask=take_rows(first["loss_mask"], first_order),
+        sources=sources,
+        top_k=k,
+    )
+
+
+def take_rows(column: Ragged, rows: np.ndarray) -> Ragged:
+    """The given rows of a Ragged column, in that order (vectorised gather)."""
+    lengths = column.lengths[rows]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    starts = column.offsets[rows]
+    index = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return Ragged(column.values[index], offsets)
+
+
+def token_batches(lengths: np.ndarray, batch_tokens: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle records, then group them into batches of at most `batch_tokens` padded tokens.
+
+    Records are sorted by length inside windows of 64 shuffled records, so padding stays small while the
+    order stays random; a record longer than the budget is a batch of its own.
+    """
+    order = rng.permutation(len(lengths))
+    batches: list[np.ndarray] = []
+    for start in range(0, len(order), 64):
+        window = order[start : start + 64]
+        window = window[np.argsort(lengths[window], kind="stable")]
+        current: list[int] = []
+        for i in window:
+            if current and max(lengths[current + [i]]) * (len(current) + 1) > batch_tokens:
+                batches.append(np.array(current))
+                current = []
+            current.append(int(i))
+        if current:
+            batches.append(np.array(current))
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+@dataclass
+class SourceBatch:
+    """One source's signals at the aligned pivot positions of a batch, sorted by (row, position)."""
+
+    row: torch.Tensor  # (N,) int64
+    pos: torch.Tensor  # (N,) int64
+    topk_ids: torch.Tensor  # (N, K) int64 pivot ids, -1 = empty slot
+    topk_logits: torch.Tensor  # (N, K) after mapping (duplicates merged; 0 in empty slots)
+    native_topk_logits: torch.Tensor  # (N, K) the source's own top-k, before mapping
+    lse: torch.Tensor  # (N,)
+    mean: torch.Tensor
+    std: torch.Tensor
+    zlse: torch.Tensor
+    gold_logprob: torch.Tensor
+    kept_mass: torch.Tensor
+    chunk_logprob: torch.Tensor
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) int64, right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T) next token at each position (0 where none)
+    loss_mask: torch.Tensor  # (B, T) bool: position predicts a response token
+    num_positions: torch.Tensor  # (B,) int64: T_b - 1
+    record_index: torch.Tensor  # (B,) int64 index into the dataset
+    sources: dict[str, SourceBatch]
+
+
+def collate(dataset: FusionDataset, rows: np.ndarray) -> Batch:
+    """Pad the chosen records into tensors and gather every source's aligned signals."""
+    lengths = dataset.num_tokens[rows]
+    B, T = len(rows), int(lengths.max())
+    input_ids = np.zeros((B, T), dtype=np.int64)
+    labels = np.zeros((B, T), dtype=np.int64)
+    loss_mask = np.zeros((B, T), dtype=bool)
+    attention = np.zeros((B, T), dtype=np.int64)
+    for b, r in enumerate(rows):
+        ids = dataset.token_ids.row(r)
+        input_ids[b, : len(ids)] = ids
+        labels[b, : len(ids) - 1] = ids[1:]
+        loss_mask[b, : len(ids) - 1] = dataset.loss_mask.row(r)
+        attention[b, : len(ids)] = 1
+    sources = {}
+    for name, fields in dataset.sources.items():
+        sub = {f: take_rows(col, rows) for f, col in fields.items()}
+        row = np.repeat(np.arange(B), sub["aligned_pos"].lengths)
+        sources[name] = SourceBatch(
+            row=torch.from_numpy(row),
+            pos=torch.from_numpy(sub["aligned_pos"].values.astype(np.int64)),
+            topk_ids=torch.from_numpy(sub["topk_ids"].values.astype(np.int64)),
+            topk_logits=torch.from_numpy(sub["topk_logits"].values.astype(np.float32)),
+            native_topk_logits=torch.from_numpy(sub["native_topk_logits"].values.astype(np.float32)),
+            lse=torch.from_numpy(sub["logsumexp"].values),
+            mean=torch.from_numpy(sub["logit_mean"].values),
+            std=torch.from_numpy(sub["logit_std"].values),
+            zlse=torch.from_numpy(sub["z_logsumexp"].values),
+            gold_logprob=torch.from_numpy(sub["gold_logprob"].values),
+            kept_mass=torch.from_numpy(sub["kept_mass"].values),
+            chunk_logprob=torch.from_numpy(sub["chunk_logprob"].values),
+        )
+    return Batch(
+        input_ids=torch.from_numpy(input_ids),
+        attention_mask=torch.from_numpy(attention),
+        labels=torch.from_numpy(labels),
+        loss_mask=torch.from_numpy(loss_mask),
+        num_positions=torch.from_numpy((lengths - 1).astype(np.int64)),
+        record_index=torch.from_numpy(rows.astype(np.int64)),
+        sources=sources,
+    )

@@ -1,0 +1,313 @@
+"""fuse-train: train the pivot from cached source signals. No source model is loaded, ever.
+
+One run, top to bottom:
+  1. find the sources aligned to the pivot under the cache root, verify them, join them by record id;
+  2. load the pivot, AdamW, a warmup + cosine schedule; resume from the run's checkpoint if asked;
+  3. each optimizer step takes `grad_accum` token-budgeted micro-batches (this rank takes every
+     world_size-th), computes (1-λ)·SFT + λ·fusion normalised by the step's response tokens, all-reduces
+     the gradients, clips and steps; metrics go to metrics.jsonl and the progress bar;
+  4. saves a Hugging Face checkpoint with the resolved config and the caches' fingerprints.
+Pairwise mode runs 1-4 once per source, then merges the pivots in weight space.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from cache_builder.manifest import load_manifest
+from cache_builder.models import load_model, load_tokenizer, resolve_model
+from fuse_trainer.config import TrainConfig, dump_yaml
+from fuse_trainer.data import Batch, FusionDataset, check_sources, collate, discover_sources, load_dataset, token_batches
+from fuse_trainer.losses import FUSION_LOSSES, FusionInputs, gate_mask, record_gate_mask, sft_loss
+from fuse_trainer.weighting import source_weights
+
+STATE_FILE = "trainer_state.pt"
+FINAL_DIR = "final"
+CHECKPOINT_DIR = "checkpoint"
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss of one micro-batch
+# ----------------------------------------------------------------------------------------------
+
+
+def gold_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T, V), (B, T) -> (B, T) log-prob of each label, without a (B, T, V) log-softmax copy."""
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def source_scores(batch: Batch, piv_gold: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """(S, B) per-record cost of each source for the unified weighting (+inf: no aligned response position)."""
+    scores = []
+    B = batch.input_ids.shape[0]
+    for src in batch.sources.values():
+        keep = batch.loss_mask[src.row, src.pos].float()  # (N,)
+        if cfg.weighting == "entropy":
+            from fuse_trainer.weighting import topk_entropy
+
+            value = topk_entropy(src.topk_logits, src.lse)  # (N,)
+        else:
+            value = -src.gold_logprob  # (N,) source CE on the gold text
+        total = torch.zeros(B).index_add_(0, src.row, value * keep)
+        count = torch.zeros(B).index_add_(0, src.row, keep)
+        scores.append(torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("inf"))))
+    return torch.stack(scores)  # (S, B)
+
+
+def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Summed SFT and fusion terms of one micro-batch, plus the figures logged per step."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()  # (B, T, V)
+    sft_sum, n_tokens = sft_loss(logits, batch.labels, batch.loss_mask)
+    terms = {"sft_sum": sft_sum, "n_tokens": n_tokens.float(), "fusion_sum": logits.new_zeros(()),
+             "kept_mass_sum": torch.zeros(()), "gated_in": torch.zeros(()), "fusion_positions": torch.zeros(())}
+    if cfg.mode == "sft" or cfg.lam == 0.0:
+        return terms
+    piv_gold = gold_logprobs(logits, batch.labels)  # (B, T)
+    weights = source_weights(source_scores(batch, piv_gold.detach(), cfg), cfg.weighting, cfg.weighting_temperature)
+    for s, src in enumerate(batch.sources.values()):
+        keep = batch.loss_mask[src.row, src.pos]  # (N,) response positions only
+        if cfg.loss == "infifusion":  # ULD needs no vocabulary map: the native top-k, every slot valid
+            topk_ids, topk_logits = torch.zeros_like(src.topk_ids), src.native_topk_logits
+        else:
+            topk_ids, topk_logits = src.topk_ids, src.topk_logits
+        inputs = FusionInputs(
+            piv_logits=logits[src.row, src.pos],  # (N, V)
+            src_topk_ids=topk_ids, src_topk_logits=topk_logits, src_lse=src.lse, src_mean=src.mean,
+            src_std=src.std, src_zlse=src.zlse, src_gold_logprob=src.gold_logprob,
+            piv_gold_logprob=piv_gold[src.row, src.pos],
+            piv_row_gold_logprob=piv_gold, aligned_row=src.row, aligned_pos=src.pos,
+            src_chunk_logprob=src.chunk_logprob, num_positions=batch.num_positions,
+        )
+        per_position, valid = FUSION_LOSSES[cfg.loss](inputs, **cfg.loss_kwargs())  # (N,), (N,)
+        if cfg.gate == "token":
+            gate = gate_mask(src.gold_logprob, inputs.piv_gold_logprob, cfg.gate_margin)
+        elif cfg.gate == "record":
+            gate = record_gate_mask(src.gold_logprob, inputs.piv_gold_logprob, src.row, len(batch.input_ids), cfg.gate_margin)
+        else:
+            gate = torch.ones_like(keep)
+        mask = (keep & valid & gate).float()  # (N,)
+        terms["fusion_sum"] = terms["fusion_sum"] + (per_position * mask * weights[s, src.row]).sum()
+        terms["kept_mass_sum"] += (src.kept_mass * keep).sum()
+        terms["gated_in"] += mask.sum()
+        terms["fusion_positions"] += keep.float().sum()
+    return terms
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order, schedule, checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+class MicroBatchStream:
+    """Micro-batch i of the run, deterministic from (seed, epoch): resuming needs only the step number."""
+
+    def __init__(self, dataset: FusionDataset, batch_tokens: int, seed: int):
+        self.dataset, self.batch_tokens, self.seed = dataset, batch_tokens, seed
+        self._epochs: dict[int, list[np.ndarray]] = {}
+
+    def epoch(self, e: int) -> list[np.ndarray]:
+        if e not in self._epochs:
+            rng = np.random.default_rng([self.seed, e])
+            self._epochs[e] = token_batches(self.dataset.num_tokens, self.batch_tokens, rng)
+        return self._epochs[e]
+
+    @property
+    def per_epoch(self) -> int:
+        return len(self.epoch(0))
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        batches = self.epoch(i // self.per_epoch)  # later epochs may hold a batch more or less than epoch 0
+        return batches[(i % self.per_epoch) % len(batches)]
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(total - warmup, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return factor
+
+
+def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int, cfg: TrainConfig, provenance: dict) -> None:
+    """Model (HF format) + optimizer, scheduler, step and RNG, written to a temporary folder and renamed."""
+    tmp = out / f".{CHECKPOINT_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_hf(tmp, model, tokenizer, cfg, provenance)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "torch_rng": torch.get_rng_state()}, tmp / STATE_FILE)
+    final = out / CHECKPOINT_DIR
+    old = out / f".{CHECKPOINT_DIR}.old"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_hf(folder: Path, model, tokenizer, cfg: TrainConfig, provenance: dict) -> None:
+    """A checkpoint loadable with AutoModelForCausalLM.from_pretrained, with its config and provenance."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "fusion_config.yaml").write_text(dump_yaml(cfg))
+    (folder / "fusion_provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+
+
+def provenance_of(layers: dict[str, Path]) -> dict:
+    """The caches a run was trained on: source identities and fingerprints, from their manifests."""
+    out = {}
+    for name, folder in layers.items():
+        m = load_manifest(folder)
+        out[name] = {"source": m["source"].get("identity"), "source_tokenizer": m["source"].get("tokenizer_fingerprint"),
+                     "pivot_tokenizer": m["pivot"]["tokenizer_fingerprint"], "corpus": m["corpus"]["fingerprint"],
+                     "rows": m["totals"]["rows"], "tokens": m["totals"]["tokens"]}
+    return out
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); initialises a gloo/nccl process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# One training run
+# ----------------------------------------------------------------------------------------------
+
+
+def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, stop_after: int | None = None) -> Path | None:
+    """Train the pivot on the given sources' aligned caches; returns the final checkpoint folder.
+
+    stop_after: save a resumable checkpoint after this many steps and return None (a job that must end
+    before its time limit); rerun with resume=True to continue exactly where it stopped.
+    """
+    rank, world = distributed()
+    torch.manual_seed(cfg.seed)
+    check_sources(layers)
+    dataset = load_dataset(layers, "train")
+    provenance = provenance_of(layers)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+    pivot = resolve_model(cfg.pivot)
+    tokenizer = load_tokenizer(pivot)
+    resume_dir = out / CHECKPOINT_DIR
+    resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
+    model = load_model(resume_dir if resuming else pivot, dtype=dtype).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stream = MicroBatchStream(dataset, cfg.batch_tokens, cfg.seed)
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * stream.per_epoch) // cfg.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total_steps))
+    start = 0
+    if resuming:
+        state = torch.load(resume_dir / STATE_FILE, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+        log(f"resuming {out} at step {start} of {total_steps}")
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "config.yaml").write_text(dump_yaml(cfg))
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    bar = tqdm(range(start, total_steps), desc=f"fuse-train {out.name}", disable=rank != 0, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        group = [stream[step * cfg.grad_accum + i] for i in range(cfg.grad_accum)]
+        n_response = sum(int(dataset.loss_mask.row(r).sum()) for rows in group for r in rows)  # whole step, all ranks
+        sums = {}
+        for rows in group[rank::world]:
+            terms = micro_batch_terms(model, collate(dataset, rows), cfg)
+            loss = ((1 - cfg.lam) * terms["sft_sum"] + cfg.lam * terms["fusion_sum"]) / max(n_response, 1)
+            loss.backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        if world > 1:
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+            packed = torch.tensor([sums.get(k, 0.0) for k in sorted(terms)], dtype=torch.float64)
+            dist.all_reduce(packed)
+            sums = dict(zip(sorted(terms), packed.tolist()))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {
+            "step": step + 1,
+            "loss": ((1 - cfg.lam) * sums["sft_sum"] + cfg.lam * sums["fusion_sum"]) / max(n_response, 1),
+            "sft": sums["sft_sum"] / max(n_response, 1),
+            "fusion": sums["fusion_sum"] / max(n_response, 1),
+            "kept_mass": sums["kept_mass_sum"] / max(sums["fusion_positions"], 1),
+            "gated_in": sums["gated_in"] / max(sums["fusion_positions"], 1),
+            "grad_norm": float(grad_norm),
+            "lr": scheduler.get_last_lr()[0],
+            "tokens": n_response,
+            "tokens_per_s": sum(len(dataset.token_ids.row(r)) for rows in group for r in rows) / (time.time() - t0),
+        }
+        if metrics:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        bar.set_postfix(loss=f"{record['loss']:.3f}", sft=f"{record['sft']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        stopping = stop_after is not None and step + 1 == stop_after
+        periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
+        if rank == 0 and (stopping or periodic) and step + 1 < total_steps:
+            save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1, cfg, provenance)
+        if stopping:
+            bar.close()
+            if metrics:
+                metrics.close()
+            return None
+    final = out / FINAL_DIR
+    if rank == 0:
+        save_hf(final, model, tokenizer, cfg, provenance)
+        metrics.close()
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def fuse_train(cfg: TrainConfig, log=print) -> Path:
+    """The whole command: unified or SFT (one run), or pairwise (one run per source, then a merge)."""
+    layers = discover_sources(cfg.shards, resolve_model(cfg.pivot).name, cfg.sources)
+    out = Path(cfg.out)
+    log(f"sources: {', '.join(layers)} -> pivot {cfg.pivot}, mode {cfg.mode}, loss {cfg.loss}, lambda {cfg.lam}")
+    if cfg.mode != "pairwise":
+        return train_run(cfg, layers, out, log)
+    finals = [train_run(cfg, {name: folder}, out / f"pairwise-{name}", log) for name, folder in layers.items()]
+    if int(os.environ.get("RANK", 0)) != 0:
+        return out / "merged"
+    from fuse_trainer.merge import merge_checkpoints
+
+    pivot_dir = load_model_dir(cfg.pivot)
+    weights = cfg.merge_weights or [1.0 / len(finals)] * len(finals)
+    merged = out / "merged"
+    merge_checkpoints(pivot_dir, finals, weights, cfg.merge, merged)
+    (merged / "fusion_config.yaml").write_text(dump_yaml(cfg))
+    (merged / "fusion_provenance.json").write_text(json.dumps(
+        {"merged_from": [str(f) for f in finals], "weights": weights, "method": cfg.merge,
+         "caches": provenance_of(layers)}, indent=2, sort_keys=True) + "\n")
+    log(f"merged {len(finals)} pairwise pivots with {cfg.merge} -> {merged}")
+    return merged
+
+
+def load_model_dir(name: str) -> Path:
+    """The local HF folder of a model name (converting a packaged GGUF model once if needed)."""
+    from cache_builder.models import ensure_converted
+
+    return ensure_converted(resolve_model(name))
+
+

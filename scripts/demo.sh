@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The main job on the shipped default data (data/), with the three real models:
+#   pivot SmolLM2-135M-Instruct, sources Qwen2.5-Coder-0.5B-Instruct and Gemma-3-270M.
+# cache-build (both sources) -> cache-verify -> fuse-train (SFT baseline, unified, pairwise+merge)
+# -> fuse-eval table of held-out bits per byte per domain, and a plot of the training curves.
+# Outputs go to $OUT (default out/demo). Rerunning resumes: finished caches are not rebuilt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+OUT=${OUT:-out/demo}
+CACHE=$OUT/cache
+DTYPE=${DTYPE:-bf16}          # trunk dtype of the sources; the output layer is always scored in fp32
+STEPS=${STEPS:-40}
+TRAIN_FLAGS=${TRAIN_FLAGS:-"--lr 5e-5 --batch-tokens 2048 --max-steps $STEPS --dtype fp32 --save-every 0"}
+FUSION_FLAGS=${FUSION_FLAGS:-"--loss topk-kl --lambda 0.5 --gate token"}
+mkdir -p "$OUT"
+
+echo "== 1/5 cache-build: run each source once over data/ and align it to the pivot"
+cache-build --model qwen --corpus data/ --out "$CACHE" --pivot smollm2 --dtype "$DTYPE"
+cache-build --model gemma3 --corpus data/ --out "$CACHE" --pivot smollm2 --dtype "$DTYPE"
+
+echo "== 2/5 cache-verify: checksums, schema, values, agreement between the sources"
+cache-verify "$CACHE"
+cache-info "$CACHE"
+
+echo "== 3/5 fuse-train: SFT-only baseline, unified fusion, pairwise fusion + merge (same records, same steps)"
+fuse-train --shards "$CACHE" --mode sft $TRAIN_FLAGS --out "$OUT/runs/sft" --resume
+fuse-train --shards "$CACHE" --mode unified $TRAIN_FLAGS $FUSION_FLAGS --out "$OUT/runs/unified" --resume
+fuse-train --shards "$CACHE" --mode pairwise $TRAIN_FLAGS $FUSION_FLAGS --out "$OUT/runs/pairwise" --resume
+
+echo "== 4/5 fuse-eval: held-out bits per byte per domain"
+fuse-eval --data data/ --split heldout \
+  --model pivot=smollm2 --model sft=$OUT/runs/sft/final --model unified=$OUT/runs/unified/final \
+  --model pairwise+merge=$OUT/runs/pairwise/merged --model qwen=qwen --model gemma3=gemma3 \
+  --json-out "$OUT/results.json" | tee "$OUT/results.txt"
+
+echo "== 5/5 plot: training curves -> $OUT/training_curves.png"
+python -m fuse_trainer.plot "$OUT/runs" "$OUT/training_curves.png"

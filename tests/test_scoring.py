@@ -1,0 +1,176 @@
+"""The scoring core against a plain full-logits reference, on tiny random models (and SmolLM2, slow)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, PhiConfig
+
+from cache_builder.scoring import (FIELDS, ScoredSequence, cached_output_head, length_buckets, output_head,
+                                   score_batch, verify_output_head)
+from tests.tiny import make_tiny_model
+
+TOP_K = 5
+
+
+def reference(model: torch.nn.Module, sequence: list[int], top_k: int) -> dict:
+    """Every ScoredSequence field from `model(ids).logits`, log_softmax and a full sort (no chunks, no batch)."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([sequence])).logits[0, :-1].double()  # (T-1, V)
+    log_probs = torch.log_softmax(logits, dim=-1)
+    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    mean = logits.mean(-1)
+    std = ((logits - mean[:, None]) ** 2).mean(-1).sqrt()
+    gold = log_probs.gather(1, torch.tensor(sequence[1:])[:, None])[:, 0]
+    return {"topk_ids": order[:, :top_k].numpy(), "topk_logits": ordered[:, :top_k].numpy(),
+            "logsumexp": torch.logsumexp(logits, -1).numpy(), "logit_mean": mean.numpy(), "logit_std": std.numpy(),
+            "z_logsumexp": torch.logsumexp((logits - mean[:, None]) / std[:, None], -1).numpy(),
+            "gold_logprob": gold.numpy()}
+
+
+def assert_matches(scored: ScoredSequence, expected: dict, model: torch.nn.Module, sequence: list[int],
+                   atol: float = 2e-5) -> None:
+    """Values within atol of the reference; top-k ids checked by value so that exact ties cannot fail it."""
+    positions = len(sequence) - 1
+    assert scored.topk_ids.shape == (positions, TOP_K) and scored.topk_ids.dtype == np.int32
+    for name in FIELDS[1:]:
+        array = getattr(scored, name)
+        assert array.dtype == np.float32 and array.shape[0] == positions, name
+        np.testing.assert_allclose(array, expected[name], atol=atol, rtol=1e-5, err_msg=name)
+    assert np.all(np.diff(scored.topk_logits, axis=1) <= 0)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([sequence])).logits[0, :-1].double().numpy()  # (T-1, V)
+    np.testing.assert_allclose(np.take_along_axis(logits, scored.topk_ids, 1), expected["topk_logits"], atol=atol)
+    assert (scored.topk_ids == expected["topk_ids"]).mean() > 0.99
+
+
+def random_sequences(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    """Uniform random token ids, one list per length."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=n).tolist() for n in lengths]
+
+
+def load(folder) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("llama", {}),  # tied
+    ("qwen2", {}),  # untied
+    ("gemma3", {"final_logit_softcapping": 2.0}),  # tied, sliding window, softcapping that matters
+])
+def test_every_field_matches_full_logits(tmp_path, arch, overrides):
+    model = load(make_tiny_model(tmp_path / arch, arch=arch, seed=1, extra_vocab_rows=3, **overrides))
+    sequences = random_sequences(model.config.vocab_size, [17, 5, 12, 2, 23])
+    results = score_batch(model, sequences, TOP_K, position_chunk=7)  # chunks cross sequence boundaries
+    for sequence, scored in zip(sequences, results):
+        assert_matches(scored, reference(model, sequence, TOP_K), model, sequence)
+
+
+def test_softcap_is_applied(tmp_path):
+    model = load(make_tiny_model(tmp_path / "g", arch="gemma3", seed=2, final_logit_softcapping=1.0))
+    head = output_head(model)
+    assert head.softcap == 1.0
+    sequence = random_sequences(model.config.vocab_size, [9])[0]
+    top = score_batch(model, [sequence], TOP_K, head=head)[0].topk_logits
+    assert np.all(np.abs(top) < 1.0)
+
+
+def test_lm_head_bias_is_applied():
+    torch.manual_seed(0)
+    config = PhiConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.lm_head.bias.normal_(0, 1.0)
+    assert output_head(model).bias is not None
+    sequences = random_sequences(101, [11, 4])
+    for sequence, scored in zip(sequences, score_batch(model, sequences, TOP_K, position_chunk=4)):
+        assert_matches(scored, reference(model, sequence, TOP_K), model, sequence)
+
+
+def test_unhandled_output_transform_fails_loudly(tmp_path):
+    model = load(make_tiny_model(tmp_path / "g", arch="gemma3", seed=2, final_logit_softcapping=1.0))
+    head = output_head(model)
+    without_cap = type(head)(weight=head.weight, bias=head.bias, scale=head.scale, softcap=None)
+    with pytest.raises(ValueError, match="output transform"):
+        verify_output_head(model, without_cap)
+
+
+def test_batched_equals_alone_and_is_deterministic(tmp_path):
+    model = load(make_tiny_model(tmp_path / "m", arch="gemma3", seed=3))  # sliding window 8 < lengths
+    sequences = random_sequences(model.config.vocab_size, [30, 3, 19, 30, 11], seed=4)
+    head = output_head(model)
+    batched = score_batch(model, sequences, TOP_K, position_chunk=16, head=head)
+    again = score_batch(model, sequences, TOP_K, position_chunk=16, head=head)
+    for sequence, together, repeat in zip(sequences, batched, again):
+        alone = score_batch(model, [sequence], TOP_K, position_chunk=1000, head=head)[0]
+        for name in FIELDS:
+            np.testing.assert_allclose(getattr(together, name), getattr(alone, name), atol=1e-5, err_msg=name)
+            assert np.array_equal(getattr(together, name), getattr(repeat, name)), name  # bitwise
+
+
+def test_bf16_trunk_gives_float32_outputs_close_to_fp32(tmp_path):
+    folder = make_tiny_model(tmp_path / "m", arch="llama", seed=5)
+    sequences = random_sequences(384, [13, 8], seed=6)
+    full = score_batch(load(folder), sequences, TOP_K)
+    half_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    half = score_batch(half_model, sequences, TOP_K)
+    for a, b in zip(full, half):
+        assert b.logsumexp.dtype == np.float32 and b.topk_logits.dtype == np.float32
+        np.testing.assert_allclose(b.logsumexp, a.logsumexp, atol=0.1)
+
+
+def test_edge_cases(tmp_path):
+    model = load(make_tiny_model(tmp_path / "m", arch="llama", seed=0))
+    one, two = score_batch(model, [[5], [5, 6]], TOP_K)
+    assert one.topk_ids.shape == (0, TOP_K) and one.gold_logprob.shape == (0,)
+    assert two.topk_ids.shape == (1, TOP_K)
+    only = score_batch(model, [np.array([7])], TOP_K)[0]
+    assert only.topk_logits.shape == (0, TOP_K) and only.topk_ids.dtype == np.int32
+    with pytest.raises(ValueError, match="top_k"):
+        score_batch(model, [[1, 2]], top_k=10**6)
+    with pytest.raises(ValueError, match="non-empty"):
+        score_batch(model, [[1, 2], []], TOP_K)
+
+
+def test_length_buckets_cover_once_and_respect_budget():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 300, size=200).tolist() + [1000, 5]
+    budget = 512
+    batches = length_buckets(lengths, budget)
+    flat = [index for batch in batches for index in batch]
+    assert sorted(flat) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or max(lengths[i] for i in batch) * len(batch) <= budget
+    assert [1000 in [lengths[i] for i in batch] and len(batch) == 1 for batch in batches].count(True) == 1
+    assert batches == length_buckets(lengths, budget)
+    assert length_buckets([], budget) == []
+    with pytest.raises(ValueError):
+        length_buckets(lengths, 0)
+
+
+@pytest.mark.slow
+def test_smollm2_cached_values_equal_full_logits():
+    from cache_builder.models import load_gguf_directly, load_tokenizer, resolve_model
+
+    source = resolve_model("smollm2")
+    model = load_gguf_directly(source, dtype=torch.float32)
+    tokenizer = load_tokenizer(source)
+    texts = ["def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+             "Shall I compare thee to a summer's day?"]
+    sequences = [tokenizer(text)["input_ids"] for text in texts]
+    for sequence, scored in zip(sequences, score_batch(model, sequences, TOP_K, position_chunk=16)):
+        assert_matches(scored, reference(model, sequence, TOP_K), model, sequence, atol=2e-4)
+
+
+def test_head_is_cached_per_model_and_follows_weight_updates(tmp_path):
+    model = load(make_tiny_model(tmp_path / "m", arch="qwen2", seed=0)).to(torch.bfloat16)
+    first = cached_output_head(model)
+    assert cached_output_head(model) is first and first.weight.dtype == torch.float32
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    second = cached_output_head(model)
+    assert second is not first
+    torch.testing.assert_close(second.weight, first.weight * 2, rtol=1e-2, atol=1e-3)
