@@ -38,7 +38,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     batch_tokens: int = 2048
     grad_accum: int = 1
-    dtype: str = "fp32"
+    dtype: str = "fp32"  # bf16: autocast matmuls to bfloat16, weights and optimizer state stay float32
     seed: int = 0
     out: str = "runs/fuse"
     resume: bool = False
@@ -76,6 +76,8 @@ class TrainConfig:
         errors = [message for ok, message in checks if not ok]
         if errors:
             raise ValueError("invalid training configuration: " + "; ".join(errors))
+        if self.mode == "sft":
+            self.lam = 0.0  # the SFT baseline: the whole loss is the SFT term
         return self
 
 

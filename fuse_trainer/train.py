@@ -66,7 +66,10 @@ def source_scores(batch: Batch, piv_gold: torch.Tensor, cfg: TrainConfig) -> tor
 
 def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """Summed SFT and fusion terms of one micro-batch, plus the figures logged per step."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()  # (B, T, V)
+    device_type = batch.input_ids.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    logits = logits.float()  # (B, T, V)
     sft_sum, n_tokens = sft_loss(logits, batch.labels, batch.loss_mask)
     terms = {"sft_sum": sft_sum, "n_tokens": n_tokens.float(), "fusion_sum": logits.new_zeros(()),
              "kept_mass_sum": torch.zeros(()), "gated_in": torch.zeros(()), "fusion_positions": torch.zeros(())}
@@ -199,12 +202,11 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     check_sources(layers)
     dataset = load_dataset(layers, "train")
     provenance = provenance_of(layers)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
     pivot = resolve_model(cfg.pivot)
     tokenizer = load_tokenizer(pivot)
     resume_dir = out / CHECKPOINT_DIR
     resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
-    model = load_model(resume_dir if resuming else pivot, dtype=dtype).train()
+    model = load_model(resume_dir if resuming else pivot, dtype=torch.float32).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = MicroBatchStream(dataset, cfg.batch_tokens, cfg.seed)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * stream.per_epoch) // cfg.grad_accum)

@@ -10,8 +10,8 @@ export PATH="$PWD/.venv/bin:$PATH"
 OUT=${OUT:-out/demo}
 CACHE=$OUT/cache
 DTYPE=${DTYPE:-bf16}          # trunk dtype of the sources; the output layer is always scored in fp32
-STEPS=${STEPS:-40}
-TRAIN_FLAGS=${TRAIN_FLAGS:-"--lr 5e-5 --batch-tokens 2048 --max-steps $STEPS --dtype fp32 --save-every 0"}
+STEPS=${STEPS:-12}
+TRAIN_FLAGS=${TRAIN_FLAGS:-"--lr 5e-5 --batch-tokens 1536 --max-steps $STEPS --dtype bf16 --save-every 0"}
 FUSION_FLAGS=${FUSION_FLAGS:-"--loss topk-kl --lambda 0.5 --gate token"}
 mkdir -p "$OUT"
 
