@@ -246,14 +246,16 @@ def build_cache(
         tokenizer = load_tokenizer(source)
         surface = token_surface(tokenizer)
         model = load_model(source, DTYPES[settings.dtype], device) if todo else None
-        total_tokens = sum(len(r.text.encode()) for _, recs in todo for r in recs)
+        total_bytes = sum(len(r.text.encode()) for _, recs in todo for r in recs)  # the bar's ETA is in text bytes
         log(f"{source.name}: {len(plan) - len(todo)} of {len(plan)} shards already done on rank {rank}")
-        with tqdm(total=total_tokens, unit="B", unit_scale=True, desc=f"cache-build {source.name}", dynamic_ncols=True) as bar:
+        scored_tokens, scoring_started = 0, time.time()
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"cache-build {source.name}", dynamic_ncols=True) as bar:
             for path, records in todo:
                 rows = score_shard(model, tokenizer, surface, records, settings, source.add_bos)
                 write_shard(source_table(rows, settings.top_k, settings.logit_dtype), folder, path)
+                scored_tokens += sum(len(r.token_ids) for r in rows)
                 bar.update(sum(len(r.text.encode()) for r in records))
-                bar.set_postfix(tokens=sum(len(r.token_ids) for r in rows))
+                bar.set_postfix(tokens=scored_tokens, tok_s=f"{scored_tokens / (time.time() - scoring_started):.0f}")
         (folder / RANKS_DIR).mkdir(exist_ok=True)
         write_text_atomic(marker, json.dumps({"shards": [p for p, _ in plan]}) + "\n")
         info = source_description(source, tokenizer, settings, surface, folder)

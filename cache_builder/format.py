@@ -183,16 +183,20 @@ class ShardInfo:
     sha256: str
 
 
-def write_shard(table: pa.Table, folder: Path, relpath: str) -> ShardInfo:
-    """Write one shard atomically (tmp name, fsync, rename) and describe it for the manifest."""
-    final = folder / relpath
+def write_parquet_atomic(table: pa.Table, final: Path, **options) -> None:
+    """Write a Parquet file under a temporary name, fsync it, then rename it to `final`."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     try:
-        pq.write_table(table, tmp, **PARQUET_OPTIONS)
+        pq.write_table(table, tmp, **options)
         _fsync_and_rename(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_shard(table: pa.Table, folder: Path, relpath: str) -> ShardInfo:
+    """Write one shard atomically and describe it for the manifest."""
+    write_parquet_atomic(table, folder / relpath, **PARQUET_OPTIONS)
     return shard_info(folder, relpath)
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from cache_builder.format import sha256_file
+
 SETUP_HINT = "run `make setup`, or `.venv/bin/python -m pip install --no-deps {packages}`"
 
 
@@ -99,15 +101,6 @@ def safe_name(text: str) -> str:
     if not name:
         raise ValueError(f"cannot derive a folder name from {text!r}; rename the file or folder")
     return name
-
-
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def package_dir(module: str, pip_specs: tuple[str, ...]) -> Path:

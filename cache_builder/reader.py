@@ -74,6 +74,12 @@ def iter_shard_batches(
             yield {name: column_to_numpy(batch.column(name)) for name in batch.schema.names}
 
 
+def read_shard(folder: str | Path, relpath: str, columns: list[str] | None = None) -> dict[str, np.ndarray | Ragged]:
+    """One whole shard (a few hundred rows) as numpy arrays."""
+    table = pq.read_table(Path(folder) / relpath, columns=columns)
+    return {name: column_to_numpy(table.column(name)) for name in table.schema.names}
+
+
 def read_rows(folder: str | Path, columns: list[str] | None = None) -> dict[str, np.ndarray | Ragged]:
     """The whole layer in memory (small caches, tests, tools)."""
     folder = Path(folder)
@@ -83,4 +89,4 @@ def read_rows(folder: str | Path, columns: list[str] | None = None) -> dict[str,
     return {name: column_to_numpy(table.column(name)) for name in table.schema.names}
 
 
-__all__ = ["Ragged", "column_to_numpy", "iter_batches", "iter_shard_batches", "read_rows", "MANIFEST"]
+__all__ = ["Ragged", "column_to_numpy", "iter_batches", "iter_shard_batches", "read_rows", "read_shard", "MANIFEST"]

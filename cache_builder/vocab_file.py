@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alignment import TokenSurface, surface_fingerprint
-from cache_builder.format import PARQUET_OPTIONS, sha256_file
+from cache_builder.format import PARQUET_OPTIONS, sha256_file, write_parquet_atomic
 from cache_builder.manifest import CacheError
 
 VOCAB_FILE = "vocab.parquet"
@@ -39,10 +39,7 @@ def write_vocab(folder: Path, surface: TokenSurface) -> dict:
         schema=VOCAB_SCHEMA.with_metadata({"convention": surface.convention, "dummy_prefix": str(surface.dummy_prefix)}),
     )
     path = folder / VOCAB_FILE
-    tmp = folder / f".{VOCAB_FILE}.tmp"
-    options = {k: v for k, v in PARQUET_OPTIONS.items() if k != "use_dictionary"}
-    pq.write_table(table, tmp, **options)
-    tmp.replace(path)
+    write_parquet_atomic(table, path, **{k: v for k, v in PARQUET_OPTIONS.items() if k != "use_dictionary"})
     return {"path": VOCAB_FILE, "sha256": sha256_file(path), "convention": surface.convention,
             "dummy_prefix": surface.dummy_prefix, "fingerprint": surface_fingerprint(surface)}
 

@@ -16,7 +16,7 @@ import torch
 
 from cache_builder.format import ALIGNED_DIR, MANIFEST
 from cache_builder.manifest import CacheError, load_manifest
-from cache_builder.reader import Ragged, read_rows
+from cache_builder.reader import Ragged, read_shard
 from cache_builder.verify import cross_source_problems, verify_layer
 
 SOURCE_FIELDS = ("aligned_pos", "topk_ids", "topk_logits", "native_topk_logits", "logsumexp", "logit_mean", "logit_std", "z_logsumexp",
@@ -59,14 +59,13 @@ def check_sources(layers: dict[str, Path]) -> None:
 
 @dataclass
 class FusionDataset:
-    """All records of one split, joined across sources; arrays stay columnar (Ragged), never per token."""
+    """Records of one shard group, joined across sources; arrays stay columnar (Ragged), never per token."""
 
     record_ids: list[str]
     domains: list[str | None]
     token_ids: Ragged  # (T) per record
     loss_mask: Ragged  # (T-1) per record
     sources: dict[str, dict[str, Ragged]]  # source -> field -> Ragged, rows in record_ids order
-    top_k: int
 
     def __len__(self) -> int:
         return len(self.record_ids)
@@ -76,32 +75,79 @@ class FusionDataset:
         return self.token_ids.lengths
 
 
-def load_dataset(layers: dict[str, Path], split: str = "train") -> FusionDataset:
-    """Read the aligned rows of every source and join them by record id (rows of `split` only)."""
-    first = None
-    sources: dict[str, dict[str, Ragged]] = {}
-    for name, folder in layers.items():
-        rows = read_rows(folder)
-        keep = np.flatnonzero(rows["split"] == split)
-        order = keep[np.argsort(rows["record_id"][keep], kind="stable")]
-        if first is None:
-            first = {k: rows[k] for k in ("record_id", "domain", "token_ids", "loss_mask")}
-            first_order = order
-            ids = rows["record_id"][order]
-        elif not np.array_equal(rows["record_id"][order], ids):
-            raise CacheError(f"{folder}: its {split} records differ from the other sources'")
-        sources[name] = {f: take_rows(rows[f], order) for f in SOURCE_FIELDS}
-        k = load_manifest(folder)["top_k"]
-    if first is None or len(first_order) == 0:
+@dataclass(frozen=True)
+class ShardIndex:
+    """What planning an epoch needs from one shard group, without its signals."""
+
+    path: str  # relative shard path, the same in every source (same corpus, same sharding)
+    rows: dict[str, np.ndarray]  # source -> row numbers of the split's records in its shard, in record-id order
+    num_tokens: np.ndarray  # (R,) pivot tokens per record
+    response_tokens: np.ndarray  # (R,) positions that predict a response token
+
+
+def index_shards(layers: dict[str, Path], split: str) -> list[ShardIndex]:
+    """Index every shard group: which rows of each source hold the same records of `split`."""
+    paths = {name: [s["path"] for s in load_manifest(folder)["shards"]] for name, folder in layers.items()}
+    names = list(layers)
+    for name in names[1:]:
+        if paths[name] != paths[names[0]]:
+            raise CacheError(
+                f"{layers[name]} and {layers[names[0]]} are sharded differently; build every source with the same "
+                "--rows-per-shard and --world-size so that their shards hold the same records"
+            )
+    index = []
+    for path in paths[names[0]]:
+        rows, ids = {}, None
+        for name, folder in layers.items():
+            meta = read_shard(folder, path, ["record_id", "split", "num_tokens", "loss_mask"])
+            keep = np.flatnonzero(meta["split"] == split)
+            order = keep[np.argsort(meta["record_id"][keep], kind="stable")]
+            if ids is None:
+                ids, first = meta["record_id"][order], meta
+                num_tokens = meta["num_tokens"][order].astype(np.int64)
+                response = np.add.reduceat(meta["loss_mask"].values, meta["loss_mask"].offsets[:-1])[order] \
+                    if len(meta["loss_mask"].values) else np.zeros(len(order), dtype=np.int64)
+            elif not np.array_equal(meta["record_id"][order], ids):
+                raise CacheError(f"{folder / path}: its {split} records differ from {layers[names[0]] / path}")
+            rows[name] = order
+        if len(ids):
+            index.append(ShardIndex(path, rows, num_tokens, response.astype(np.int64)))
+    if not index:
         raise CacheError(f"no records of split {split!r} in the caches")
-    return FusionDataset(
-        record_ids=list(ids),
-        domains=list(first["domain"][first_order]),
-        token_ids=take_rows(first["token_ids"], first_order),
-        loss_mask=take_rows(first["loss_mask"], first_order),
-        sources=sources,
-        top_k=k,
-    )
+    return index
+
+
+class FusionData:
+    """The training records of several sources, streamed one shard group at a time (bounded memory)."""
+
+    def __init__(self, layers: dict[str, Path], split: str = "train"):
+        self.layers = layers
+        self.index = index_shards(layers, split)
+        self._loaded: tuple[int, FusionDataset] | None = None
+
+    def __len__(self) -> int:
+        return sum(len(s.num_tokens) for s in self.index)
+
+    def shard(self, i: int) -> FusionDataset:
+        """Shard group i, joined across sources; only the last one used stays in memory."""
+        if self._loaded is None or self._loaded[0] != i:
+            entry = self.index[i]
+            sources, first = {}, None
+            for name, folder in self.layers.items():
+                data, rows = read_shard(folder, entry.path), entry.rows[name]
+                first = first or (data, rows)
+                sources[name] = {f: take_rows(data[f], rows) for f in SOURCE_FIELDS}
+            data, rows = first
+            joined = FusionDataset(list(data["record_id"][rows]), list(data["domain"][rows]),
+                                   take_rows(data["token_ids"], rows), take_rows(data["loss_mask"], rows), sources)
+            self._loaded = (i, joined)
+        return self._loaded[1]
+
+    def plan(self, epoch: int, batch_tokens: int, seed: int) -> list[tuple[int, np.ndarray]]:
+        """(shard group, rows) of every micro-batch of an epoch: shard groups and batches in a seeded random order."""
+        rng = np.random.default_rng([seed, epoch])
+        return [(int(i), rows) for i in rng.permutation(len(self.index))
+                for rows in token_batches(self.index[i].num_tokens, batch_tokens, rng)]
 
 
 def take_rows(column: Ragged, rows: np.ndarray) -> Ragged:
@@ -161,7 +207,6 @@ class Batch:
     labels: torch.Tensor  # (B, T) next token at each position (0 where none)
     loss_mask: torch.Tensor  # (B, T) bool: position predicts a response token
     num_positions: torch.Tensor  # (B,) int64: T_b - 1
-    record_index: torch.Tensor  # (B,) int64 index into the dataset
     sources: dict[str, SourceBatch]
 
 
@@ -203,6 +248,5 @@ def collate(dataset: FusionDataset, rows: np.ndarray) -> Batch:
         labels=torch.from_numpy(labels),
         loss_mask=torch.from_numpy(loss_mask),
         num_positions=torch.from_numpy((lengths - 1).astype(np.int64)),
-        record_index=torch.from_numpy(rows.astype(np.int64)),
         sources=sources,
     )

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from cache_builder.manifest import load_manifest
 from cache_builder.models import load_model, load_tokenizer, resolve_model
 from fuse_trainer.config import TrainConfig, dump_yaml
-from fuse_trainer.data import Batch, FusionDataset, check_sources, collate, discover_sources, load_dataset, token_batches
+from fuse_trainer.data import Batch, FusionData, check_sources, collate, discover_sources
 from fuse_trainer.losses import FUSION_LOSSES, FusionInputs, gate_mask, record_gate_mask, sft_loss
 from fuse_trainer.weighting import source_weights
 
@@ -112,25 +112,33 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
 
 
 class MicroBatchStream:
-    """Micro-batch i of the run, deterministic from (seed, epoch): resuming needs only the step number."""
+    """Micro-batch i of the run as (shard group, rows), deterministic from (seed, epoch): resuming needs
+    only the step number."""
 
-    def __init__(self, dataset: FusionDataset, batch_tokens: int, seed: int):
-        self.dataset, self.batch_tokens, self.seed = dataset, batch_tokens, seed
-        self._epochs: dict[int, list[np.ndarray]] = {}
+    def __init__(self, data: FusionData, batch_tokens: int, seed: int):
+        self.data, self.batch_tokens, self.seed = data, batch_tokens, seed
+        self._epochs: dict[int, list[tuple[int, np.ndarray]]] = {}
 
-    def epoch(self, e: int) -> list[np.ndarray]:
+    def epoch(self, e: int) -> list[tuple[int, np.ndarray]]:
         if e not in self._epochs:
-            rng = np.random.default_rng([self.seed, e])
-            self._epochs[e] = token_batches(self.dataset.num_tokens, self.batch_tokens, rng)
+            self._epochs = {e: self.data.plan(e, self.batch_tokens, self.seed)}
         return self._epochs[e]
 
     @property
     def per_epoch(self) -> int:
-        return len(self.epoch(0))
+        return len(self.data.plan(0, self.batch_tokens, self.seed))
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
         batches = self.epoch(i // self.per_epoch)  # later epochs may hold a batch more or less than epoch 0
         return batches[(i % self.per_epoch) % len(batches)]
+
+    def response_tokens(self, micro_batch: tuple[int, np.ndarray]) -> int:
+        shard, rows = micro_batch
+        return int(self.data.index[shard].response_tokens[rows].sum())
+
+    def tokens(self, micro_batch: tuple[int, np.ndarray]) -> int:
+        shard, rows = micro_batch
+        return int(self.data.index[shard].num_tokens[rows].sum())
 
 
 def lr_lambda(warmup: int, total: int):
@@ -200,7 +208,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     rank, world = distributed()
     torch.manual_seed(cfg.seed)
     check_sources(layers)
-    dataset = load_dataset(layers, "train")
+    data = FusionData(layers, "train")
     provenance = provenance_of(layers)
     pivot = resolve_model(cfg.pivot)
     tokenizer = load_tokenizer(pivot)
@@ -208,7 +216,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
     model = load_model(resume_dir if resuming else pivot, dtype=torch.float32).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    stream = MicroBatchStream(dataset, cfg.batch_tokens, cfg.seed)
+    stream = MicroBatchStream(data, cfg.batch_tokens, cfg.seed)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * stream.per_epoch) // cfg.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total_steps))
     start = 0
@@ -228,10 +236,10 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     for step in bar:
         t0 = time.time()
         group = [stream[step * cfg.grad_accum + i] for i in range(cfg.grad_accum)]
-        n_response = sum(int(dataset.loss_mask.row(r).sum()) for rows in group for r in rows)  # whole step, all ranks
+        n_response = sum(stream.response_tokens(mb) for mb in group)  # the whole step, all ranks
         sums = {}
-        for rows in group[rank::world]:
-            terms = micro_batch_terms(model, collate(dataset, rows), cfg)
+        for shard, rows in group[rank::world]:
+            terms = micro_batch_terms(model, collate(data.shard(shard), rows), cfg)
             loss = ((1 - cfg.lam) * terms["sft_sum"] + cfg.lam * terms["fusion_sum"]) / max(n_response, 1)
             loss.backward()
             for k, v in terms.items():
@@ -258,7 +266,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             "grad_norm": float(grad_norm),
             "lr": scheduler.get_last_lr()[0],
             "tokens": n_response,
-            "tokens_per_s": sum(len(dataset.token_ids.row(r)) for rows in group for r in rows) / (time.time() - t0),
+            "tokens_per_s": sum(stream.tokens(mb) for mb in group) / (time.time() - t0),
         }
         if metrics:
             metrics.write(json.dumps(record) + "\n")

@@ -234,3 +234,13 @@ def test_ddp_two_processes_match_one(world, tmp_path):
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
     assert np.allclose(_losses(single), _losses(ddp), rtol=1e-5)
+
+
+def test_a_second_build_on_the_same_folder_is_refused(world):
+    from cache_builder.build import exclusive_lock
+
+    folder = world["cache"] / "srcq"
+    with exclusive_lock(folder / ".lock-r00000"):
+        with pytest.raises(BuildError, match="another cache-build is writing"):
+            build_cache(world["corpus"], world["settings"]["srcq"], world["cache"], log=lambda *_: None)
+    assert verify_cache(folder) == []

@@ -1,0 +1,176 @@
+"""Recipe search for logit-cache fusion on the VALIDATION split (issue 7).
+
+For every named configuration below: run `fuse-train` with a common base (same records, same steps),
+evaluate the final (or merged) checkpoint with `fuse-eval --split validation`, and print one table row
+of bits per byte per domain. Results are cached in <out>/<name>/eval.json, so a rerun skips finished
+configurations (resumable). The held-out split is never touched.
+
+    python benchmarks/recipe_search.py --cache out/demo/cache --data data/ --out out/search [--configs a,b]
+
+Reference rows (untrained pivot, the sources alone) are evaluated with the model name instead of a run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Common base for every training run (flags given later in a config override these: click keeps the last).
+BASE = "--max-steps 12 --batch-tokens 1536 --dtype bf16 --save-every 0 --seed 0"
+
+# name -> fuse-train flags (appended to BASE). Every configuration ever run stays in this list.
+CONFIGS: dict[str, str] = {
+    # --- SFT-only baselines, lr tuned -------------------------------------------------------------
+    "sft-lr5e-5": "--mode sft --lr 5e-5",
+    "sft-lr1e-4": "--mode sft --lr 1e-4",
+    "sft-lr2e-4": "--mode sft --lr 2e-4",
+    "sft-lr4e-4": "--mode sft --lr 4e-4",
+    # --- the demo's recipe, for reference ---------------------------------------------------------
+    "demo-kl-l0.5-lr5e-5": "--mode unified --loss topk-kl --lambda 0.5 --gate token --lr 5e-5",
+    # --- unified fusion candidates (lr filled in from the best SFT lr, see LR below) ---------------
+    "kl-l0.1-gtok": "--mode unified --loss topk-kl --lambda 0.1 --gate token --lr {LR}",
+    "kl-l0.3-gtok": "--mode unified --loss topk-kl --lambda 0.3 --gate token --lr {LR}",
+    "fusellm-l0.3-gtok": "--mode unified --loss fusellm --lambda 0.3 --gate token --lr {LR}",
+    "infi-raw-l0.3": "--mode unified --loss infifusion --raw --lambda 0.3 --lr {LR}",
+    "infi-z-t0.1-l0.3": "--mode unified --loss infifusion --standardize --temperature 0.1 --normalize topk "
+                        "--lambda 0.3 --lr {LR}",
+    "alm-t1-l0.3": "--mode unified --loss alm --temperature 1 --lambda 0.3 --lr {LR}",
+    "alm-t0.1-l0.3": "--mode unified --loss alm --temperature 0.1 --lambda 0.3 --lr {LR}",
+    "kl-l0.3-gtok-qwen": "--mode unified --sources qwen --loss topk-kl --lambda 0.3 --gate token --lr {LR}",
+}
+
+# Reference models evaluated as they are (no training).
+REFERENCES: dict[str, str] = {"ref-pivot": "smollm2", "ref-qwen": "qwen", "ref-gemma3": "gemma3"}
+
+LR = os.environ.get("SEARCH_LR", "2e-4")  # the best SFT lr; fills {LR} in the configs above
+DOMAINS = ["code", "instruct", "math", "prose"]
+
+
+def _bin(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else name
+
+
+def config_flags(name: str) -> list[str]:
+    return shlex.split(BASE) + shlex.split(CONFIGS[name].replace("{LR}", LR))
+
+
+def checkpoint_of(run_dir: Path, flags: list[str]) -> Path:
+    return run_dir / ("merged" if "pairwise" in flags else "final")
+
+
+def run_config(name: str, cache: str, data: str, out: Path, eval_dtype: str) -> dict:
+    d = out / name
+    result_path = d / "eval.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    d.mkdir(parents=True, exist_ok=True)
+    info: dict = {"name": name}
+    if name in REFERENCES:
+        model, flags, train_s = REFERENCES[name], [], 0.0
+    else:
+        flags = config_flags(name)
+        run_dir = d / "run"
+        ckpt = checkpoint_of(run_dir, flags)
+        t0 = time.time()
+        if not (ckpt / "model.safetensors").exists():
+            cmd = [_bin("fuse-train"), "--shards", cache, *flags, "--out", str(run_dir)]
+            print("+", shlex.join(cmd), flush=True)
+            with open(d / "train.log", "w") as log:
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+            if rc != 0:
+                tail = (d / "train.log").read_text()[-2000:]
+                raise SystemExit(f"{name}: fuse-train failed (rc={rc})\n{tail}")
+        train_s = time.time() - t0
+        model = str(ckpt)
+    t0 = time.time()
+    ej = d / "fuse_eval.json"
+    cmd = [_bin("fuse-eval"), "--model", f"{name}={model}", "--data", data, "--split", "validation",
+           "--dtype", eval_dtype, "--json-out", str(ej)]
+    print("+", shlex.join(cmd), flush=True)
+    with open(d / "eval.log", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise SystemExit(f"{name}: fuse-eval failed (rc={rc})\n{(d / 'eval.log').read_text()[-2000:]}")
+    rows = json.loads(ej.read_text())
+    bpb = {r["domain"]: r["bits_per_byte"] for r in rows}
+    info.update({
+        "flags": shlex.join(flags) if flags else f"(reference model {model}, untrained)",
+        "bpb": bpb,
+        "macro": sum(bpb[k] for k in DOMAINS if k in bpb) / len([k for k in DOMAINS if k in bpb]),
+        "train_s": round(train_s, 1),
+        "eval_s": round(time.time() - t0, 1),
+    })
+    result_path.write_text(json.dumps(info, indent=2))
+    return info
+
+
+def table(results: list[dict], baseline: dict | None) -> str:
+    head = f"{'config':24s}" + "".join(f"{k:>9s}" for k in DOMAINS) + f"{'all':>9s}{'macro':>9s}"
+    if baseline:
+        head += f"{'Δmacro':>9s}  doms<SFT"
+    lines = [head]
+    for r in results:
+        b = r["bpb"]
+        s = f"{r['name']:24s}" + "".join(f"{b.get(k, float('nan')):9.4f}" for k in DOMAINS)
+        s += f"{b['all']:9.4f}{r['macro']:9.4f}"
+        if baseline:
+            wins = sum(b[k] < baseline["bpb"][k] for k in DOMAINS)
+            s += f"{r['macro'] - baseline['macro']:+9.4f}  {wins}/4"
+        lines.append(s)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default="out/demo/cache")
+    ap.add_argument("--data", default="data/")
+    ap.add_argument("--out", default="out/search")
+    ap.add_argument("--configs", default="", help="comma-separated names (default: all, references first)")
+    ap.add_argument("--baseline", default="", help="config to compare against (default: best SFT row)")
+    ap.add_argument("--eval-dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP/torch threads for the child runs (0: leave the environment as it is); 1 avoids "
+                         "oversubscription when the 2 cores are shared with other jobs")
+    ap.add_argument("--report-only", action="store_true", help="print the table of finished configs only")
+    a = ap.parse_args()
+    names = [n for n in a.configs.split(",") if n] or [*REFERENCES, *CONFIGS]
+    for n in names:
+        if n not in CONFIGS and n not in REFERENCES:
+            raise SystemExit(f"unknown config {n!r}; known: {', '.join([*REFERENCES, *CONFIGS])}")
+    if a.threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(a.threads)
+    out = Path(a.out)
+    results = []
+    for n in names:
+        if a.report_only:
+            p = out / n / "eval.json"
+            if p.exists():
+                results.append(json.loads(p.read_text()))
+            continue
+        r = run_config(n, a.cache, a.data, out, a.eval_dtype)
+        print(f"== {n}: all {r['bpb']['all']:.4f} macro {r['macro']:.4f} "
+              f"(train {r['train_s']} s, eval {r['eval_s']} s)", flush=True)
+        results.append(r)
+    # baseline: the named one, else the best (macro) SFT row among every finished run
+    done = [json.loads(p.read_text()) for p in sorted(out.glob("*/eval.json"))]
+    if a.baseline:
+        base = next((r for r in done if r["name"] == a.baseline), None)
+    else:
+        sfts = [r for r in done if r["name"].startswith("sft-")]
+        base = min(sfts, key=lambda r: r["macro"]) if sfts else None
+    if base:
+        print(f"baseline: {base['name']} (macro {base['macro']:.4f}, all {base['bpb']['all']:.4f})")
+    print(table(results, base))
+    print(json.dumps({"split": "validation", "baseline": base["name"] if base else None,
+                      "results": [{k: r[k] for k in ("name", "flags", "bpb", "macro")} for r in results]}))
+
+
+if __name__ == "__main__":
+    main()
