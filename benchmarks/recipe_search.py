@@ -30,6 +30,7 @@ CONFIGS: dict[str, str] = {
     "sft-lr1e-4": "--mode sft --lr 1e-4",
     "sft-lr2e-4": "--mode sft --lr 2e-4",
     "sft-lr4e-4": "--mode sft --lr 4e-4",
+    "sft-lr2e-4-seed1": "--mode sft --lr 2e-4 --seed 1",  # seed noise of the baseline (data order)
     # --- the demo's recipe, for reference ---------------------------------------------------------
     "demo-kl-l0.5-lr5e-5": "--mode unified --loss topk-kl --lambda 0.5 --gate token --lr 5e-5",
     # --- unified fusion candidates (lr filled in from the best SFT lr, see LR below) ---------------

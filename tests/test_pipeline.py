@@ -244,3 +244,29 @@ def test_a_second_build_on_the_same_folder_is_refused(world):
         with pytest.raises(BuildError, match="another cache-build is writing"):
             build_cache(world["corpus"], world["settings"]["srcq"], world["cache"], log=lambda *_: None)
     assert verify_cache(folder) == []
+
+
+def test_rescore_passes_on_the_real_signals_and_catches_forged_ones(world, tmp_path):
+    """cache-verify --rescore: a re-signed cache whose statistics were altered is caught by re-running the model."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from cache_builder.format import shard_info
+    from cache_builder.rescore import rescore_problems
+
+    folder = tmp_path / "srcq"
+    shutil.copytree(world["cache"] / "srcq", folder)
+    assert rescore_problems(folder, 3) == []
+    manifest = json.loads((folder / "manifest.json").read_text())
+    shard = manifest["shards"][0]["path"]
+    table = pq.read_table(folder / shard)
+    original = table["logsumexp"].combine_chunks()  # list<float32> per row
+    forged = pa.ListArray.from_arrays(original.offsets, pc.add(original.flatten(), pa.scalar(1.0, pa.float32())))
+    index = table.schema.get_field_index("logsumexp")
+    pq.write_table(table.set_column(index, table.schema.field("logsumexp"), forged), folder / shard, compression="zstd")
+    manifest["shards"][0] = shard_info(folder, shard).__dict__
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_cache(folder) == []  # checksums cannot tell: the forger re-signed the shard
+    problems = rescore_problems(folder, 24)
+    assert any("logsumexp differs" in p for p in problems)
