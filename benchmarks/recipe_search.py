@@ -127,6 +127,24 @@ def table(results: list[dict], baseline: dict | None) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: list[dict], baseline: dict | None) -> str:
+    """The same table in Markdown, with each configuration's fuse-train flags (BASE flags left out)."""
+    base = BASE + " "
+    lines = ["| config | fuse-train flags (besides the common base) | " + " | ".join(DOMAINS)
+             + " | all | macro | Δmacro vs SFT | domains better than SFT |",
+             "|---" * (len(DOMAINS) + 6) + "|"]
+    for r in results:
+        b = r["bpb"]
+        flags = r["flags"][len(base):] if r["flags"].startswith(base) else r["flags"]
+        row = [r["name"], f"`{flags}`", *(f"{b[k]:.4f}" for k in DOMAINS), f"{b['all']:.4f}", f"{r['macro']:.4f}"]
+        if baseline:
+            row += [f"{r['macro'] - baseline['macro']:+.4f}", f"{sum(b[k] < baseline['bpb'][k] for k in DOMAINS)}/4"]
+        else:
+            row += ["", ""]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default="out/demo/cache")
@@ -138,6 +156,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="OMP/torch threads for the child runs (0: leave the environment as it is); 1 avoids "
                          "oversubscription when the 2 cores are shared with other jobs")
+    ap.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
     ap.add_argument("--report-only", action="store_true", help="print the table of finished configs only")
     a = ap.parse_args()
     names = [n for n in a.configs.split(",") if n] or [*REFERENCES, *CONFIGS]
@@ -169,6 +188,8 @@ def main() -> None:
     if base:
         print(f"baseline: {base['name']} (macro {base['macro']:.4f}, all {base['bpb']['all']:.4f})")
     print(table(results, base))
+    if a.markdown:
+        print(markdown(results, base))
     print(json.dumps({"split": "validation", "baseline": base["name"] if base else None,
                       "results": [{k: r[k] for k in ("name", "flags", "bpb", "macro")} for r in results]}))
 

@@ -223,14 +223,23 @@ def build_cache(
     rank: int = 0,
     device: str = "cpu",
     overwrite: bool = False,
+    strict: bool = False,
     log=print,
 ) -> BuildSummary:
-    """Run the source model over this rank's records and write its shards (see the module docstring)."""
+    """Run the source model over this rank's records and write its shards (see the module docstring).
+
+    strict: refuse (BuildError) a corpus with bad records instead of skipping them.
+    """
     started = time.time()
     corpus = load_corpus(corpus_path, max_chars=settings.window_chars, limit=settings.limit)
     log(f"corpus: {len(corpus.records)} records from {len(corpus.files)} files, {len(corpus.bad)} bad records skipped")
     for bad in corpus.bad[:10]:
         log(f"  skipped {bad.origin}: {bad.reason}")
+    if len(corpus.bad) > 10:
+        log(f"  ... and {len(corpus.bad) - 10} more (all are listed in the manifest's corpus.bad_records)")
+    if strict and corpus.bad:
+        raise BuildError(f"--strict: {len(corpus.bad)} bad records in the corpus, first at {corpus.bad[0].origin}: "
+                         f"{corpus.bad[0].reason}")
     source = resolve_model(settings.model)
     folder = Path(out) / source.name
     with exclusive_lock(folder / f".lock-r{rank:05d}"):

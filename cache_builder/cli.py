@@ -32,8 +32,9 @@ def _fail(message: str) -> None:
 @click.option("--rank", default=None, type=click.IntRange(0), help="This process's rank (default: $RANK from torchrun, else 0).")
 @click.option("--world-size", default=None, type=click.IntRange(1), help="Number of ranks (default: $WORLD_SIZE, else 1).")
 @click.option("--overwrite", is_flag=True, help="Delete a cache built with other settings instead of refusing.")
+@click.option("--strict", is_flag=True, help="Refuse to start when the corpus has bad records (default: skip and report them).")
 def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch_tokens, position_chunk, dtype,
-          logit_dtype, rows_per_shard, device, limit, rank, world_size, overwrite):
+          logit_dtype, rows_per_shard, device, limit, rank, world_size, overwrite, strict):
     """Run ONE source model once over a corpus and write its sparse top-k signals to Parquet shards.
 
     Resumable: rerun the same command after a crash and finished shards are kept. Re-running a finished
@@ -51,9 +52,11 @@ def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch
                                  batch_tokens=batch_tokens, position_chunk=position_chunk, dtype=dtype,
                                  logit_dtype=logit_dtype, rows_per_shard=rows_per_shard, limit=limit,
                                  world_size=world_size)
-        summary = build_cache(corpus_path, settings, out, rank=rank, device=device, overwrite=overwrite)
+        summary = build_cache(corpus_path, settings, out, rank=rank, device=device, overwrite=overwrite, strict=strict)
     except (BuildError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
+    except OSError as err:  # disk full, permissions: finished shards are safe, the partial one was removed
+        _fail(f"{err}; fix the cause (e.g. free disk space) and rerun the same command: finished shards are kept")
     click.echo(
         f"done: {summary.records} records, {summary.tokens} tokens, {summary.skipped_records} bad records skipped, "
         f"{summary.shards_written} shards written, {summary.shards_skipped} already there, {summary.seconds:.1f} s"

@@ -186,6 +186,13 @@ def provenance_of(layers: dict[str, Path]) -> dict:
     return out
 
 
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metric lines logged after the checkpoint a run resumes from (a killed run logs past it)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
 def distributed() -> tuple[int, int]:
     """(rank, world size); initialises a gloo/nccl process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -227,6 +234,8 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
         log(f"resuming {out} at step {start} of {total_steps}")
+        if rank == 0:
+            keep_metrics_until(out / "metrics.jsonl", start)
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)

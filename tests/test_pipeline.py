@@ -19,61 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from cache_builder.build import BuildError, BuildSettings, build_cache
-from cache_builder.align import align_cache
+from cache_builder.build import BuildError, build_cache
 from cache_builder.info import cache_summary
 from cache_builder.reader import read_rows
 from cache_builder.verify import verify_cache
-from fuse_trainer.config import TrainConfig
 from fuse_trainer.train import fuse_train, train_run
 from fuse_trainer.data import discover_sources
-from tests.tiny import make_tiny_model
+from tests.runs import build_command, run_losses, train_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-TEXTS = [
-    "def add(a, b):\n    return a + b\n",
-    "The quick brown fox jumps over the lazy dog. " * 3,
-    "Ünïcödé text — with “quotes” and 日本語 and emoji 🙂.",
-    "for i in range(10):\n\tprint(i * i)\n\n\n",
-    "A tale of two cities: it was the best of times, it was the worst of times.",
-    "x = [n ** 2 for n in range(100) if n % 3 == 0]",
-    "Proof. Let n be even; then n = 2k and n^2 = 4k^2, which is even.",
-    "class Stack:\n    def __init__(self):\n        self.items = []\n",
-]
-
-
-def write_corpus(path: Path) -> Path:
-    records = []
-    for i in range(24):
-        text = TEXTS[i % len(TEXTS)] + f" #{i}"
-        split = "heldout" if i % 6 == 5 else "train"
-        domain = "code" if "def" in text or "for" in text or "class" in text or "x =" in text else "prose"
-        if i % 3 == 0:
-            records.append({"prompt": f"Task {i}:", "response": text, "domain": domain, "split": split})
-        else:
-            records.append({"text": text, "domain": domain, "split": split})
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "corpus.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return path
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    models = {
-        "pivot": make_tiny_model(root / "models" / "pivot", arch="llama", seed=0),
-        "srcq": make_tiny_model(root / "models" / "srcq", arch="qwen2", vocab=300, seed=1, extra_vocab_rows=7),
-        "srcg": make_tiny_model(root / "models" / "srcg", arch="gemma3", seed=2),
-    }
-    corpus = write_corpus(root / "corpus")
-    settings = {name: BuildSettings(model=str(models[name]), top_k=4, rows_per_shard=5, batch_tokens=256,
-                                    position_chunk=16) for name in ("srcq", "srcg")}
-    for name in ("srcq", "srcg"):
-        build_cache(corpus, settings[name], root / "cache", log=lambda *_: None)
-        align_cache(root / "cache" / name, str(models["pivot"]), log=lambda *_: None)
-    return {"root": root, "models": models, "corpus": corpus, "cache": root / "cache", "settings": settings}
-
 
 def test_built_cache_verifies_and_reports(world):
     assert verify_cache(world["cache"]) == []
@@ -124,17 +78,10 @@ def test_two_ranks_produce_the_same_rows_as_one(world, tmp_path):
         assert np.allclose(one["logsumexp"].row(a), two["logsumexp"].row(b), atol=1e-5)
 
 
-def _build_cmd(world, out: Path) -> list[str]:
-    s = world["settings"]["srcq"]
-    return [sys.executable, "-c", "from cache_builder.cli import build; build()", "--model", s.model, "--corpus",
-            str(world["corpus"]), "--out", str(out), "--top-k", "4", "--rows-per-shard", "1", "--batch-tokens", "256",
-            "--position-chunk", "16"]
-
-
 def test_kill_9_mid_build_resumes_to_identical_shards(world, tmp_path):
-    reference = subprocess.run(_build_cmd(world, tmp_path / "ref"), capture_output=True, text=True)
+    reference = subprocess.run(build_command(world, tmp_path / "ref"), capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
-    proc = subprocess.Popen(_build_cmd(world, tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(build_command(world, tmp_path / "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = tmp_path / "killed" / "srcq" / "shards"
     deadline = time.time() + 60
     while time.time() < deadline and len(list(shards.glob("*.parquet"))) < 3:
@@ -142,7 +89,7 @@ def test_kill_9_mid_build_resumes_to_identical_shards(world, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "killed" / "srcq" / "manifest.json").exists()
-    resumed = subprocess.run(_build_cmd(world, tmp_path / "killed"), capture_output=True, text=True)
+    resumed = subprocess.run(build_command(world, tmp_path / "killed"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     ref_files = sorted((tmp_path / "ref" / "srcq" / "shards").glob("*.parquet"))
     assert [f.name for f in ref_files] == sorted(f.name for f in shards.glob("*.parquet"))
@@ -151,21 +98,11 @@ def test_kill_9_mid_build_resumes_to_identical_shards(world, tmp_path):
     assert not list(shards.glob(".*tmp*"))
 
 
-def _train_cfg(world, out: Path, **overrides) -> TrainConfig:
-    base = dict(shards=str(world["cache"]), pivot=str(world["models"]["pivot"]), lr=3e-3, batch_tokens=256,
-                max_steps=6, out=str(out), save_every=0, lam=0.5, loss="topk-kl", top_k=4)
-    return TrainConfig(**{**base, **overrides}).validate()
-
-
-def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.mark.parametrize("loss", ["infifusion", "fusellm", "topk-kl", "alm"])
 def test_unified_training_lowers_the_loss(world, tmp_path, loss):
-    cfg = _train_cfg(world, tmp_path / loss, loss=loss, max_steps=12, epochs=1, gate="none", weighting="avgce")
+    cfg = train_config(world, tmp_path / loss, loss=loss, max_steps=12, epochs=1, gate="none", weighting="avgce")
     final = fuse_train(cfg, log=lambda *_: None)
-    losses = _losses(tmp_path / loss)
+    losses = run_losses(tmp_path / loss)
     assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3])
     from transformers import AutoModelForCausalLM
 
@@ -176,7 +113,7 @@ def test_unified_training_lowers_the_loss(world, tmp_path, loss):
 def test_pairwise_trains_one_pivot_per_source_and_merges(world, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    merged = fuse_train(_train_cfg(world, tmp_path / "pw", mode="pairwise", max_steps=3), log=lambda *_: None)
+    merged = fuse_train(train_config(world, tmp_path / "pw", mode="pairwise", max_steps=3), log=lambda *_: None)
     assert (tmp_path / "pw" / "pairwise-srcq" / "final").is_dir() and (tmp_path / "pw" / "pairwise-srcg" / "final").is_dir()
     model = AutoModelForCausalLM.from_pretrained(merged)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "pw" / "pairwise-srcq" / "final").state_dict()
@@ -189,13 +126,13 @@ def test_pairwise_trains_one_pivot_per_source_and_merges(world, tmp_path):
 
 def test_resume_matches_an_uninterrupted_run(world, tmp_path):
     straight = tmp_path / "straight"
-    train_run(_train_cfg(world, straight, save_every=2), discover_sources(world["cache"], "pivot"), straight, log=lambda *_: None)
+    train_run(train_config(world, straight, save_every=2), discover_sources(world["cache"], "pivot"), straight, log=lambda *_: None)
     broken = tmp_path / "broken"
     layers = discover_sources(world["cache"], "pivot")
-    train_run(_train_cfg(world, broken, save_every=2), layers, broken, log=lambda *_: None, stop_after=4)
-    assert len(_losses(broken)) == 4
-    train_run(_train_cfg(world, broken, save_every=2, resume=True), layers, broken, log=lambda *_: None)
-    assert np.allclose(_losses(broken), _losses(straight), rtol=1e-5, atol=1e-6)
+    train_run(train_config(world, broken, save_every=2), layers, broken, log=lambda *_: None, stop_after=4)
+    assert len(run_losses(broken)) == 4
+    train_run(train_config(world, broken, save_every=2, resume=True), layers, broken, log=lambda *_: None)
+    assert np.allclose(run_losses(broken), run_losses(straight), rtol=1e-5, atol=1e-6)
 
 
 def test_sources_that_disagree_are_refused(world, tmp_path):
@@ -208,7 +145,7 @@ def test_sources_that_disagree_are_refused(world, tmp_path):
     manifest["corpus"]["fingerprint"] = "0" * 64
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match="corpus fingerprint differs"):
-        fuse_train(_train_cfg(world, tmp_path / "run", shards=str(cache)), log=lambda *_: None)
+        fuse_train(train_config(world, tmp_path / "run", shards=str(cache)), log=lambda *_: None)
 
 
 def test_ddp_two_processes_match_one(world, tmp_path):
@@ -216,7 +153,7 @@ def test_ddp_two_processes_match_one(world, tmp_path):
     from safetensors.torch import load_file
 
     single = tmp_path / "single"
-    cfg = _train_cfg(world, single, grad_accum=2, max_steps=3)
+    cfg = train_config(world, single, grad_accum=2, max_steps=3)
     train_run(cfg, discover_sources(world["cache"], "pivot"), single, log=lambda *_: None)
     ddp = tmp_path / "ddp"
     script = (
@@ -233,7 +170,7 @@ def test_ddp_two_processes_match_one(world, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-5), name
-    assert np.allclose(_losses(single), _losses(ddp), rtol=1e-5)
+    assert np.allclose(run_losses(single), run_losses(ddp), rtol=1e-5)
 
 
 def test_a_second_build_on_the_same_folder_is_refused(world):

@@ -1,0 +1,24 @@
+"""Test support: command lines and configurations for runs over the `world` fixture (tests/conftest.py)."""
+
+import json
+import sys
+from pathlib import Path
+
+from fuse_trainer.config import TrainConfig
+
+
+def build_command(world, out: Path) -> list[str]:
+    s = world["settings"]["srcq"]
+    return [sys.executable, "-c", "from cache_builder.cli import build; build()", "--model", s.model, "--corpus",
+            str(world["corpus"]), "--out", str(out), "--top-k", "4", "--rows-per-shard", "1", "--batch-tokens", "256",
+            "--position-chunk", "16"]
+
+
+def train_config(world, out: Path, **overrides) -> TrainConfig:
+    base = dict(shards=str(world["cache"]), pivot=str(world["models"]["pivot"]), lr=3e-3, batch_tokens=256,
+                max_steps=6, out=str(out), save_every=0, lam=0.5, loss="topk-kl", top_k=4)
+    return TrainConfig(**{**base, **overrides}).validate()
+
+
+def run_losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
