@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 MODES = ("unified", "pairwise", "sft")
-GATES = ("none", "token", "record")
+GATES = ("none", "token", "chunk", "record")
 
 
 @dataclass
@@ -28,7 +28,7 @@ class TrainConfig:
     alm_distance: str = "kl"
     weighting: str = "uniform"  # unified mode: uniform | mince | avgce | entropy
     weighting_temperature: float = 1.0
-    gate: str = "none"  # distil only where the source's gold log-prob beats the pivot's: none | token | record
+    gate: str = "none"  # distil only where the source beats the pivot on the gold text: none | token | chunk | record
     gate_margin: float = 0.0
     epochs: float = 1.0
     max_steps: int | None = None

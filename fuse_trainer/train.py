@@ -28,7 +28,7 @@ from cache_builder.manifest import load_manifest
 from cache_builder.models import load_model, load_tokenizer, resolve_model
 from fuse_trainer.config import TrainConfig, dump_yaml
 from fuse_trainer.data import Batch, FusionData, check_sources, collate, discover_sources
-from fuse_trainer.losses import FUSION_LOSSES, FusionInputs, gate_mask, record_gate_mask, sft_loss
+from fuse_trainer.losses import FUSION_LOSSES, FusionInputs, chunk_logprob_sum, gate_mask, record_gate_mask, sft_loss
 from fuse_trainer.weighting import source_weights
 
 STATE_FILE = "trainer_state.pt"
@@ -96,6 +96,9 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
             gate = gate_mask(src.gold_logprob, inputs.piv_gold_logprob, cfg.gate_margin)
         elif cfg.gate == "record":
             gate = record_gate_mask(src.gold_logprob, inputs.piv_gold_logprob, src.row, len(batch.input_ids), cfg.gate_margin)
+        elif cfg.gate == "chunk":  # the same event for both models: the text up to the next shared boundary
+            piv_chunk, _ = chunk_logprob_sum(piv_gold.detach(), src.row, src.pos, batch.num_positions)
+            gate = gate_mask(src.chunk_logprob, piv_chunk, cfg.gate_margin)
         else:
             gate = torch.ones_like(keep)
         mask = (keep & valid & gate).float()  # (N,)

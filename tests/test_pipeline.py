@@ -100,10 +100,12 @@ def test_kill_9_mid_build_resumes_to_identical_shards(world, tmp_path):
 
 @pytest.mark.parametrize("loss", ["infifusion", "fusellm", "topk-kl", "alm"])
 def test_unified_training_lowers_the_loss(world, tmp_path, loss):
-    cfg = train_config(world, tmp_path / loss, loss=loss, max_steps=12, epochs=1, gate="none", weighting="avgce")
+    cfg = train_config(world, tmp_path / loss, loss=loss, max_steps=12, epochs=1, gate="chunk", weighting="avgce")
     final = fuse_train(cfg, log=lambda *_: None)
     losses = run_losses(tmp_path / loss)
     assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3])
+    steps = [json.loads(line) for line in (tmp_path / loss / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < np.mean([s["gated_in"] for s in steps]) < 1  # the chunk gate lets some positions through, not all
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(final)
