@@ -42,6 +42,8 @@ CONFIGS: dict[str, str] = {
                         "--lambda 0.3 --lr {LR}",
     "alm-t1-l0.3": "--mode unified --loss alm --temperature 1 --lambda 0.3 --lr {LR}",
     "alm-t0.1-l0.3": "--mode unified --loss alm --temperature 0.1 --lambda 0.3 --lr {LR}",
+    # follow-up: the best unified recipe above with its lr scaled by 1/(1-λ) (same SFT step size as SFT 2e-4)
+    "infi-raw-l0.3-lr3e-4": "--mode unified --loss infifusion --raw --lambda 0.3 --lr 3e-4",
     "kl-l0.3-gtok-qwen": "--mode unified --sources qwen --loss topk-kl --lambda 0.3 --gate token --lr {LR}",
 }
 
