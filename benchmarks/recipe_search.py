@@ -44,6 +44,9 @@ CONFIGS: dict[str, str] = {
     "alm-t0.1-l0.3": "--mode unified --loss alm --temperature 0.1 --lambda 0.3 --lr {LR}",
     # follow-up: the best unified recipe above with its lr scaled by 1/(1-λ) (same SFT step size as SFT 2e-4)
     "infi-raw-l0.3-lr3e-4": "--mode unified --loss infifusion --raw --lambda 0.3 --lr 3e-4",
+    "infi-raw-l0.3-seed1": "--mode unified --loss infifusion --raw --lambda 0.3 --lr 2e-4 --seed 1",
+    "infi-raw-l0.5": "--mode unified --loss infifusion --raw --lambda 0.5 --lr 2e-4",
+    "pw-infi-raw-l0.3": "--mode pairwise --loss infifusion --raw --lambda 0.3 --lr 2e-4",
     "kl-l0.3-gtok-qwen": "--mode unified --sources qwen --loss topk-kl --lambda 0.3 --gate token --lr {LR}",
 }
 

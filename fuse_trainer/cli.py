@@ -47,6 +47,7 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--grad-accum", default=DEFAULTS.grad_accum, type=int, help="Micro-batches per optimizer step (split across DDP ranks).")
 @click.option("--dtype", default=DEFAULTS.dtype, type=click.Choice(["fp32", "bf16"]))
 @click.option("--seed", default=DEFAULTS.seed, type=int)
+@click.option("--threads", default=None, type=int, help="CPU threads for torch (default: all cores; use 1 when other jobs share the cores).")
 @click.option("--merge", default=DEFAULTS.merge, type=click.Choice(["task-arithmetic", "ties"]), help="Pairwise mode: how the per-source pivots are merged.")
 @click.option("--save-every", default=DEFAULTS.save_every, type=int, help="Steps between resumable checkpoints.")
 @click.option("--out", default=DEFAULTS.out, help="Run folder (metrics.jsonl, config.yaml, checkpoints).")
@@ -111,6 +112,6 @@ def evaluate(models, data, split, limit, dtype, json_out):
         label, _, name = spec.rpartition("=")
         results += evaluate_model(name, records, label=label or name,
                                   dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-    click.echo(results_table(results))
+    click.echo(results_table(results, split))
     if json_out:
         Path(json_out).write_text(json.dumps([dict(r.__dict__, bits_per_byte=r.bits_per_byte) for r in results], indent=2))

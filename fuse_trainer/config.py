@@ -40,6 +40,7 @@ class TrainConfig:
     grad_accum: int = 1
     dtype: str = "fp32"  # bf16: autocast matmuls to bfloat16, weights and optimizer state stay float32
     seed: int = 0
+    threads: int | None = None  # torch CPU threads (default: torch's choice, all cores)
     out: str = "runs/fuse"
     resume: bool = False
     save_every: int = 50

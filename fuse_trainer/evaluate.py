@@ -76,13 +76,13 @@ def evaluate_model(name: str, records: list[Record], *, label: str | None = None
     return [EvalResult(label or name, d, *v) for d, v in sorted(totals.items())]
 
 
-def results_table(results: list[EvalResult]) -> str:
+def results_table(results: list[EvalResult], split: str = "heldout") -> str:
     """Models as rows, domains as columns, bits per byte in the cells (lower is better)."""
     domains = sorted({r.domain for r in results} - {"all"}) + ["all"]
     models = list(dict.fromkeys(r.model for r in results))
     cell = {(r.model, r.domain): r.bits_per_byte for r in results}
     width = max(len(m) for m in models) + 2
-    lines = ["bits per byte (held out, lower is better)", "model".ljust(width) + "".join(d.rjust(10) for d in domains)]
+    lines = [f"bits per byte on the {split} split (lower is better)", "model".ljust(width) + "".join(d.rjust(10) for d in domains)]
     for m in models:
         lines.append(m.ljust(width) + "".join(f"{cell.get((m, d), float('nan')):10.4f}" for d in domains))
     return "\n".join(lines)

@@ -216,6 +216,8 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     before its time limit); rerun with resume=True to continue exactly where it stopped.
     """
     rank, world = distributed()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     check_sources(layers)
     data = FusionData(layers, "train")
@@ -265,6 +267,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             dist.all_reduce(packed)
             sums = dict(zip(sorted(terms), packed.tolist()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -276,7 +279,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             "kept_mass": sums["kept_mass_sum"] / max(sums["fusion_positions"], 1),
             "gated_in": sums["gated_in"] / max(sums["fusion_positions"], 1),
             "grad_norm": float(grad_norm),
-            "lr": scheduler.get_last_lr()[0],
+            "lr": lr,
             "tokens": n_response,
             "tokens_per_s": sum(stream.tokens(mb) for mb in group) / (time.time() - t0),
         }

@@ -11,8 +11,9 @@ OUT=${OUT:-out/demo}
 CACHE=$OUT/cache
 DTYPE=${DTYPE:-bf16}          # trunk dtype of the sources; the output layer is always scored in fp32
 STEPS=${STEPS:-12}
-TRAIN_FLAGS=${TRAIN_FLAGS:-"--lr 5e-5 --batch-tokens 1536 --max-steps $STEPS --dtype bf16 --save-every 0"}
-FUSION_FLAGS=${FUSION_FLAGS:-"--loss topk-kl --lambda 0.5 --gate token"}
+TRAIN_FLAGS=${TRAIN_FLAGS:-"--lr 2e-4 --batch-tokens 1536 --max-steps $STEPS --dtype bf16 --save-every 0"}
+# The best fusion recipe on the validation split (docs/recipe_search.md): raw-probability ULD, lambda 0.3.
+FUSION_FLAGS=${FUSION_FLAGS:-"--loss infifusion --raw --lambda 0.3"}
 mkdir -p "$OUT"
 
 echo "== 1/5 cache-build: run each source once over data/ and align it to the pivot"
