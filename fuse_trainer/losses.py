@@ -218,13 +218,25 @@ def soft_ce_loss(
     Returns:
         (N,) loss per position.
     """
+    piv_logits = piv_logits.to(_compute_dtype(piv_logits))  # (N, V)
+    piv_logp = _gather_piv_logprob(piv_logits, src_topk_ids)  # (N, K)
+    return soft_ce_from_logprobs(piv_logp, src_topk_ids, src_topk_logits, temperature=temperature)
+
+
+def soft_ce_from_logprobs(
+    piv_logp: torch.Tensor,
+    src_topk_ids: torch.Tensor,
+    src_topk_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """`soft_ce_loss` given the pivot's log-probs at the candidate ids, piv_logp (N, K), instead of its
+    (N, V) logits: the trainer gathers them straight from the batch logits, no (N, V) copy."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    piv_logits = piv_logits.to(_compute_dtype(piv_logits))  # (N, V)
     keep = src_topk_ids >= 0  # (N, K)
-    src_s = src_topk_logits.to(piv_logits.dtype) / temperature  # (N, K)
+    src_s = src_topk_logits.to(piv_logp.dtype) / temperature  # (N, K)
     target = _masked_log_softmax(src_s, keep).exp()  # (N, K)
-    piv_logp = _gather_piv_logprob(piv_logits, src_topk_ids)  # (N, K)
     return -(target * piv_logp.masked_fill(~keep, 0.0)).sum(dim=-1)
 
 
@@ -257,11 +269,25 @@ def topk_kl_loss(
         (N,) loss per position.
     """
     piv_logits = piv_logits.to(_compute_dtype(piv_logits))  # (N, V)
+    piv_logp = _gather_piv_logprob(piv_logits, src_topk_ids)  # (N, K)
+    return topk_kl_from_logprobs(piv_logp, src_topk_ids, src_topk_logits, src_lse, eps=eps)
+
+
+def topk_kl_from_logprobs(
+    piv_logp: torch.Tensor,
+    src_topk_ids: torch.Tensor,
+    src_topk_logits: torch.Tensor,
+    src_lse: torch.Tensor,
+    *,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """`topk_kl_loss` given the pivot's log-probs at the candidate ids, piv_logp (N, K), instead of its
+    (N, V) logits: the trainer gathers them straight from the batch logits, no (N, V) copy."""
     keep = src_topk_ids >= 0  # (N, K)
     neg_inf = float("-inf")
-    src_logit = src_topk_logits.to(piv_logits.dtype)  # (N, K)
+    src_logit = src_topk_logits.to(piv_logp.dtype)  # (N, K)
     src_logp = (src_logit - src_lse.to(src_logit.dtype).unsqueeze(-1)).masked_fill(~keep, neg_inf)
-    piv_logp = _gather_piv_logprob(piv_logits, src_topk_ids).masked_fill(~keep, neg_inf)
+    piv_logp = piv_logp.masked_fill(~keep, neg_inf)
     p = src_logp.exp()  # (N, K)
     kept = torch.where(keep, p * (src_logp - piv_logp), torch.zeros_like(p)).sum(dim=-1)  # (N,)
 
@@ -422,7 +448,7 @@ class FusionInputs:
     The ALM fields are needed only by "alm"; the others ignore them.
     """
 
-    piv_logits: torch.Tensor  # (N, V) with grad
+    piv_logits: Optional[torch.Tensor]  # (N, V) with grad; may be None for "fusellm" / "topk-kl" given piv_topk_logprob
     src_topk_ids: torch.Tensor  # (N, K) int64, -1 = empty slot
     src_topk_logits: torch.Tensor  # (N, K)
     src_lse: torch.Tensor
@@ -436,6 +462,7 @@ class FusionInputs:
     aligned_pos: Optional[torch.Tensor] = None  # (N,) int64 pivot position in its row
     src_chunk_logprob: Optional[torch.Tensor] = None  # (N,)
     num_positions: Optional[torch.Tensor] = None  # (B,) int64
+    piv_topk_logprob: Optional[torch.Tensor] = None  # (N, K) pivot log-probs at src_topk_ids (cheaper than piv_logits)
 
 
 def _infifusion(x: FusionInputs, **cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -448,12 +475,18 @@ def _infifusion(x: FusionInputs, **cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fusellm(x: FusionInputs, **cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    loss = soft_ce_loss(x.piv_logits, x.src_topk_ids, x.src_topk_logits, **cfg)
+    if x.piv_topk_logprob is not None:
+        loss = soft_ce_from_logprobs(x.piv_topk_logprob, x.src_topk_ids, x.src_topk_logits, **cfg)
+    else:
+        loss = soft_ce_loss(x.piv_logits, x.src_topk_ids, x.src_topk_logits, **cfg)
     return loss, valid_positions(x.src_topk_ids)
 
 
 def _topk_kl(x: FusionInputs, **cfg) -> tuple[torch.Tensor, torch.Tensor]:
-    loss = topk_kl_loss(x.piv_logits, x.src_topk_ids, x.src_topk_logits, x.src_lse, **cfg)
+    if x.piv_topk_logprob is not None:
+        loss = topk_kl_from_logprobs(x.piv_topk_logprob, x.src_topk_ids, x.src_topk_logits, x.src_lse, **cfg)
+    else:
+        loss = topk_kl_loss(x.piv_logits, x.src_topk_ids, x.src_topk_logits, x.src_lse, **cfg)
     return loss, valid_positions(x.src_topk_ids)
 
 

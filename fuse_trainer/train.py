@@ -41,9 +41,9 @@ CHECKPOINT_DIR = "checkpoint"
 # ----------------------------------------------------------------------------------------------
 
 
-def gold_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T, V), (B, T) -> (B, T) log-prob of each label, without a (B, T, V) log-softmax copy."""
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+def gold_logprobs(logits: torch.Tensor, labels: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
+    """(B, T, V), (B, T), (B, T) normaliser -> (B, T) log-prob of each label, no (B, T, V) log-softmax copy."""
+    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_z
 
 
 def source_scores(batch: Batch, piv_gold: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -70,12 +70,15 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logits = logits.float()  # (B, T, V)
-    sft_sum, n_tokens = sft_loss(logits, batch.labels, batch.loss_mask)
-    terms = {"sft_sum": sft_sum, "n_tokens": n_tokens.float(), "fusion_sum": logits.new_zeros(()),
-             "kept_mass_sum": torch.zeros(()), "gated_in": torch.zeros(()), "fusion_positions": torch.zeros(())}
+    terms = {"fusion_sum": logits.new_zeros(()), "kept_mass_sum": torch.zeros(()), "gated_in": torch.zeros(()),
+             "fusion_positions": torch.zeros(())}
     if cfg.mode == "sft" or cfg.lam == 0.0:
-        return terms
-    piv_gold = gold_logprobs(logits, batch.labels)  # (B, T)
+        sft_sum, n_tokens = sft_loss(logits, batch.labels, batch.loss_mask)
+        return {**terms, "sft_sum": sft_sum, "n_tokens": n_tokens.float()}
+    log_z = torch.logsumexp(logits, dim=-1)  # (B, T): one pass over the vocabulary, shared by every term
+    piv_gold = gold_logprobs(logits, batch.labels, log_z)  # (B, T)
+    terms["sft_sum"] = -(piv_gold * batch.loss_mask).sum()  # = sft_loss, without a second vocabulary pass
+    terms["n_tokens"] = batch.loss_mask.sum().float()
     weights = source_weights(source_scores(batch, piv_gold.detach(), cfg), cfg.weighting, cfg.weighting_temperature)
     for s, src in enumerate(batch.sources.values()):
         keep = batch.loss_mask[src.row, src.pos]  # (N,) response positions only
@@ -83,8 +86,11 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
             topk_ids, topk_logits = torch.zeros_like(src.topk_ids), src.native_topk_logits
         else:
             topk_ids, topk_logits = src.topk_ids, src.topk_logits
+        sparse = cfg.loss in ("topk-kl", "fusellm")  # these need the pivot only at the K candidate ids
         inputs = FusionInputs(
-            piv_logits=logits[src.row, src.pos],  # (N, V)
+            piv_logits=None if sparse else logits[src.row, src.pos],  # (N, V)
+            piv_topk_logprob=(logits[src.row[:, None], src.pos[:, None], topk_ids.clamp_min(0)]
+                              - log_z[src.row, src.pos].unsqueeze(-1)) if sparse else None,  # (N, K)
             src_topk_ids=topk_ids, src_topk_logits=topk_logits, src_lse=src.lse, src_mean=src.mean,
             src_std=src.std, src_zlse=src.zlse, src_gold_logprob=src.gold_logprob,
             piv_gold_logprob=piv_gold[src.row, src.pos],

@@ -209,3 +209,23 @@ def test_rescore_passes_on_the_real_signals_and_catches_forged_ones(world, tmp_p
     assert verify_cache(folder) == []  # checksums cannot tell: the forger re-signed the shard
     problems = rescore_problems(folder, 24)
     assert any("logsumexp differs" in p for p in problems)
+
+
+def test_sparse_gather_in_the_trainer_equals_the_dense_loss(world):
+    """The trainer feeds top-k KL with log-probs gathered at the K ids; the result equals the (N, V) path."""
+    from transformers import AutoModelForCausalLM
+
+    from fuse_trainer.data import FusionData, collate
+    from fuse_trainer.losses import topk_kl_from_logprobs, topk_kl_loss
+
+    data = FusionData(discover_sources(world["cache"], "pivot"))
+    shard, rows = data.plan(0, 256, seed=0)[0]
+    batch = collate(data.shard(shard), rows)
+    model = AutoModelForCausalLM.from_pretrained(world["models"]["pivot"])
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    src = next(iter(batch.sources.values()))
+    log_z = torch.logsumexp(logits, dim=-1)
+    gathered = logits[src.row[:, None], src.pos[:, None], src.topk_ids.clamp_min(0)] - log_z[src.row, src.pos][:, None]
+    sparse = topk_kl_from_logprobs(gathered, src.topk_ids, src.topk_logits, src.lse)
+    dense = topk_kl_loss(logits[src.row, src.pos], src.topk_ids, src.topk_logits, src.lse)
+    assert torch.allclose(sparse, dense, atol=1e-5)
