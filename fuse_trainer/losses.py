@@ -137,6 +137,43 @@ def uld_loss(
     """
     if normalize not in ("topk", "full"):
         raise ValueError(f"normalize must be 'topk' or 'full', got {normalize!r}")
+    piv = pivot_uld_stats(piv_logits.to(_compute_dtype(piv_logits)), top_k, standardize, normalize == "full")
+    return uld_from_pivot_stats(
+        piv, src_topk_logits, src_lse, src_mean, src_std, src_zlse, top_k=top_k, temperature=temperature,
+        standardize=standardize, normalize=normalize, src_valid=src_valid,
+    )
+
+
+def pivot_uld_stats(logits: torch.Tensor, top_k: int, standardize: bool, full: bool) -> dict[str, torch.Tensor]:
+    """What ULD needs of the pivot's (..., V) logits: sorted top-K values and, as needed, the vocabulary mean,
+    std and normaliser. Computing it once for a whole (B, T, V) batch serves every source."""
+    stats = {"top": torch.topk(logits, top_k, dim=-1, sorted=True).values}  # (..., K)
+    if standardize:
+        stats["mean"] = logits.mean(dim=-1)  # (...,)
+        stats["std"] = logits.std(dim=-1, correction=0)  # (...,)
+    if full:
+        full_scores = zscore(logits, stats["mean"], stats["std"]) if standardize else logits
+        stats["norm"] = torch.logsumexp(full_scores, dim=-1)  # (...,)
+    return stats
+
+
+def uld_from_pivot_stats(
+    piv: dict[str, torch.Tensor],
+    src_topk_logits: torch.Tensor,
+    src_lse: torch.Tensor,
+    src_mean: torch.Tensor,
+    src_std: torch.Tensor,
+    src_zlse: torch.Tensor,
+    *,
+    top_k: int,
+    temperature: float,
+    standardize: bool,
+    normalize: str,
+    src_valid: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`uld_loss` given `pivot_uld_stats` at the N positions (each entry indexed to (N, ...))."""
+    if normalize not in ("topk", "full"):
+        raise ValueError(f"normalize must be 'topk' or 'full', got {normalize!r}")
     if normalize == "full" and temperature != 1.0:
         raise ValueError(
             "uld_loss(normalize='full') needs the source's full-vocabulary normaliser, which the "
@@ -152,8 +189,7 @@ def uld_loss(
         )
     if src_valid is None:
         src_valid = torch.ones_like(src_topk_logits, dtype=torch.bool)
-    dtype = _compute_dtype(piv_logits)
-    piv_logits = piv_logits.to(dtype)  # (N, V)
+    dtype = piv["top"].dtype
     src_valid = src_valid[:, :top_k]  # (N, K)
     src_z = src_topk_logits[:, :top_k].to(dtype)  # (N, K)
     src_lse, src_mean, src_std, src_zlse = (
@@ -161,20 +197,11 @@ def uld_loss(
     )
 
     # Pivot side.
-    piv_top = torch.topk(piv_logits, top_k, dim=-1, sorted=True).values  # (N, K)
-    if standardize:
-        piv_mean = piv_logits.mean(dim=-1)  # (N,)
-        piv_std = piv_logits.std(dim=-1, correction=0)  # (N,)
-        piv_s = zscore(piv_top, piv_mean, piv_std) / temperature  # (N, K)
-    else:
-        piv_s = piv_top / temperature  # (N, K)
+    piv_s = (zscore(piv["top"], piv["mean"], piv["std"]) if standardize else piv["top"]) / temperature  # (N, K)
     if normalize == "topk":
         piv_logp = torch.log_softmax(piv_s, dim=-1)  # (N, K)
-    elif standardize:
-        piv_full = zscore(piv_logits, piv_mean, piv_std)  # (N, V)
-        piv_logp = piv_s - torch.logsumexp(piv_full, dim=-1, keepdim=True)
     else:
-        piv_logp = piv_s - torch.logsumexp(piv_logits, dim=-1, keepdim=True)
+        piv_logp = piv_s - piv["norm"].unsqueeze(-1)  # temperature is 1 here
     piv_p = piv_logp.exp()  # (N, K)
 
     # Source side.
@@ -463,14 +490,22 @@ class FusionInputs:
     src_chunk_logprob: Optional[torch.Tensor] = None  # (N,)
     num_positions: Optional[torch.Tensor] = None  # (B,) int64
     piv_topk_logprob: Optional[torch.Tensor] = None  # (N, K) pivot log-probs at src_topk_ids (cheaper than piv_logits)
+    piv_uld_stats: Optional[dict] = None  # `pivot_uld_stats` at the N positions (cheaper than piv_logits)
 
 
 def _infifusion(x: FusionInputs, **cfg) -> tuple[torch.Tensor, torch.Tensor]:
     valid = valid_positions(x.src_topk_ids)
-    loss = uld_loss(
-        x.piv_logits, x.src_topk_logits, x.src_lse, x.src_mean, x.src_std, x.src_zlse,
-        src_valid=x.src_topk_ids >= 0, **cfg,
-    )
+    if x.piv_uld_stats is not None:
+        loss = uld_from_pivot_stats(
+            x.piv_uld_stats, x.src_topk_logits, x.src_lse, x.src_mean, x.src_std, x.src_zlse,
+            src_valid=x.src_topk_ids >= 0,
+            **{"top_k": 10, "temperature": 1.0, "standardize": True, "normalize": "topk", **cfg},  # uld_loss's defaults
+        )
+    else:
+        loss = uld_loss(
+            x.piv_logits, x.src_topk_logits, x.src_lse, x.src_mean, x.src_std, x.src_zlse,
+            src_valid=x.src_topk_ids >= 0, **cfg,
+        )
     return loss, valid
 
 

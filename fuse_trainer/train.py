@@ -28,7 +28,15 @@ from cache_builder.manifest import load_manifest
 from cache_builder.models import load_model, load_tokenizer, resolve_model
 from fuse_trainer.config import TrainConfig, dump_yaml
 from fuse_trainer.data import Batch, FusionData, check_sources, collate, discover_sources
-from fuse_trainer.losses import FUSION_LOSSES, FusionInputs, chunk_logprob_sum, gate_mask, record_gate_mask, sft_loss
+from fuse_trainer.losses import (
+    FUSION_LOSSES,
+    FusionInputs,
+    chunk_logprob_sum,
+    gate_mask,
+    pivot_uld_stats,
+    record_gate_mask,
+    sft_loss,
+)
 from fuse_trainer.weighting import source_weights
 
 STATE_FILE = "trainer_state.pt"
@@ -80,6 +88,8 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
     terms["sft_sum"] = -(piv_gold * batch.loss_mask).sum()  # = sft_loss, without a second vocabulary pass
     terms["n_tokens"] = batch.loss_mask.sum().float()
     weights = source_weights(source_scores(batch, piv_gold.detach(), cfg), cfg.weighting, cfg.weighting_temperature)
+    uld_stats = (pivot_uld_stats(logits, cfg.top_k, cfg.standardize, cfg.normalize == "full")  # once for every source
+                 if cfg.loss == "infifusion" else None)
     for s, src in enumerate(batch.sources.values()):
         keep = batch.loss_mask[src.row, src.pos]  # (N,) response positions only
         if cfg.loss == "infifusion":  # ULD needs no vocabulary map: the native top-k, every slot valid
@@ -88,7 +98,8 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
             topk_ids, topk_logits = src.topk_ids, src.topk_logits
         sparse = cfg.loss in ("topk-kl", "fusellm")  # these need the pivot only at the K candidate ids
         inputs = FusionInputs(
-            piv_logits=None if sparse else logits[src.row, src.pos],  # (N, V)
+            piv_logits=None,  # every loss gets what it needs below, never an (N, V) copy
+            piv_uld_stats={k: v[src.row, src.pos] for k, v in uld_stats.items()} if uld_stats else None,
             piv_topk_logprob=(logits[src.row[:, None], src.pos[:, None], topk_ids.clamp_min(0)]
                               - log_z[src.row, src.pos].unsqueeze(-1)) if sparse else None,  # (N, K)
             src_topk_ids=topk_ids, src_topk_logits=topk_logits, src_lse=src.lse, src_mean=src.mean,

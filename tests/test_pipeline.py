@@ -212,11 +212,12 @@ def test_rescore_passes_on_the_real_signals_and_catches_forged_ones(world, tmp_p
 
 
 def test_sparse_gather_in_the_trainer_equals_the_dense_loss(world):
-    """The trainer feeds top-k KL with log-probs gathered at the K ids; the result equals the (N, V) path."""
+    """The trainer feeds top-k KL with log-probs gathered at the K ids, and ULD with pivot statistics computed
+    once per batch; both equal the plain (N, V) path."""
     from transformers import AutoModelForCausalLM
 
     from fuse_trainer.data import FusionData, collate
-    from fuse_trainer.losses import topk_kl_from_logprobs, topk_kl_loss
+    from fuse_trainer.losses import pivot_uld_stats, topk_kl_from_logprobs, topk_kl_loss, uld_from_pivot_stats, uld_loss
 
     data = FusionData(discover_sources(world["cache"], "pivot"))
     shard, rows = data.plan(0, 256, seed=0)[0]
@@ -229,3 +230,9 @@ def test_sparse_gather_in_the_trainer_equals_the_dense_loss(world):
     sparse = topk_kl_from_logprobs(gathered, src.topk_ids, src.topk_logits, src.lse)
     dense = topk_kl_loss(logits[src.row, src.pos], src.topk_ids, src.topk_logits, src.lse)
     assert torch.allclose(sparse, dense, atol=1e-5)
+    for standardize, normalize in [(True, "topk"), (False, "topk"), (True, "full")]:
+        stats = pivot_uld_stats(logits, 4, standardize, normalize == "full")  # once for the whole batch
+        args = (src.native_topk_logits, src.lse, src.mean, src.std, src.zlse)
+        kwargs = dict(top_k=4, temperature=1.0, standardize=standardize, normalize=normalize)
+        once = uld_from_pivot_stats({k: v[src.row, src.pos] for k, v in stats.items()}, *args, **kwargs)
+        assert torch.allclose(once, uld_loss(logits[src.row, src.pos], *args, **kwargs), atol=1e-5)
