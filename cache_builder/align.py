@@ -11,7 +11,6 @@ Only the pivot TOKENIZER is loaded. The vocabulary map is saved next to the shar
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from cache_builder.format import expected_schema, sha256_file
 from cache_builder.manifest import CacheError, check_shard_path, find_layers, load_manifest
-from cache_builder.reader import Ragged, column_to_numpy
+from cache_builder.reader import column_to_numpy
 
 FLOAT_COLUMNS = ("logsumexp", "logit_mean", "logit_std", "z_logsumexp", "gold_logprob", "kept_mass", "chunk_logprob")
 

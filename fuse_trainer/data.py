@@ -103,10 +103,10 @@ def index_shards(layers: dict[str, Path], split: str) -> list[ShardIndex]:
             keep = np.flatnonzero(meta["split"] == split)
             order = keep[np.argsort(meta["record_id"][keep], kind="stable")]
             if ids is None:
-                ids, first = meta["record_id"][order], meta
+                ids = meta["record_id"][order]
                 num_tokens = meta["num_tokens"][order].astype(np.int64)
-                response = np.add.reduceat(meta["loss_mask"].values, meta["loss_mask"].offsets[:-1])[order] \
-                    if len(meta["loss_mask"].values) else np.zeros(len(order), dtype=np.int64)
+                counted = np.concatenate([[0], np.cumsum(meta["loss_mask"].values, dtype=np.int64)])
+                response = (counted[meta["loss_mask"].offsets[1:]] - counted[meta["loss_mask"].offsets[:-1]])[order]
             elif not np.array_equal(meta["record_id"][order], ids):
                 raise CacheError(f"{folder / path}: its {split} records differ from {layers[names[0]] / path}")
             rows[name] = order

@@ -15,7 +15,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-import zstandard
 
 from cache_builder.build import BuildError, build_cache
 from cache_builder.manifest import CacheError
