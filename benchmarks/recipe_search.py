@@ -48,6 +48,10 @@ CONFIGS: dict[str, str] = {
     "infi-raw-l0.5": "--mode unified --loss infifusion --raw --lambda 0.5 --lr 2e-4",
     "pw-infi-raw-l0.3": "--mode pairwise --loss infifusion --raw --lambda 0.3 --lr 2e-4",
     "kl-l0.3-gtok-qwen": "--mode unified --sources qwen --loss topk-kl --lambda 0.3 --gate token --lr {LR}",
+    # session 1, after the search: the chunk gate (source and pivot compared on the same text span)
+    "kl-l0.3-gchunk": "--mode unified --loss topk-kl --lambda 0.3 --gate chunk --lr {LR}",
+    "infi-raw-l0.3-gchunk": "--mode unified --loss infifusion --raw --lambda 0.3 --gate chunk --lr {LR}",
+    "alm-t1-l0.3-gchunk": "--mode unified --loss alm --temperature 1 --lambda 0.3 --gate chunk --lr {LR}",
 }
 
 # Reference models evaluated as they are (no training).

@@ -11,6 +11,7 @@ Only the pivot TOKENIZER is loaded. The vocabulary map is saved next to the shar
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from cache_builder.vocab_file import read_vocab, surface_fingerprint
 from cache_builder.verify import verify_layer
 
 VOCAB_MAP_FILE = "vocab_map.npz"
+SETTINGS_FILE = "align-settings.json"
 DEFAULT_VOCAB_STRATEGY = "exact+first-token"
 
 
@@ -139,12 +141,17 @@ def align_cache(cache: str | Path, pivot: str, *, strategy: str = DEFAULT_VOCAB_
     piv_source = resolve_model(pivot)
     folder = cache / ALIGNED_DIR / piv_source.name
     with exclusive_lock(folder / ".lock"):
-        if (folder / MANIFEST).exists():
-            done = load_manifest(folder)
-            if done["build"].get("source_manifest_sha256") == _sha(cache / MANIFEST) and done["build"]["vocab_map"] == strategy:
+        settings = {"source_manifest_sha256": _sha(cache / MANIFEST), "vocab_map": strategy}
+        settings_path = folder / SETTINGS_FILE
+        if settings_path.exists() and json.loads(settings_path.read_text()) == settings:
+            if (folder / MANIFEST).exists():
                 log(f"{folder}: already aligned, nothing to do")
                 return folder
-            (folder / MANIFEST).unlink()
+        else:  # another source cache or strategy: nothing written before may be reused
+            (folder / MANIFEST).unlink(missing_ok=True)
+            for stale in folder.glob("shards/*.parquet"):
+                stale.unlink()
+            write_text_atomic(settings_path, json.dumps(settings, sort_keys=True) + "\n")
         piv_tokenizer = load_tokenizer(piv_source)
         piv_surface = token_surface(piv_tokenizer)
         src_surface = read_vocab(cache, src_manifest)
@@ -175,12 +182,12 @@ def align_cache(cache: str | Path, pivot: str, *, strategy: str = DEFAULT_VOCAB_
             "vocab_size": max(len(piv_tokenizer), int(vocab_map.src_to_piv.max()) + 1),
             "add_bos": piv_source.add_bos,
             "vocab_map": {"strategy": strategy, "exact": vocab_map.n_exact, "fallback": vocab_map.n_fallback,
-                              "unmapped": vocab_map.n_unmapped},
+                          "unmapped": vocab_map.n_unmapped},
             "alignment": coverage,
         }
         manifest = new_manifest(
             "aligned", top_k=k, logit_dtype="float32", source=src_manifest["source"], corpus=src_manifest["corpus"],
-            build={"source_manifest_sha256": _sha(cache / MANIFEST), "vocab_map": strategy, "seconds": round(time.time() - started, 1)},
+            build={**settings, "seconds": round(time.time() - started, 1)},
             shards=shards, pivot=pivot_info,
         )
         write_text_atomic(folder / CARD, dataset_card(manifest))

@@ -236,3 +236,22 @@ def test_sparse_gather_in_the_trainer_equals_the_dense_loss(world):
         kwargs = dict(top_k=4, temperature=1.0, standardize=standardize, normalize=normalize)
         once = uld_from_pivot_stats({k: v[src.row, src.pos] for k, v in stats.items()}, *args, **kwargs)
         assert torch.allclose(once, uld_loss(logits[src.row, src.pos], *args, **kwargs), atol=1e-5)
+
+
+def test_realigning_after_the_source_changed_rewrites_every_shard(world, tmp_path):
+    from cache_builder.align import align_cache
+
+    cache = tmp_path / "cache"
+    shutil.copytree(world["cache"], cache)
+    aligned = cache / "srcq" / "aligned" / "pivot"
+    messages = []
+    align_cache(cache / "srcq", str(world["models"]["pivot"]), log=messages.append)
+    assert any("nothing to do" in m for m in messages)
+    before = {p.name: p.stat().st_mtime_ns for p in (aligned / "shards").glob("*.parquet")}
+    time.sleep(0.01)
+    align_cache(cache / "srcq", str(world["models"]["pivot"]), strategy="exact", log=lambda *_: None)
+    after = {p.name: p.stat().st_mtime_ns for p in (aligned / "shards").glob("*.parquet")}
+    assert before.keys() == after.keys()
+    assert all(after[name] > before[name] for name in before)  # rewritten with the other map, none reused
+    assert json.loads((aligned / "manifest.json").read_text())["build"]["vocab_map"] == "exact"
+    assert verify_cache(cache) == []
