@@ -40,6 +40,7 @@ from fuse_trainer.losses import (
 from fuse_trainer.weighting import source_weights
 
 STATE_FILE = "trainer_state.pt"
+TERMS = ("sft_sum", "fusion_sum", "n_tokens", "kept_mass_sum", "gated_in", "fusion_positions")  # summed per step
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoint"
 
@@ -233,6 +234,9 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     before its time limit); rerun with resume=True to continue exactly where it stopped.
     """
     rank, world = distributed()
+    if cfg.grad_accum % world:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes: the micro-batches "
+                         "of each optimizer step are split between them")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -268,21 +272,21 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
         t0 = time.time()
         group = [stream[step * cfg.grad_accum + i] for i in range(cfg.grad_accum)]
         n_response = sum(stream.response_tokens(mb) for mb in group)  # the whole step, all ranks
-        sums = {}
+        sums = dict.fromkeys(TERMS, 0.0)
         for shard, rows in group[rank::world]:
             terms = micro_batch_terms(model, collate(data.shard(shard), rows), cfg)
             loss = ((1 - cfg.lam) * terms["sft_sum"] + cfg.lam * terms["fusion_sum"]) / max(n_response, 1)
             loss.backward()
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            for k in TERMS:
+                sums[k] += float(terms[k].detach())
         if world > 1:
             for p in model.parameters():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
-            packed = torch.tensor([sums.get(k, 0.0) for k in sorted(terms)], dtype=torch.float64)
+            packed = torch.tensor([sums[k] for k in TERMS], dtype=torch.float64)
             dist.all_reduce(packed)
-            sums = dict(zip(sorted(terms), packed.tolist()))
+            sums = dict(zip(TERMS, packed.tolist()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
