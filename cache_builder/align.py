@@ -40,6 +40,7 @@ from cache_builder.format import (
     new_manifest,
     ragged,
     ragged_topk,
+    sha256_file,
     shard_info,
     table_from_columns,
     write_manifest,
@@ -141,7 +142,7 @@ def align_cache(cache: str | Path, pivot: str, *, strategy: str = DEFAULT_VOCAB_
     piv_source = resolve_model(pivot)
     folder = cache / ALIGNED_DIR / piv_source.name
     with exclusive_lock(folder / ".lock"):
-        settings = {"source_manifest_sha256": _sha(cache / MANIFEST), "vocab_map": strategy}
+        settings = {"source_manifest_sha256": sha256_file(cache / MANIFEST), "vocab_map": strategy}
         settings_path = folder / SETTINGS_FILE
         if settings_path.exists() and json.loads(settings_path.read_text()) == settings:
             if (folder / MANIFEST).exists():
@@ -215,9 +216,3 @@ def alignment_figures(folder: Path, shard_paths: list[str]) -> dict:
         "coverage": aligned / max(response, 1),
         "mean_kept_mass": kept_sum / max(kept_n, 1),
     }
-
-
-def _sha(path: Path) -> str:
-    from cache_builder.format import sha256_file
-
-    return sha256_file(path)

@@ -199,10 +199,10 @@ def output_vocab_size(source: ModelSource) -> int:
     return AutoConfig.from_pretrained(ensure_converted(source), local_files_only=True).get_text_config().vocab_size
 
 
-def source_description(source: ModelSource, tokenizer, settings: BuildSettings, surface, folder: Path) -> dict:
+def source_description(source: ModelSource, tokenizer, settings: BuildSettings, surface, vocab_file: dict) -> dict:
     """The manifest's `source` entry: who produced the signals, with which tokenizer and dtype."""
     return {
-        "vocab_file": write_vocab(folder, surface),
+        "vocab_file": vocab_file,
         "name": source.name,
         "identity": source.identity,
         "dtype": settings.dtype,
@@ -267,7 +267,7 @@ def build_cache(
                 bar.set_postfix(tokens=scored_tokens, tok_s=f"{scored_tokens / (time.time() - scoring_started):.0f}")
         (folder / RANKS_DIR).mkdir(exist_ok=True)
         write_text_atomic(marker, json.dumps({"shards": [p for p, _ in plan]}) + "\n")
-        info = source_description(source, tokenizer, settings, surface, folder)
+        info = source_description(source, tokenizer, settings, surface, write_vocab(folder, surface))
         complete = finish_if_complete(folder, settings, info, corpus)
     return _summary(folder, corpus, plan, len(todo), started, complete)
 

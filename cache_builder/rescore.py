@@ -14,7 +14,7 @@ from cache_builder.build import DTYPES, tokenize
 from cache_builder.format import STAT_COLUMNS
 from cache_builder.manifest import load_manifest
 from cache_builder.models import load_model, load_tokenizer, resolve_model
-from cache_builder.reader import read_rows
+from cache_builder.reader import read_shard
 from cache_builder.scoring import score_batch
 
 # Differences allowed between a stored value and a fresh rescoring in the build's trunk dtype, on possibly
@@ -41,28 +41,45 @@ def rescore_problems(folder: str | Path, n_rows: int, *, seed: int = 0, device: 
     dtype = manifest["build"]["dtype"]
     tol = TOLERANCES[dtype]
     model = load_model(source, DTYPES[dtype], device)
-    rows = read_rows(folder)
-    picks = np.random.default_rng(seed).choice(len(rows["record_id"]), size=min(n_rows, len(rows["record_id"])), replace=False)
+    bounds = np.cumsum([0] + [shard["rows"] for shard in manifest["shards"]])  # global row index of each shard
+    picks = np.sort(np.random.default_rng(seed).choice(bounds[-1], size=min(n_rows, bounds[-1]), replace=False))
     logit_tol = tol["logits"] + (FP16_STORAGE_TOLERANCE if manifest["logit_dtype"] == "float16" else 0.0)
     problems = []
     surface = token_surface(tokenizer)
-    for i in sorted(picks.tolist()):
-        rid = rows["record_id"][i]
-        stored_ids = rows["token_ids"].row(i)
-        ids, _ = tokenize(rows["text"][i], tokenizer, surface, source.add_bos, manifest["build"]["max_tokens"])
-        if not np.array_equal(ids, stored_ids):
-            problems.append(f"row {rid[:12]}: the tokenizer gives other token ids than the cache holds")
-            continue
-        (fresh,) = score_batch(model, [stored_ids], manifest["top_k"])
-        for name in STAT_COLUMNS:
-            diff = np.abs(getattr(fresh, name) - rows[name].row(i)).max(initial=0.0)
-            if diff > tol["stats"] * max(1.0, float(np.abs(rows[name].row(i)).max(initial=1.0))):
-                problems.append(f"row {rid[:12]}: {name} differs by {diff:.4g} from a fresh scoring")
-        stored_logits = rows["topk_logits"].row(i).astype(np.float32)
-        diff = np.abs(fresh.topk_logits - stored_logits).max(initial=0.0)
-        if diff > logit_tol * max(1.0, float(np.abs(stored_logits).max(initial=1.0))):
-            problems.append(f"row {rid[:12]}: top-k logits differ by {diff:.4g} from a fresh scoring")
-        same_top1 = np.mean(fresh.topk_ids[:, 0] == rows["topk_ids"].row(i)[:, 0]) if len(stored_ids) > 1 else 1.0
-        if same_top1 < tol["top1"]:
-            problems.append(f"row {rid[:12]}: only {same_top1:.1%} of top-1 ids agree with a fresh scoring")
+    for shard_index, shard in enumerate(manifest["shards"]):
+        local = picks[(picks >= bounds[shard_index]) & (picks < bounds[shard_index + 1])] - bounds[shard_index]
+        if local.size:
+            rows = read_shard(folder, shard["path"])  # only the shards that hold a picked row are read
+            for i in local.tolist():
+                fresh = fresh_scoring(model, tokenizer, surface, source.add_bos, manifest, rows, i)
+                problems += row_problems(rows, i, fresh, tol, logit_tol)
+    return problems
+
+
+def fresh_scoring(model, tokenizer, surface, add_bos: bool, manifest: dict, rows: dict, i: int):
+    """Row i scored again by the model, or None when the tokenizer does not reproduce its token ids."""
+    ids, _ = tokenize(rows["text"][i], tokenizer, surface, add_bos, manifest["build"]["max_tokens"])
+    if not np.array_equal(ids, rows["token_ids"].row(i)):
+        return None
+    (fresh,) = score_batch(model, [ids], manifest["top_k"])
+    return fresh
+
+
+def row_problems(rows: dict, i: int, fresh, tol: dict, logit_tol: float) -> list[str]:
+    """Differences between the stored signals of row i and a fresh scoring of it, beyond tolerance."""
+    rid = rows["record_id"][i]
+    if fresh is None:
+        return [f"row {rid[:12]}: the tokenizer gives other token ids than the cache holds"]
+    problems = []
+    for name in STAT_COLUMNS:
+        diff = np.abs(getattr(fresh, name) - rows[name].row(i)).max(initial=0.0)
+        if diff > tol["stats"] * max(1.0, float(np.abs(rows[name].row(i)).max(initial=1.0))):
+            problems.append(f"row {rid[:12]}: {name} differs by {diff:.4g} from a fresh scoring")
+    stored_logits = rows["topk_logits"].row(i).astype(np.float32)
+    diff = np.abs(fresh.topk_logits - stored_logits).max(initial=0.0)
+    if diff > logit_tol * max(1.0, float(np.abs(stored_logits).max(initial=1.0))):
+        problems.append(f"row {rid[:12]}: top-k logits differ by {diff:.4g} from a fresh scoring")
+    same_top1 = np.mean(fresh.topk_ids[:, 0] == rows["topk_ids"].row(i)[:, 0]) if len(fresh.topk_ids) else 1.0
+    if same_top1 < tol["top1"]:
+        problems.append(f"row {rid[:12]}: only {same_top1:.1%} of top-1 ids agree with a fresh scoring")
     return problems

@@ -21,7 +21,7 @@ from alignment import token_surface
 from cache_builder.build import response_positions, tokenize
 from cache_builder.corpus import Record
 from cache_builder.models import load_model, load_tokenizer, resolve_model
-from cache_builder.scoring import length_buckets
+from cache_builder.scoring import length_buckets, pad_right
 
 MAX_TOKENS = 4096
 
@@ -55,13 +55,9 @@ def evaluate_model(name: str, records: list[Record], *, label: str | None = None
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0])
     for bucket in tqdm(length_buckets([len(ids) for ids, _ in encoded], batch_tokens), desc=f"fuse-eval {source.name}",
                        leave=False):
-        T = max(len(encoded[i][0]) for i in bucket)
-        ids = torch.zeros((len(bucket), T), dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for b, i in enumerate(bucket):
-            ids[b, : len(encoded[i][0])] = torch.from_numpy(encoded[i][0].astype(np.int64))
-            attention[b, : len(encoded[i][0])] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits.float().cpu()  # (B, T, V)
+        ids, attention = pad_right([encoded[i][0] for i in bucket], torch.device(device))  # (B, T)
+        logits = model(input_ids=ids, attention_mask=attention).logits.float().cpu()  # (B, T, V)
+        ids = ids.cpu()
         logprobs = logits[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits[:, :-1], -1)
         for b, i in enumerate(bucket):
             token_ids, token_end = encoded[i]

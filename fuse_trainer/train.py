@@ -37,7 +37,7 @@ from fuse_trainer.losses import (
     record_gate_mask,
     sft_loss,
 )
-from fuse_trainer.weighting import source_weights
+from fuse_trainer.weighting import source_weights, topk_entropy
 
 STATE_FILE = "trainer_state.pt"
 TERMS = ("sft_sum", "fusion_sum", "n_tokens", "kept_mass_sum", "gated_in", "fusion_positions")  # summed per step
@@ -62,8 +62,6 @@ def source_scores(batch: Batch, piv_gold: torch.Tensor, cfg: TrainConfig) -> tor
     for src in batch.sources.values():
         keep = batch.loss_mask[src.row, src.pos].float()  # (N,)
         if cfg.weighting == "entropy":
-            from fuse_trainer.weighting import topk_entropy
-
             value = topk_entropy(src.topk_logits, src.lse)  # (N,)
         else:
             value = -src.gold_logprob  # (N,) source CE on the gold text
