@@ -1,6 +1,7 @@
 """cache-build's scoring against the floor and against the naive way, same model, same batches.
 
     python benchmarks/build_throughput.py --model smollm2 [--dtype bf16] [--repeats 3] [--records 24]
+    python benchmarks/build_throughput.py --model qwen --device cuda --dtype bf16 --copies 20 --ways floor,ours
 
 Three ways over the same length-bucketed batches of the shipped corpus, interleaved, `--repeats` times:
   floor    the bare trunk forward (hidden states only): no output layer at all
@@ -8,6 +9,7 @@ Three ways over the same length-bucketed batches of the shipped corpus, interlea
   naive    padding every record to the longest, full [batch, seq, vocab] logits, softmax over the vocab,
            top-k and statistics on CPU in numpy, one row at a time
 Prints tokens/s (median), the ratios ours/floor (target >= 0.85) and ours/naive, a table and a JSON line.
+On cuda it also prints each way's peak GPU memory above the model's own (torch.cuda.max_memory_allocated).
 """
 
 from __future__ import annotations
@@ -27,26 +29,28 @@ from cache_builder.models import load_model, load_tokenizer, resolve_model
 from cache_builder.scoring import length_buckets, score_batch
 
 
-def padded(sequences: list[np.ndarray], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(sequences: list[np.ndarray], device: torch.device, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     length = length or max(len(s) for s in sequences)
     ids = torch.zeros((len(sequences), length), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, s in enumerate(sequences):
         ids[b, : len(s)] = torch.from_numpy(s.astype(np.int64))
         mask[b, : len(s)] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 @torch.inference_mode()
 def floor(model, batches) -> None:
     for batch in batches:
-        ids, mask = padded(batch)
+        ids, mask = padded(batch, model.device)
         model.get_decoder()(input_ids=ids, attention_mask=mask)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()  # the only way here that never copies a result back, which would wait for it
 
 
-def ours(model, batches, top_k: int) -> None:
+def ours(model, batches, top_k: int, position_chunk: int) -> None:
     for batch in batches:
-        score_batch(model, batch, top_k)
+        score_batch(model, batch, top_k, position_chunk)
 
 
 @torch.inference_mode()
@@ -55,8 +59,8 @@ def naive(model, sequences, top_k: int, batch_size: int) -> list:
     longest = max(len(s) for s in sequences)
     for i in range(0, len(sequences), batch_size):
         chunk = sequences[i : i + batch_size]
-        ids, mask = padded(chunk, longest)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float().numpy()  # (B, T, V)
+        ids, mask = padded(chunk, model.device, longest)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float().cpu().numpy()  # (B, T, V)
         for b, s in enumerate(chunk):
             z = logits[b, : len(s) - 1]
             p = np.exp(z - z.max(-1, keepdims=True))
@@ -72,32 +76,54 @@ def naive(model, sequences, top_k: int, batch_size: int) -> list:
 @click.option("--records", default=24, help="Records of data/ to score.")
 @click.option("--batch-tokens", default=2048)
 @click.option("--top-k", default=10)
-def main(name, dtype, repeats, records, batch_tokens, top_k):
+@click.option("--corpus", default="data")
+@click.option("--copies", default=1, help="Score every record this many times (enough work for a GPU).")
+@click.option("--device", default="cpu", type=click.Choice(["cpu", "cuda"]))
+@click.option("--ways", default="floor,ours,naive", help="Comma-separated subset of floor,ours,naive.")
+@click.option("--position-chunk", default=128, help="Positions projected onto the vocabulary at once (ours).")
+def main(name, dtype, repeats, records, batch_tokens, top_k, corpus, copies, device, ways, position_chunk):
     source = resolve_model(name)
     tokenizer = load_tokenizer(source)
     surface = token_surface(tokenizer)
-    model = load_model(source, DTYPES[dtype])
-    texts = [r.text for r in load_corpus("data").records[:records]]
+    model = load_model(source, DTYPES[dtype], device)
+    texts = [r.text for r in load_corpus(corpus).records[:records]] * copies
     sequences = [tokenize(t, tokenizer, surface, source.add_bos, 2048)[0] for t in texts]
     batches = [[sequences[i] for i in bucket] for bucket in length_buckets([len(s) for s in sequences], batch_tokens)]
     tokens = sum(len(s) for s in sequences)
-    ways = {"floor": lambda: floor(model, batches), "ours": lambda: ours(model, batches, top_k),
-            "naive": lambda: naive(model, sequences, top_k, max(len(b) for b in batches))}
-    ways["ours"]()  # warm-up
+    everything = {"floor": lambda: floor(model, batches), "ours": lambda: ours(model, batches, top_k, position_chunk),
+                  "naive": lambda: naive(model, sequences, top_k, max(len(b) for b in batches))}
+    ways = {k: everything[k] for k in ways.split(",")}
+    cuda = model.device.type == "cuda"
+    weights_bytes = torch.cuda.memory_allocated() if cuda else 0
+    ways.get("ours", ways.get("floor"))()  # warm-up
     seconds = {k: [] for k in ways}
+    peak = {}
     for _ in range(repeats):
         for k, run in ways.items():
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             run()
             seconds[k].append(time.perf_counter() - start)
+            if cuda:
+                peak[k] = (torch.cuda.max_memory_allocated() - weights_bytes) / 2**20
     rate = {k: tokens / statistics.median(v) for k, v in seconds.items()}
-    result = {"benchmark": "build_throughput", "model": name, "dtype": dtype, "tokens": tokens, "repeats": repeats,
-              "tokens_per_s": rate, "ours_over_floor": rate["ours"] / rate["floor"],
-              "ours_over_naive": rate["ours"] / rate["naive"], "threads": torch.get_num_threads()}
-    print(f"{name} {dtype}: {tokens} tokens, median of {repeats}")
+
+    def ratio(a: str, b: str) -> float | None:
+        return rate[a] / rate[b] if a in rate and b in rate else None
+
+    result = {"benchmark": "build_throughput", "model": name, "dtype": dtype, "device": str(model.device),
+              "position_chunk": position_chunk, "batch_tokens": batch_tokens,
+              "gpu": torch.cuda.get_device_name() if cuda else None, "tokens": tokens, "repeats": repeats,
+              "tokens_per_s": rate, "ours_over_floor": ratio("ours", "floor"), "ours_over_naive": ratio("ours", "naive"),
+              "peak_mib_above_weights": peak or None, "vocab": model.config.vocab_size, "threads": torch.get_num_threads()}
+    print(f"{name} {dtype} on {result['gpu'] or 'cpu'}: {tokens} tokens, median of {repeats}")
     for k, v in rate.items():
-        print(f"  {k:6} {v:8.0f} tokens/s")
-    print(f"  ours / floor = {result['ours_over_floor']:.2f} (target >= 0.85); ours / naive = {result['ours_over_naive']:.2f}")
+        memory = f"  peak {peak[k]:8.0f} MiB above the weights" if k in peak else ""
+        print(f"  {k:6} {v:9.0f} tokens/s{memory}")
+    for a, b, target in [("ours", "floor", " (target >= 0.85)"), ("ours", "naive", "")]:
+        if ratio(a, b) is not None:
+            print(f"  {a} / {b} = {ratio(a, b):.2f}{target}")
     print(json.dumps(result))
 
 

@@ -52,6 +52,17 @@ CONFIGS: dict[str, str] = {
     "kl-l0.3-gchunk": "--mode unified --loss topk-kl --lambda 0.3 --gate chunk --lr {LR}",
     "infi-raw-l0.3-gchunk": "--mode unified --loss infifusion --raw --lambda 0.3 --gate chunk --lr {LR}",
     "alm-t1-l0.3-gchunk": "--mode unified --loss alm --temperature 1 --lambda 0.3 --gate chunk --lr {LR}",
+    # session 2: four times the steps (48, about 3.4 epochs of the train split), where SFT starts to overfit
+    "sft-48-lr1e-4": "--mode sft --lr 1e-4 --max-steps 48",
+    "sft-48-lr2e-4": "--mode sft --lr 2e-4 --max-steps 48",
+    "kl-48-qwen-l0.7-gtok": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate token --lr 2e-4 "
+                            "--max-steps 48",
+    "infi-raw-48-l0.5": "--mode unified --loss infifusion --raw --lambda 0.5 --lr 2e-4 --max-steps 48",
+    # the distillation term regularises (48 steps: 0.98 vs SFT's 1.10): more of it, and fewer steps
+    "kl-36-qwen-l0.9-gtok": "--mode unified --sources qwen --loss topk-kl --lambda 0.9 --gate token --lr 2e-4 "
+                            "--max-steps 36",
+    "kl-24-qwen-l0.7-gtok": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate token --lr 2e-4 "
+                            "--max-steps 24",
 }
 
 # Reference models evaluated as they are (no training).

@@ -63,7 +63,7 @@ def dataset_card(manifest: dict) -> str:
         "",
         "## Reading it",
         "",
-        "Plain Parquet (zstd). No code from this project is needed:",
+        "Plain Parquet (zstd; byte-stream-split on the top-k logits). No code from this project is needed:",
         "",
         "```python",
         "import polars as pl",

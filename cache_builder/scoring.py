@@ -46,16 +46,24 @@ class ScoredSequence:
 
 @dataclass(frozen=True)
 class OutputHead:
-    """The output layer as float32 tensors: logits = cap(scale * (h @ weight.T + bias))."""
+    """The output layer, producing float32 logits: logits = cap(scale * (h @ weight.T + bias)).
 
-    weight: torch.Tensor  # (V, D) float32
+    weight is float32, except for a half-precision model on CUDA: there it stays in the model's dtype and one
+    GEMM with float32 output (`torch.mm(..., out_dtype=torch.float32)`) forms the same products of the same
+    rounded inputs, accumulated in float32, at half-precision tensor-core speed and half the memory.
+    """
+
+    weight: torch.Tensor  # (V, D) float32, or the model's bf16/fp16 on CUDA
     bias: torch.Tensor | None  # (V,) float32
     scale: float  # Cohere's logit_scale, 1 / Granite's logits_scaling, else 1
     softcap: float | None  # Gemma-family final_logit_softcapping: cap * tanh(logits / cap)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, D) hidden states of any float dtype -> (N, V) float32 logits."""
-        logits = hidden.float() @ self.weight.T  # (N, V)
+        if self.weight.dtype == torch.float32:
+            logits = hidden.float() @ self.weight.T  # (N, V)
+        else:
+            logits = torch.mm(hidden.to(self.weight.dtype), self.weight.T, out_dtype=torch.float32)  # (N, V)
         if self.bias is not None:
             logits += self.bias
         if self.scale != 1.0:
@@ -65,8 +73,20 @@ class OutputHead:
         return logits
 
 
+def half_gemm_to_float32(weight: torch.Tensor) -> bool:
+    """Whether this half-precision weight can be multiplied with float32 output (CUDA, torch >= 2.8)."""
+    if not (weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    try:
+        torch.mm(weight[:1], weight[:1].T, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
 def output_head(model: torch.nn.Module, verify: bool = True) -> OutputHead:
-    """Read the model's output layer into an OutputHead (float32 copy if the model is not float32).
+    """Read the model's output layer into an OutputHead (a float32 copy if the model is not float32, except
+    half-precision weights on CUDA, kept as they are: see OutputHead).
 
     `score_batch` caches one per model (`cached_output_head`); pass your own to control it. With verify, one
     short forward checks it against the model's own logits, so an unhandled output transform fails loudly here.
@@ -79,7 +99,10 @@ def output_head(model: torch.nn.Module, verify: bool = True) -> OutputHead:
     scale = float(getattr(model, "logit_scale", None) or 1.0)
     if config.model_type.startswith("granite") and getattr(config, "logits_scaling", None):
         scale /= float(config.logits_scaling)
-    head = OutputHead(weight=layer.weight.detach().float(), bias=None if bias is None else bias.detach().float(),
+    weight = layer.weight.detach()
+    if not half_gemm_to_float32(weight):
+        weight = weight.float()
+    head = OutputHead(weight=weight, bias=None if bias is None else bias.detach().float(),
                       scale=scale, softcap=getattr(config, "final_logit_softcapping", None) or None)
     if verify:
         verify_output_head(model, head)
@@ -146,7 +169,7 @@ def pad_right(sequences: Sequence[Sequence[int]], device: torch.device) -> tuple
 
 
 def score_positions(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, top_k: int) -> dict:
-    """(C, D) hidden states and (C,) next-token ids -> per-position arrays (numpy, on CPU) of one chunk."""
+    """(C, D) hidden states and (C,) next-token ids -> per-position tensors of one chunk, on the model's device."""
     logits = head.logits(hidden)  # (C, V) float32
     top_logits, top_ids = torch.topk(logits, top_k, dim=-1, sorted=True)  # (C, K)
     lse = torch.logsumexp(logits, dim=-1)  # (C,)
@@ -155,9 +178,8 @@ def score_positions(head: OutputHead, hidden: torch.Tensor, targets: torch.Tenso
     centered = logits.sub_(mean[:, None])  # (C, V), in place: two-pass std, faster than torch.std_mean on CPU
     std = torch.linalg.vector_norm(centered, dim=-1) / logits.shape[-1] ** 0.5  # (C,) population std
     z_lse = torch.logsumexp(centered.div_(std.clamp_min(torch.finfo(torch.float32).tiny)[:, None]), dim=-1)  # (C,)
-    return {"topk_ids": top_ids.int().cpu().numpy(), "topk_logits": top_logits.cpu().numpy(),
-            "logsumexp": lse.cpu().numpy(), "logit_mean": mean.cpu().numpy(), "logit_std": std.cpu().numpy(),
-            "z_logsumexp": z_lse.cpu().numpy(), "gold_logprob": gold.cpu().numpy()}
+    return {"topk_ids": top_ids.int(), "topk_logits": top_logits, "logsumexp": lse, "logit_mean": mean,
+            "logit_std": std, "z_logsumexp": z_lse, "gold_logprob": gold}
 
 
 def score_batch(model: torch.nn.Module, sequences: Sequence[Sequence[int] | np.ndarray], top_k: int,
@@ -184,14 +206,14 @@ def score_batch(model: torch.nn.Module, sequences: Sequence[Sequence[int] | np.n
         chunks = [score_positions(head, flat_hidden[start:start + position_chunk],
                                   targets[start:start + position_chunk], top_k)
                   for start in range(0, flat_hidden.shape[0], position_chunk)]
-    return split_sequences(chunks, [len(seq) - 1 for seq in sequences], top_k)
+        # one copy to the host per field and batch, after every chunk: a GPU never waits on a copy between chunks
+        merged = {name: torch.cat([chunk[name] for chunk in chunks]).cpu().numpy() for name in FIELDS} if chunks else None
+    return split_sequences(merged, [len(seq) - 1 for seq in sequences], top_k)
 
 
-def split_sequences(chunks: list[dict], positions: list[int], top_k: int) -> list[ScoredSequence]:
-    """Concatenate per-chunk arrays and cut them back into one ScoredSequence per sequence."""
-    if chunks:
-        merged = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in FIELDS}
-    else:
+def split_sequences(merged: dict[str, np.ndarray] | None, positions: list[int], top_k: int) -> list[ScoredSequence]:
+    """Cut the batch's per-position arrays (all positions, row by row) into one ScoredSequence per sequence."""
+    if merged is None:
         merged = {name: np.zeros((0, top_k) if name.startswith("topk") else (0,),
                                  dtype=np.int32 if name == "topk_ids" else np.float32) for name in FIELDS}
     cuts = np.cumsum(positions)[:-1]

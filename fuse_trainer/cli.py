@@ -47,6 +47,7 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--grad-accum", default=DEFAULTS.grad_accum, type=int, help="Micro-batches per optimizer step (split across DDP ranks).")
 @click.option("--dtype", default=DEFAULTS.dtype, type=click.Choice(["fp32", "bf16"]))
 @click.option("--seed", default=DEFAULTS.seed, type=int)
+@click.option("--device", default=DEFAULTS.device, type=click.Choice(["auto", "cpu", "cuda"]), help="auto: cuda when available. Under torchrun each process takes the GPU of its LOCAL_RANK.")
 @click.option("--threads", default=None, type=int, help="CPU threads for torch (default: all cores; use 1 when other jobs share the cores).")
 @click.option("--merge", default=DEFAULTS.merge, type=click.Choice(["task-arithmetic", "ties"]), help="Pairwise mode: how the per-source pivots are merged.")
 @click.option("--save-every", default=DEFAULTS.save_every, type=int, help="Steps between resumable checkpoints.")
@@ -96,13 +97,15 @@ def merge(base, models, weights, method, density, out):
 @click.option("--split", default="heldout", help="Records of this split are evaluated.")
 @click.option("--limit", default=None, type=int, help="Evaluate only the first N records of the split.")
 @click.option("--dtype", default="fp32", type=click.Choice(["fp32", "bf16"]))
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: cuda when available.")
 @click.option("--json-out", default=None, type=click.Path(), help="Also write the results as JSON.")
-def evaluate(models, data, split, limit, dtype, json_out):
+def evaluate(models, data, split, limit, dtype, device, json_out):
     """Held-out loss and bits per byte per domain, several models side by side."""
     import torch
 
     from cache_builder.corpus import load_corpus
     from fuse_trainer.evaluate import evaluate_model, results_table
+    from fuse_trainer.train import pick_device
 
     records = [r for r in load_corpus(data).records if r.split == split][:limit]
     if not records:
@@ -110,7 +113,7 @@ def evaluate(models, data, split, limit, dtype, json_out):
     results = []
     for spec in models:
         label, _, name = spec.rpartition("=")
-        results += evaluate_model(name, records, label=label or name,
+        results += evaluate_model(name, records, label=label or name, device=pick_device(device),
                                   dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     click.echo(results_table(results, split))
     if json_out:

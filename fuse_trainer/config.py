@@ -9,6 +9,7 @@ import yaml
 
 MODES = ("unified", "pairwise", "sft")
 GATES = ("none", "token", "chunk", "record")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class TrainConfig:
     grad_accum: int = 1
     dtype: str = "fp32"  # bf16: autocast matmuls to bfloat16, weights and optimizer state stay float32
     seed: int = 0
+    device: str = "auto"  # auto: cuda when available, else cpu
     threads: int | None = None  # torch CPU threads (default: torch's choice, all cores)
     out: str = "runs/fuse"
     resume: bool = False
@@ -72,6 +74,7 @@ class TrainConfig:
             (self.merge in MERGE_METHODS, f"merge must be one of {sorted(MERGE_METHODS)}"),
             (0.0 <= self.lam <= 1.0, "lambda must be in [0, 1]"),
             (self.dtype in ("fp32", "bf16"), "dtype must be fp32 or bf16"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.grad_accum >= 1 and self.batch_tokens >= 1, "grad_accum and batch_tokens must be positive"),
         ]
         errors = [message for ok, message in checks if not ok]

@@ -8,7 +8,7 @@ pivot positions that have a partner in that source.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +197,9 @@ class SourceBatch:
     kept_mass: torch.Tensor
     chunk_logprob: torch.Tensor
 
+    def to(self, device: torch.device) -> "SourceBatch":
+        return SourceBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
 
 @dataclass
 class Batch:
@@ -206,6 +209,12 @@ class Batch:
     loss_mask: torch.Tensor  # (B, T) bool: position predicts a response token
     num_positions: torch.Tensor  # (B,) int64: T_b - 1
     sources: dict[str, SourceBatch]
+
+    def to(self, device: torch.device) -> "Batch":
+        """Every tensor on `device` (the trainer's); collate builds batches on the CPU."""
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True)
+                 for f in fields(self) if f.name != "sources"}
+        return Batch(**moved, sources={name: src.to(device) for name, src in self.sources.items()})
 
 
 def collate(dataset: FusionDataset, rows: np.ndarray) -> Batch:
@@ -223,8 +232,8 @@ def collate(dataset: FusionDataset, rows: np.ndarray) -> Batch:
         loss_mask[b, : len(ids) - 1] = dataset.loss_mask.row(r)
         attention[b, : len(ids)] = 1
     sources = {}
-    for name, fields in dataset.sources.items():
-        sub = {f: take_rows(col, rows) for f, col in fields.items()}
+    for name, columns in dataset.sources.items():
+        sub = {f: take_rows(col, rows) for f, col in columns.items()}
         row = np.repeat(np.arange(B), sub["aligned_pos"].lengths)
         sources[name] = SourceBatch(
             row=torch.from_numpy(row),

@@ -44,7 +44,7 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def evaluate_model(name: str, records: list[Record], *, label: str | None = None, device: str = "cpu",
+def evaluate_model(name: str, records: list[Record], *, label: str | None = None, device: str | torch.device = "cpu",
                    dtype=torch.float32, batch_tokens: int = 4096) -> list[EvalResult]:
     """Per-domain (and "all") results of one model over the given records, reported under `label`."""
     source = resolve_model(name)
@@ -56,9 +56,9 @@ def evaluate_model(name: str, records: list[Record], *, label: str | None = None
     for bucket in tqdm(length_buckets([len(ids) for ids, _ in encoded], batch_tokens), desc=f"fuse-eval {source.name}",
                        leave=False):
         ids, attention = pad_right([encoded[i][0] for i in bucket], torch.device(device))  # (B, T)
-        logits = model(input_ids=ids, attention_mask=attention).logits.float().cpu()  # (B, T, V)
-        ids = ids.cpu()
-        logprobs = logits[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits[:, :-1], -1)
+        logits = model(input_ids=ids, attention_mask=attention).logits.float()  # (B, T, V)
+        logprobs = (logits[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                    - torch.logsumexp(logits[:, :-1], -1)).cpu()  # (B, T-1), on the model's device until here
         for b, i in enumerate(bucket):
             token_ids, token_end = encoded[i]
             record = records[i]

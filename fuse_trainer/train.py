@@ -65,8 +65,8 @@ def source_scores(batch: Batch, piv_gold: torch.Tensor, cfg: TrainConfig) -> tor
             value = topk_entropy(src.topk_logits, src.lse)  # (N,)
         else:
             value = -src.gold_logprob  # (N,) source CE on the gold text
-        total = torch.zeros(B).index_add_(0, src.row, value * keep)
-        count = torch.zeros(B).index_add_(0, src.row, keep)
+        total = value.new_zeros(B).index_add_(0, src.row, value * keep)
+        count = value.new_zeros(B).index_add_(0, src.row, keep)
         scores.append(torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("inf"))))
     return torch.stack(scores)  # (S, B)
 
@@ -77,8 +77,8 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logits = logits.float()  # (B, T, V)
-    terms = {"fusion_sum": logits.new_zeros(()), "kept_mass_sum": torch.zeros(()), "gated_in": torch.zeros(()),
-             "fusion_positions": torch.zeros(())}
+    terms = {"fusion_sum": logits.new_zeros(()), "kept_mass_sum": logits.new_zeros(()), "gated_in": logits.new_zeros(()),
+             "fusion_positions": logits.new_zeros(())}
     if cfg.mode == "sft" or cfg.lam == 0.0:
         sft_sum, n_tokens = sft_loss(logits, batch.labels, batch.loss_mask)
         return {**terms, "sft_sum": sft_sum, "n_tokens": n_tokens.float()}
@@ -212,6 +212,17 @@ def keep_metrics_until(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
+def pick_device(choice: str) -> torch.device:
+    """auto -> cuda when available; under torchrun, the GPU of this process's LOCAL_RANK."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no GPU (torch.cuda.is_available() is False); use --device cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def distributed() -> tuple[int, int]:
     """(rank, world size); initialises a gloo/nccl process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -231,6 +242,9 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     stop_after: save a resumable checkpoint after this many steps and return None (a job that must end
     before its time limit); rerun with resume=True to continue exactly where it stopped.
     """
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: NCCL binds each rank to its GPU
     rank, world = distributed()
     if cfg.grad_accum % world:
         raise ValueError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes: the micro-batches "
@@ -245,15 +259,15 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     tokenizer = load_tokenizer(pivot)
     resume_dir = out / CHECKPOINT_DIR
     resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
-    model = load_model(resume_dir if resuming else pivot, dtype=torch.float32).train()
+    model = load_model(resume_dir if resuming else pivot, dtype=torch.float32, device=device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = MicroBatchStream(data, cfg.batch_tokens, cfg.seed)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * stream.per_epoch) // cfg.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total_steps))
     start = 0
     if resuming:
-        state = torch.load(resume_dir / STATE_FILE, weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        state = torch.load(resume_dir / STATE_FILE, weights_only=True, map_location="cpu")
+        optimizer.load_state_dict(state["optimizer"])  # moves the moments onto the parameters' device
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
@@ -272,7 +286,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
         n_response = sum(stream.response_tokens(mb) for mb in group)  # the whole step, all ranks
         sums = dict.fromkeys(TERMS, 0.0)
         for shard, rows in group[rank::world]:
-            terms = micro_batch_terms(model, collate(data.shard(shard), rows), cfg)
+            terms = micro_batch_terms(model, collate(data.shard(shard), rows).to(device), cfg)
             loss = ((1 - cfg.lam) * terms["sft_sum"] + cfg.lam * terms["fusion_sum"]) / max(n_response, 1)
             loss.backward()
             for k in TERMS:
@@ -282,7 +296,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
-            packed = torch.tensor([sums[k] for k in TERMS], dtype=torch.float64)
+            packed = torch.tensor([sums[k] for k in TERMS], dtype=torch.float64, device=device)
             dist.all_reduce(packed)
             sums = dict(zip(TERMS, packed.tolist()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

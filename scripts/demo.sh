@@ -4,10 +4,13 @@
 # cache-build (both sources) -> cache-verify -> fuse-train (SFT baseline, unified, pairwise+merge)
 # -> fuse-eval table of held-out bits per byte per domain, and a plot of the training curves.
 # Outputs go to $OUT (default out/demo). Rerunning resumes: finished caches are not rebuilt.
+# CORPUS, STEPS, TRAIN_FLAGS and FUSION_FLAGS can be set (examples/reproduce.sh does). Every command takes
+# the GPU when torch sees one (--device auto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 OUT=${OUT:-out/demo}
+CORPUS=${CORPUS:-data/}
 CACHE=$OUT/cache
 DTYPE=${DTYPE:-bf16}          # trunk dtype of the sources; the output layer is always scored in fp32
 STEPS=${STEPS:-12}
@@ -16,9 +19,9 @@ TRAIN_FLAGS=${TRAIN_FLAGS:-"--lr 2e-4 --batch-tokens 1536 --max-steps $STEPS --d
 FUSION_FLAGS=${FUSION_FLAGS:-"--loss infifusion --raw --lambda 0.3"}
 mkdir -p "$OUT"
 
-echo "== 1/5 cache-build: run each source once over data/ and align it to the pivot"
-cache-build --model qwen --corpus data/ --out "$CACHE" --pivot smollm2 --dtype "$DTYPE"
-cache-build --model gemma3 --corpus data/ --out "$CACHE" --pivot smollm2 --dtype "$DTYPE"
+echo "== 1/5 cache-build: run each source once over $CORPUS and align it to the pivot"
+cache-build --model qwen --corpus "$CORPUS" --out "$CACHE" --pivot smollm2 --dtype "$DTYPE"
+cache-build --model gemma3 --corpus "$CORPUS" --out "$CACHE" --pivot smollm2 --dtype "$DTYPE"
 
 echo "== 2/5 cache-verify: checksums, schema, values, agreement between the sources"
 cache-verify "$CACHE"
@@ -30,7 +33,7 @@ fuse-train --shards "$CACHE" --mode unified $TRAIN_FLAGS $FUSION_FLAGS --out "$O
 fuse-train --shards "$CACHE" --mode pairwise $TRAIN_FLAGS $FUSION_FLAGS --out "$OUT/runs/pairwise" --resume
 
 echo "== 4/5 fuse-eval: held-out bits per byte per domain"
-fuse-eval --data data/ --split heldout \
+fuse-eval --data "$CORPUS" --split heldout \
   --model pivot=smollm2 --model sft=$OUT/runs/sft/final --model unified=$OUT/runs/unified/final \
   --model pairwise+merge=$OUT/runs/pairwise/merged --model qwen=qwen --model gemma3=gemma3 \
   --json-out "$OUT/results.json" | tee "$OUT/results.txt"

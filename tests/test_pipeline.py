@@ -238,6 +238,27 @@ def test_sparse_gather_in_the_trainer_equals_the_dense_loss(world):
         assert torch.allclose(once, uld_loss(logits[src.row, src.pos], *args, **kwargs), atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("loss", ["topk-kl", "infifusion", "alm"])
+def test_a_micro_batch_on_the_gpu_equals_the_cpu(world, loss):
+    """Every term of a fusion micro-batch (gates and weighting included) is the same on cuda as on the CPU, fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from fuse_trainer.config import TrainConfig
+    from fuse_trainer.data import FusionData, collate
+    from fuse_trainer.train import micro_batch_terms
+
+    data = FusionData(discover_sources(world["cache"], "pivot"))
+    shard, rows = data.plan(0, 256, seed=0)[0]
+    batch = collate(data.shard(shard), rows)
+    cfg = TrainConfig(mode="unified", loss=loss, gate="token", weighting="mince", top_k=4).validate()
+    model = AutoModelForCausalLM.from_pretrained(world["models"]["pivot"]).eval()
+    cpu = micro_batch_terms(model, batch, cfg)
+    gpu = micro_batch_terms(model.cuda(), batch.to(torch.device("cuda")), cfg)
+    for name, value in cpu.items():
+        assert torch.allclose(gpu[name].cpu(), value, rtol=1e-4, atol=1e-4), name
+
+
 def test_realigning_after_the_source_changed_rewrites_every_shard(world, tmp_path):
     from cache_builder.align import align_cache
 

@@ -174,3 +174,22 @@ def test_head_is_cached_per_model_and_follows_weight_updates(tmp_path):
     second = cached_output_head(model)
     assert second is not first
     torch.testing.assert_close(second.weight, first.weight * 2, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by benchmarks/gpu_check.sh)")
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_bf16_head_on_cuda_equals_its_float32_copy(tmp_path, arch):
+    """On CUDA a bf16 model's head runs as one bf16 GEMM with float32 output; the same hidden states through a
+    float32 copy of the same weights give the same fields (only the accumulation order differs)."""
+    folder = make_tiny_model(tmp_path / arch, arch=arch, seed=7, extra_vocab_rows=3)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+    head = output_head(model)
+    assert head.weight.dtype == torch.bfloat16
+    float_head = type(head)(weight=head.weight.float(), bias=head.bias, scale=head.scale, softcap=head.softcap)
+    sequences = random_sequences(model.config.vocab_size, [40, 9, 23], seed=8)
+    fast = score_batch(model, sequences, TOP_K, position_chunk=16, head=head)
+    exact = score_batch(model, sequences, TOP_K, position_chunk=16, head=float_head)
+    for a, b in zip(fast, exact):
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        for name in FIELDS[1:]:
+            np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-4, rtol=1e-5, err_msg=name)
