@@ -63,6 +63,8 @@ CONFIGS: dict[str, str] = {
                             "--max-steps 36",
     "kl-24-qwen-l0.7-gtok": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate token --lr 2e-4 "
                             "--max-steps 24",
+    "sft-24-lr2e-4": "--mode sft --lr 2e-4 --max-steps 24",
+    "kl-24-l0.7-gtok": "--mode unified --loss topk-kl --lambda 0.7 --gate token --lr 2e-4 --max-steps 24",
 }
 
 # Reference models evaluated as they are (no training).

@@ -58,18 +58,19 @@ class OutputHead:
     scale: float  # Cohere's logit_scale, 1 / Granite's logits_scaling, else 1
     softcap: float | None  # Gemma-family final_logit_softcapping: cap * tanh(logits / cap)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, D) hidden states of any float dtype -> (N, V) float32 logits."""
+    def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, D) hidden states of any float dtype -> (N, V) float32 logits, written into `out` when given
+        (float32 weights only; the CUDA half path allocates from the caching allocator)."""
         if self.weight.dtype == torch.float32:
-            logits = hidden.float() @ self.weight.T  # (N, V)
+            logits = torch.mm(hidden.float(), self.weight.T, out=out)  # (N, V)
         else:
             logits = torch.mm(hidden.to(self.weight.dtype), self.weight.T, out_dtype=torch.float32)  # (N, V)
         if self.bias is not None:
-            logits += self.bias
+            logits.add_(self.bias)
         if self.scale != 1.0:
-            logits *= self.scale
+            logits.mul_(self.scale)
         if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap).mul_(self.softcap)
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
         return logits
 
 
@@ -168,16 +169,27 @@ def pad_right(sequences: Sequence[Sequence[int]], device: torch.device) -> tuple
     return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
-def score_positions(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, top_k: int) -> dict:
-    """(C, D) hidden states and (C,) next-token ids -> per-position tensors of one chunk, on the model's device."""
-    logits = head.logits(hidden)  # (C, V) float32
+def score_positions(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, top_k: int,
+                    buffers: torch.Tensor) -> dict:
+    """(C, D) hidden states and (C,) next-token ids -> per-position tensors of one chunk, on the model's device.
+
+    buffers: (2, >= C, V) float32 scratch, overwritten: the logits and one temporary live there, so a chunk
+    allocates no vocabulary-wide tensor (on CPU each fresh one costs page faults on every 4 KiB page).
+    """
+    C = hidden.shape[0]
+    logits = head.logits(hidden, out=buffers[0, :C])  # (C, V) float32
+    scratch = buffers[1, :C]  # (C, V)
     top_logits, top_ids = torch.topk(logits, top_k, dim=-1, sorted=True)  # (C, K)
-    lse = torch.logsumexp(logits, dim=-1)  # (C,)
+    row_max = top_logits[:, 0]  # (C,)
+    lse = row_max + torch.sub(logits, row_max[:, None], out=scratch).exp_().sum(dim=-1).log_()  # (C,)
     gold = logits.gather(1, targets[:, None])[:, 0] - lse  # (C,)
     mean = logits.mean(dim=-1)  # (C,)
     centered = logits.sub_(mean[:, None])  # (C, V), in place: two-pass std, faster than torch.std_mean on CPU
     std = torch.linalg.vector_norm(centered, dim=-1) / logits.shape[-1] ** 0.5  # (C,) population std
-    z_lse = torch.logsumexp(centered.div_(std.clamp_min(torch.finfo(torch.float32).tiny)[:, None]), dim=-1)  # (C,)
+    safe_std = std.clamp_min(torch.finfo(torch.float32).tiny)  # (C,)
+    z = centered.div_(safe_std[:, None])  # (C, V) standardized logits
+    z_max = (row_max - mean) / safe_std  # (C,) the same float ops as z at the row's top-1: its maximum
+    z_lse = z_max + torch.sub(z, z_max[:, None], out=scratch).exp_().sum(dim=-1).log_()  # (C,)
     return {"topk_ids": top_ids.int(), "topk_logits": top_logits, "logsumexp": lse, "logit_mean": mean,
             "logit_std": std, "z_logsumexp": z_lse, "gold_logprob": gold}
 
@@ -203,8 +215,9 @@ def score_batch(model: torch.nn.Module, sequences: Sequence[Sequence[int] | np.n
         scored = mask[:, 1:].bool()  # (B, T-1): position t of row b predicts a real token t+1
         flat_hidden = hidden[:, :-1][scored]  # (N, D), row by row, position by position
         targets = ids[:, 1:][scored]  # (N,)
+        buffers = torch.empty((2, min(position_chunk, len(targets)), vocab), dtype=torch.float32, device=device)
         chunks = [score_positions(head, flat_hidden[start:start + position_chunk],
-                                  targets[start:start + position_chunk], top_k)
+                                  targets[start:start + position_chunk], top_k, buffers)
                   for start in range(0, flat_hidden.shape[0], position_chunk)]
         # one copy to the host per field and batch, after every chunk: a GPU never waits on a copy between chunks
         merged = {name: torch.cat([chunk[name] for chunk in chunks]).cpu().numpy() for name in FIELDS} if chunks else None
