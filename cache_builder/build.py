@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -154,8 +155,10 @@ def response_positions(token_end: np.ndarray, spans, n_bytes: int) -> np.ndarray
     return covered[ends] > covered[starts]
 
 
-def score_shard(model, tokenizer, surface, records: list[Record], settings: BuildSettings, add_bos: bool) -> list[SourceRow]:
-    """Tokenize and score one shard's records; rows come back in record order."""
+def score_shard(model, tokenizer, surface, records: list[Record], settings: BuildSettings, add_bos: bool,
+                progress: Callable[[int, int], None] = lambda text_bytes, tokens: None) -> list[SourceRow]:
+    """Tokenize and score one shard's records; rows come back in record order. `progress(text bytes, tokens)`
+    is called after every batch."""
     tokenized = [tokenize(r.text, tokenizer, surface, add_bos, settings.max_tokens) for r in records]
     scored: list = [None] * len(records)
     lengths = [len(ids) for ids, _ in tokenized]
@@ -163,6 +166,7 @@ def score_shard(model, tokenizer, surface, records: list[Record], settings: Buil
         results = score_batch(model, [tokenized[i][0] for i in bucket], settings.top_k, settings.position_chunk)
         for i, result in zip(bucket, results):
             scored[i] = result
+        progress(sum(len(records[i].text.encode()) for i in bucket), sum(lengths[i] for i in bucket))
     rows = []
     for record, (ids, ends), result in zip(records, tokenized, scored):
         mask = response_positions(ends, record.response_spans, len(record.text.encode()))
@@ -259,12 +263,16 @@ def build_cache(
         log(f"{source.name}: {len(plan) - len(todo)} of {len(plan)} shards already done on rank {rank}")
         scored_tokens, scoring_started = 0, time.time()
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"cache-build {source.name}", dynamic_ncols=True) as bar:
-            for path, records in todo:
-                rows = score_shard(model, tokenizer, surface, records, settings, source.add_bos)
-                write_shard(source_table(rows, settings.top_k, settings.logit_dtype), folder, path)
-                scored_tokens += sum(len(r.token_ids) for r in rows)
-                bar.update(sum(len(r.text.encode()) for r in records))
+
+            def progress(text_bytes: int, tokens: int) -> None:
+                nonlocal scored_tokens
+                scored_tokens += tokens
+                bar.update(text_bytes)
                 bar.set_postfix(tokens=scored_tokens, tok_s=f"{scored_tokens / (time.time() - scoring_started):.0f}")
+
+            for path, records in todo:
+                rows = score_shard(model, tokenizer, surface, records, settings, source.add_bos, progress)
+                write_shard(source_table(rows, settings.top_k, settings.logit_dtype), folder, path)
         (folder / RANKS_DIR).mkdir(exist_ok=True)
         write_text_atomic(marker, json.dumps({"shards": [p for p, _ in plan]}) + "\n")
         info = source_description(source, tokenizer, settings, surface, write_vocab(folder, surface))
