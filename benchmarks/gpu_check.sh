@@ -7,15 +7,19 @@
 #   bash benchmarks/gpu_check.sh                      # the real models (smollm2, qwen, gemma3)
 #   RANDOM_FROM=.gpu bash benchmarks/gpu_check.sh     # random weights from .gpu/<name>/ (config + tokenizer)
 #
-# RANDOM_FROM is for a GPU machine that the real weights cannot reach: see benchmarks/random_init.py.
+# RANDOM_FROM is for a GPU machine that the real weights cannot reach: see benchmarks/random_init.py. Made here with
+#   for n in smollm2 qwen gemma3; do d=.gpu/$n; mkdir -p $d; m=$(ls -d ~/.cache/logit-cache-fusion/models/$n-*/hf)
+#     cp $m/config.json $m/tokenizer_config.json $d/; xz -c $m/tokenizer.json > $d/tokenizer.json.xz; done
 # Knobs: DEVICE (cuda), COPIES (10: the corpus is scored this many times), REPEATS (5), RECORDS (1000: at most
-# this many records of data/, spread over it), STEPS (30), PY (python3), OUT, WORK.
+# this many records of data/, spread over it), CHUNK (2048: --position-chunk of the scoring), STEPS (30),
+# PY (python3), OUT, WORK.
 set -euo pipefail
 DEVICE=${DEVICE:-cuda}
 COPIES=${COPIES:-10}
 STEPS=${STEPS:-30}
 REPEATS=${REPEATS:-5}
 RECORDS=${RECORDS:-1000}
+CHUNK=${CHUNK:-2048}
 PY=${PY:-python3}
 OUT=${OUT:-out/gpu_check}
 WORK=${WORK:-/tmp/lcf-gpu-check}
@@ -52,7 +56,7 @@ echo "== 1/6 parity on the GPU: a fusion micro-batch equals the CPU; the bf16 he
 echo "== 2/6 scoring vs the bare trunk, bf16, $COPIES copies of data/"
 for model in "$PIVOT" "$QWEN" "$GEMMA"; do
   "$PY" benchmarks/build_throughput.py --model "$model" --device "$DEVICE" --dtype bf16 --copies "$COPIES" \
-    --records "$RECORDS" --batch-tokens 16384 --ways floor,ours --repeats "$REPEATS"
+    --records "$RECORDS" --batch-tokens 16384 --ways floor,ours --repeats "$REPEATS" --position-chunk "$CHUNK"
 done
 
 echo "== 3/6 cache-build on $DEVICE over $COPIES copies of data/, then cache-verify (with CPU rescoring for real weights)"
@@ -71,7 +75,7 @@ rm -rf "$WORK/cache"
 for model in "$QWEN" "$GEMMA"; do
   start=$(date +%s%N)
   cli cache-build --model "$model" --corpus "$WORK/corpus.jsonl" --out "$WORK/cache" --pivot "$PIVOT" \
-    --dtype bf16 --device "$DEVICE"
+    --dtype bf16 --device "$DEVICE" --batch-tokens 16384 --position-chunk "$CHUNK"
   echo "cache-build $(basename "$model"): $(( ($(date +%s%N) - start) / 1000000 )) ms wall, model load included"
 done
 cli cache-info "$WORK/cache"
