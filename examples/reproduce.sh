@@ -10,6 +10,8 @@
 # 2. The main job of `make demo` on it (scripts/demo.sh): both caches, cache-verify, SFT-only, unified and
 #    pairwise+merge with the same records and steps, the held-out table and the training curves, with EPOCHS
 #    passes over the training split. The table lands in $OUT/results.txt; rerunning resumes.
+# 3. The check that SFT was not simply overtrained: SFT with EPOCHS/2, and every arm on the validation split
+#    ($OUT/validation.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${SCALE:-4}
@@ -23,6 +25,13 @@ if [ ! -f "$OUT/corpus.jsonl" ]; then
   .venv/bin/python scripts/make_corpus.py --src "$OUT/corpus_src" --scale "$SCALE" --out "$OUT/corpus.jsonl.tmp"
   mv "$OUT/corpus.jsonl.tmp" "$OUT/corpus.jsonl"
 fi
-OUT=$OUT CORPUS=$OUT/corpus.jsonl \
-  TRAIN_FLAGS="--lr 2e-4 --batch-tokens 1536 --epochs $EPOCHS --dtype bf16 --save-every 10" \
-  bash scripts/demo.sh
+TRAIN_FLAGS="--lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 10"
+OUT=$OUT CORPUS=$OUT/corpus.jsonl TRAIN_FLAGS="$TRAIN_FLAGS --epochs $EPOCHS" bash scripts/demo.sh
+
+echo "== 6 (after the 5 steps of the demo): was SFT past its best? SFT with half the epochs, every arm on VALIDATION"
+.venv/bin/fuse-train --shards "$OUT/cache" --mode sft $TRAIN_FLAGS --epochs "$(awk "BEGIN {print $EPOCHS / 2}")" \
+  --out "$OUT/runs/sft-half" --resume
+.venv/bin/fuse-eval --data "$OUT/corpus.jsonl" --split validation \
+  --model sft=$OUT/runs/sft/final --model sft-half-epochs=$OUT/runs/sft-half/final \
+  --model unified=$OUT/runs/unified/final --model pairwise+merge=$OUT/runs/pairwise/merged \
+  --json-out "$OUT/validation.json" | tee "$OUT/validation.txt"

@@ -17,11 +17,13 @@ import math
 import os
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from tqdm import tqdm
 
 from cache_builder.manifest import load_manifest
@@ -223,6 +225,14 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
+def finished_with(out: Path, cfg: TrainConfig) -> bool:
+    """Whether `out` holds a final model trained with the same settings (the resume flag aside)."""
+    if not ((out / FINAL_DIR / "fusion_config.yaml").exists() and (out / "config.yaml").exists()):
+        return False
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    return {**saved, "resume": None} == {**asdict(cfg), "resume": None}
+
+
 def distributed() -> tuple[int, int]:
     """(rank, world size); initialises a gloo/nccl process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -258,6 +268,9 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     pivot = resolve_model(cfg.pivot)
     tokenizer = load_tokenizer(pivot)
     resume_dir = out / CHECKPOINT_DIR
+    if cfg.resume and finished_with(out, cfg):
+        log(f"{out}: already trained with these settings, nothing to do ({out / FINAL_DIR})")
+        return out / FINAL_DIR
     resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
     model = load_model(resume_dir if resuming else pivot, dtype=torch.float32, device=device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -333,6 +346,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     if rank == 0:
         save_hf(final, model, tokenizer, cfg, provenance)
         metrics.close()
+        shutil.rmtree(resume_dir, ignore_errors=True)  # the final model supersedes the last resumable checkpoint
     if world > 1:
         dist.barrier()
     return final

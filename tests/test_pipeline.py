@@ -135,6 +135,12 @@ def test_resume_matches_an_uninterrupted_run(world, tmp_path):
     assert len(run_losses(broken)) == 4
     train_run(train_config(world, broken, save_every=2, resume=True), layers, broken, log=lambda *_: None)
     assert np.allclose(run_losses(broken), run_losses(straight), rtol=1e-5, atol=1e-6)
+    assert not (broken / "checkpoint").exists()  # the final model supersedes it
+    messages = []
+    train_run(train_config(world, broken, save_every=2, resume=True), layers, broken, log=messages.append)
+    assert any("nothing to do" in m for m in messages) and len(run_losses(broken)) == 6  # a rerun trains nothing
+    train_run(train_config(world, broken, save_every=2, resume=True, lr=1e-3), layers, broken, log=messages.append)
+    assert not np.allclose(run_losses(broken), run_losses(straight))  # other settings: trained again
 
 
 def test_sources_that_disagree_are_refused(world, tmp_path):
