@@ -41,13 +41,12 @@ def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch
     build does nothing. Several ranks (torchrun or --rank/--world-size) split the records between them;
     the manifest is written when every rank is done.
     """
-    import torch
-
     from cache_builder.build import BuildError, BuildSettings, build_cache, rank_from_env
+    from cache_builder.models import pick_device
 
     try:
         rank, world_size = rank_from_env(rank, world_size)
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        device = pick_device(device)
         settings = BuildSettings(model=model, top_k=top_k, window_chars=window_chars, max_tokens=max_tokens,
                                  batch_tokens=batch_tokens, position_chunk=position_chunk, dtype=dtype,
                                  logit_dtype=logit_dtype, rows_per_shard=rows_per_shard, limit=limit,
@@ -108,8 +107,13 @@ def verify(path, rescore, model, device):
     Exits 0 when everything checks out, 1 with one line per problem otherwise.
     """
     from cache_builder.manifest import find_layers, load_manifest
+    from cache_builder.models import pick_device
     from cache_builder.verify import verify_cache
 
+    try:
+        device = pick_device(device)
+    except ValueError as err:
+        _fail(str(err))
     problems = verify_cache(path)
     layers = find_layers(path)
     if rescore and not problems:

@@ -315,6 +315,18 @@ def load_tokenizer(name_or_source: str | ModelSource):
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
+def pick_device(choice: str) -> torch.device:
+    """"auto" -> cuda when torch sees a GPU, else cpu; a cuda device is the GPU of this process's LOCAL_RANK
+    (0 unless launched by torchrun)."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no GPU (torch.cuda.is_available() is False); use --device cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
 def load_model(name_or_source: str | ModelSource, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", trust_remote_code: bool = False) -> torch.nn.Module:
     """The causal LM in eval mode on `device`, converting a GGUF source first if needed.

@@ -105,7 +105,7 @@ def evaluate(models, data, split, limit, dtype, device, json_out):
 
     from cache_builder.corpus import load_corpus
     from fuse_trainer.evaluate import evaluate_model, results_table
-    from fuse_trainer.train import pick_device
+    from cache_builder.models import pick_device
 
     records = [r for r in load_corpus(data).records if r.split == split][:limit]
     if not records:

@@ -135,8 +135,6 @@ def uld_loss(
     Returns:
         (N,) loss per position.
     """
-    if normalize not in ("topk", "full"):
-        raise ValueError(f"normalize must be 'topk' or 'full', got {normalize!r}")
     piv = pivot_uld_stats(piv_logits.to(_compute_dtype(piv_logits)), top_k, standardize, normalize == "full")
     return uld_from_pivot_stats(
         piv, src_topk_logits, src_lse, src_mean, src_std, src_zlse, top_k=top_k, temperature=temperature,
@@ -498,8 +496,7 @@ def _infifusion(x: FusionInputs, **cfg) -> tuple[torch.Tensor, torch.Tensor]:
     if x.piv_uld_stats is not None:
         loss = uld_from_pivot_stats(
             x.piv_uld_stats, x.src_topk_logits, x.src_lse, x.src_mean, x.src_std, x.src_zlse,
-            src_valid=x.src_topk_ids >= 0,
-            **{"top_k": 10, "temperature": 1.0, "standardize": True, "normalize": "topk", **cfg},  # uld_loss's defaults
+            src_valid=x.src_topk_ids >= 0, **cfg,
         )
     else:
         loss = uld_loss(

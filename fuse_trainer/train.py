@@ -27,7 +27,7 @@ import yaml
 from tqdm import tqdm
 
 from cache_builder.manifest import load_manifest
-from cache_builder.models import load_model, load_tokenizer, resolve_model
+from cache_builder.models import load_model, load_tokenizer, pick_device, resolve_model
 from fuse_trainer.config import TrainConfig, dump_yaml
 from fuse_trainer.data import Batch, FusionData, check_sources, collate, discover_sources
 from fuse_trainer.losses import (
@@ -214,17 +214,6 @@ def keep_metrics_until(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in lines))
 
 
-def pick_device(choice: str) -> torch.device:
-    """auto -> cuda when available; under torchrun, the GPU of this process's LOCAL_RANK."""
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda, but torch sees no GPU (torch.cuda.is_available() is False); use --device cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def finished_with(out: Path, cfg: TrainConfig) -> bool:
     """Whether `out` holds a final model trained with the same settings (the resume flag aside)."""
     if not ((out / FINAL_DIR / "fusion_config.yaml").exists() and (out / "config.yaml").exists()):
@@ -261,6 +250,9 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
                          "of each optimizer step are split between them")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.resume and finished_with(out, cfg):
+        log(f"{out}: already trained with these settings, nothing to do ({out / FINAL_DIR})")
+        return out / FINAL_DIR
     torch.manual_seed(cfg.seed)
     check_sources(layers)
     data = FusionData(layers, "train")
@@ -268,9 +260,6 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     pivot = resolve_model(cfg.pivot)
     tokenizer = load_tokenizer(pivot)
     resume_dir = out / CHECKPOINT_DIR
-    if cfg.resume and finished_with(out, cfg):
-        log(f"{out}: already trained with these settings, nothing to do ({out / FINAL_DIR})")
-        return out / FINAL_DIR
     resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
     model = load_model(resume_dir if resuming else pivot, dtype=torch.float32, device=device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

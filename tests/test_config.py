@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from fuse_trainer.cli import train
 from fuse_trainer.config import TrainConfig, load_yaml, resolve_config
-from fuse_trainer.train import pick_device
+from cache_builder.models import pick_device
 
 
 def test_yaml_then_flags(tmp_path):
