@@ -6,6 +6,11 @@ of bits per byte per domain. Results are cached in <out>/<name>/eval.json, so a 
 configurations (resumable). The held-out split is never touched.
 
     python benchmarks/recipe_search.py --cache out/demo/cache --data data/ --out out/search [--configs a,b]
+    python benchmarks/recipe_search.py --suite repro --cache out/repro/cache --data out/repro/corpus.jsonl \
+        --out out/search-repro
+
+Two suites: `demo` (the shipped 57-record corpus, 12 steps) and `repro` (the 4x corpus of
+examples/reproduce.sh, 2 epochs, the reproduction's training flags).
 
 Reference rows (untrained pivot, the sources alone) are evaluated with the model name instead of a run.
 """
@@ -67,6 +72,17 @@ CONFIGS: dict[str, str] = {
     "kl-24-l0.7-gtok": "--mode unified --loss topk-kl --lambda 0.7 --gate token --lr 2e-4 --max-steps 24",
 }
 
+# The 4x corpus of examples/reproduce.sh: its training flags, 2 epochs (90 steps), 52 validation records.
+REPRO_BASE = "--epochs 2 --lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 0 --seed 0"
+REPRO_CONFIGS: dict[str, str] = {
+    "sft": "--mode sft",
+    # Qwen's code strength needs token identity: top-k KL (ULD only matches sorted probabilities)
+    "kl-l0.7-mince-gtok": "--mode unified --loss topk-kl --lambda 0.7 --gate token --weighting mince",
+    "kl-l0.7-qwen-gtok": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate token",
+}
+
+SUITES: dict[str, tuple[str, dict[str, str]]] = {"demo": (BASE, CONFIGS), "repro": (REPRO_BASE, REPRO_CONFIGS)}
+
 # Reference models evaluated as they are (no training).
 REFERENCES: dict[str, str] = {"ref-pivot": "smollm2", "ref-qwen": "qwen", "ref-gemma3": "gemma3"}
 
@@ -79,15 +95,16 @@ def _bin(name: str) -> str:
     return str(here) if here.exists() else name
 
 
-def config_flags(name: str) -> list[str]:
-    return shlex.split(BASE) + shlex.split(CONFIGS[name].replace("{LR}", LR))
+def config_flags(name: str, suite: str) -> list[str]:
+    base, configs = SUITES[suite]
+    return shlex.split(base) + shlex.split(configs[name].replace("{LR}", LR))
 
 
 def checkpoint_of(run_dir: Path, flags: list[str]) -> Path:
     return run_dir / ("merged" if "pairwise" in flags else "final")
 
 
-def run_config(name: str, cache: str, data: str, out: Path, eval_dtype: str) -> dict:
+def run_config(name: str, suite: str, cache: str, data: str, out: Path, eval_dtype: str) -> dict:
     d = out / name
     result_path = d / "eval.json"
     if result_path.exists():
@@ -97,7 +114,7 @@ def run_config(name: str, cache: str, data: str, out: Path, eval_dtype: str) -> 
     if name in REFERENCES:
         model, flags, train_s = REFERENCES[name], [], 0.0
     else:
-        flags = config_flags(name)
+        flags = config_flags(name, suite)
         run_dir = d / "run"
         ckpt = checkpoint_of(run_dir, flags)
         t0 = time.time()
@@ -149,9 +166,9 @@ def table(results: list[dict], baseline: dict | None) -> str:
     return "\n".join(lines)
 
 
-def markdown(results: list[dict], baseline: dict | None) -> str:
-    """The same table in Markdown, with each configuration's fuse-train flags (BASE flags left out)."""
-    base = BASE + " "
+def markdown(results: list[dict], baseline: dict | None, suite: str) -> str:
+    """The same table in Markdown, with each configuration's fuse-train flags (the suite's base left out)."""
+    base = SUITES[suite][0] + " "
     lines = ["| config | fuse-train flags (besides the common base) | " + " | ".join(DOMAINS)
              + " | all | macro | Δmacro vs SFT | domains better than SFT |",
              "|---" * (len(DOMAINS) + 6) + "|"]
@@ -169,6 +186,7 @@ def markdown(results: list[dict], baseline: dict | None) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", default="demo", choices=sorted(SUITES), help="which base flags and configs")
     ap.add_argument("--cache", default="out/demo/cache")
     ap.add_argument("--data", default="data/")
     ap.add_argument("--out", default="out/search")
@@ -181,10 +199,11 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="also print the table in Markdown")
     ap.add_argument("--report-only", action="store_true", help="print the table of finished configs only")
     a = ap.parse_args()
-    names = [n for n in a.configs.split(",") if n] or [*REFERENCES, *CONFIGS]
+    configs = SUITES[a.suite][1]
+    names = [n for n in a.configs.split(",") if n] or [*REFERENCES, *configs]
     for n in names:
-        if n not in CONFIGS and n not in REFERENCES:
-            raise SystemExit(f"unknown config {n!r}; known: {', '.join([*REFERENCES, *CONFIGS])}")
+        if n not in configs and n not in REFERENCES:
+            raise SystemExit(f"unknown config {n!r} in suite {a.suite}; known: {', '.join([*REFERENCES, *configs])}")
     if a.threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(a.threads)
@@ -196,7 +215,7 @@ def main() -> None:
             if p.exists():
                 results.append(json.loads(p.read_text()))
             continue
-        r = run_config(n, a.cache, a.data, out, a.eval_dtype)
+        r = run_config(n, a.suite, a.cache, a.data, out, a.eval_dtype)
         print(f"== {n}: all {r['bpb']['all']:.4f} macro {r['macro']:.4f} "
               f"(train {r['train_s']} s, eval {r['eval_s']} s)", flush=True)
         results.append(r)
@@ -205,13 +224,13 @@ def main() -> None:
     if a.baseline:
         base = next((r for r in done if r["name"] == a.baseline), None)
     else:
-        sfts = [r for r in done if r["name"].startswith("sft-")]
+        sfts = [r for r in done if r["name"] == "sft" or r["name"].startswith("sft-")]
         base = min(sfts, key=lambda r: r["macro"]) if sfts else None
     if base:
         print(f"baseline: {base['name']} (macro {base['macro']:.4f}, all {base['bpb']['all']:.4f})")
     print(table(results, base))
     if a.markdown:
-        print(markdown(results, base))
+        print(markdown(results, base, a.suite))
     print(json.dumps({"split": "validation", "baseline": base["name"] if base else None,
                       "results": [{k: r[k] for k in ("name", "flags", "bpb", "macro")} for r in results]}))
 

@@ -13,6 +13,7 @@ from fuse_trainer.losses import (
     fusion_total,
     gate_mask,
     log1mexp,
+    pivot_uld_stats,
     record_gate_mask,
     sft_loss,
     soft_ce_loss,
@@ -166,6 +167,32 @@ def test_uld_gradcheck(standardize, normalize, temperature):
         )
 
     assert torch.autograd.gradcheck(f, (piv,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pivot_uld_stats_one_pass_backward_matches_autograd_of_plain_ops(dtype):
+    """The fused top-K / mean / std statistics give the values and (B, T, V) gradients of plain torch ops."""
+    logits = torch.randn(2, 5, 11, generator=_gen(3), dtype=dtype) * 2
+    logits[1, 4] = 0.5  # a constant row: std 0, no std gradient (plain autograd gives nan there)
+    g_top, g_mean, g_std = (torch.randn(*shape, generator=_gen(i), dtype=dtype)
+                            for i, shape in enumerate([(2, 5, 4), (2, 5), (2, 5)]))
+
+    def grads(stats_of):
+        x = logits.clone().requires_grad_(True)
+        top, mean, std = stats_of(x)
+        ((top * g_top).sum() + (mean * g_mean).sum() + (std * g_std).sum()).backward()
+        return (top, mean, std), x.grad
+
+    fused, fused_grad = grads(lambda x: (lambda s: (s["top"], s["mean"], s["std"]))(pivot_uld_stats(x, 4, True, False)))
+    plain, plain_grad = grads(lambda x: (torch.topk(x, 4, dim=-1).values, x.mean(-1), x.std(-1, correction=0)))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, **tol)
+    torch.testing.assert_close(fused_grad[:1], plain_grad[:1], **tol)
+    torch.testing.assert_close(fused_grad[1, :4], plain_grad[1, :4], **tol)
+    assert torch.isfinite(fused_grad).all()
+    assert torch.autograd.gradcheck(lambda x: pivot_uld_stats(x, 3, True, True)["norm"],
+                                    (logits[0].double().requires_grad_(True),))
 
 
 # ---------------------------------------------------------------- FuseLLM soft CE
