@@ -145,18 +145,21 @@ def uld_loss(
 class _TopKMeanStd(torch.autograd.Function):
     """(..., V) logits -> sorted top-K values (..., K), mean (...,) and population std (...,) over V.
 
-    The same values as torch.topk, Tensor.mean and Tensor.std(correction=0), with a backward that writes
-    the (..., V) gradient in one pass instead of one per statistic (these passes dominated ULD's extra
-    cost on CPU):
+    The same values as torch.topk, Tensor.mean and Tensor.std(correction=0), with two fast reductions
+    forward (a sum and a 2-norm: var = E[z^2] - mean^2, whose relative error is float eps times
+    1 + mean^2 / var, small for logits; torch.var_mean took 8x longer on CPU) and a backward that writes
+    the (..., V) gradient in one pass instead of one per statistic:
         d mean / dz = 1 / V,   d std / dz = (z - mean) / (V std)
         grad = z * a + b  with  a = g_std / (V std),  b = g_mean / V - mean * a;  then g_top scattered in.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, top_k: int):
+        vocab = logits.shape[-1]
         top, idx = torch.topk(logits, top_k, dim=-1, sorted=True)  # (..., K)
-        var, mean = torch.var_mean(logits, dim=-1, correction=0)  # (...,): one pass
-        std = var.sqrt()
+        mean = logits.sum(dim=-1) / vocab  # (...,)
+        mean_square = torch.linalg.vector_norm(logits, dim=-1).square() / vocab  # (...,)
+        std = (mean_square - mean.square()).clamp_min(0.0).sqrt()  # (...,)
         ctx.save_for_backward(logits, idx, mean, std)
         return top, mean, std
 
