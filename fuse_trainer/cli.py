@@ -104,16 +104,20 @@ def evaluate(models, data, split, limit, dtype, device, json_out):
     import torch
 
     from cache_builder.corpus import load_corpus
-    from fuse_trainer.evaluate import evaluate_model, results_table
     from cache_builder.models import pick_device
+    from fuse_trainer.evaluate import evaluate_model, results_table
 
+    try:
+        device = pick_device(device)
+    except ValueError as err:
+        _fail(str(err))
     records = [r for r in load_corpus(data).records if r.split == split][:limit]
     if not records:
         _fail(f"no records of split {split!r} in {data}")
     results = []
     for spec in models:
         label, _, name = spec.rpartition("=")
-        results += evaluate_model(name, records, label=label or name, device=pick_device(device),
+        results += evaluate_model(name, records, label=label or name, device=device,
                                   dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     click.echo(results_table(results, split))
     if json_out:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fuse_trainer.cli import train
+from fuse_trainer.cli import evaluate, train
 from fuse_trainer.config import TrainConfig, load_yaml, resolve_config
 from cache_builder.models import pick_device
 
@@ -36,9 +36,11 @@ def test_cli_reports_a_missing_cache_clearly(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
-def test_cuda_without_a_gpu_names_the_fix():
+def test_cuda_without_a_gpu_names_the_fix(tmp_path):
     assert pick_device("auto") == torch.device("cpu")
     with pytest.raises(ValueError, match="use --device cpu"):
         pick_device("cuda")
     with pytest.raises(ValueError, match="device must be one of"):
         TrainConfig(device="tpu").validate()
+    result = CliRunner().invoke(evaluate, ["--model", "smollm2", "--data", str(tmp_path), "--device", "cuda"])
+    assert result.exit_code == 2 and "use --device cpu" in result.output and "Traceback" not in result.output
