@@ -2,8 +2,8 @@
 
     python benchmarks/align_throughput.py [--corpus data/] [--repeats 5]
 
-Every record of the corpus is tokenized once by the pivot (SmolLM2) and by each source (outside the timing,
-Gemma-3 with its <bos> as cache-build runs it). Timed, per record: the byte end of every token on both sides
+Every record of the corpus is tokenized once by the pivot (SmolLM2) and by each source, as cache-build does
+(`cache_builder.build.tokenize`, with <bos> where the model needs it), outside the timing. Timed, per record: the byte end of every token on both sides
 (`token_byte_ends`, which also proves that the tokens spell the text) and the exact-context alignment
 (`align_positions`), i.e. what cache-align does per record before it gathers the cached rows. Median of
 `--repeats` passes over the corpus. Prints a table and one JSON line.
@@ -23,16 +23,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from alignment import align_positions, token_byte_ends, token_surface  # noqa: E402
+from cache_builder.build import tokenize  # noqa: E402
 from cache_builder.corpus import load_corpus  # noqa: E402
-from cache_builder.models import load_tokenizer  # noqa: E402
+from cache_builder.models import load_tokenizer, resolve_model  # noqa: E402
 
 PIVOT = "smollm2"
-SOURCES = {"qwen": False, "gemma3": True}  # name -> prepend <bos>
+SOURCES = ("qwen", "gemma3")
+NO_TRUNCATION = 1 << 30
 
 
-def encode(tok, text: str, bos: bool) -> np.ndarray:
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    return np.asarray(([tok.bos_token_id] if bos else []) + ids, dtype=np.int64)  # (T,)
+def token_ids(name: str, texts: list[str]) -> tuple[list[np.ndarray], object]:
+    """Each text's token ids (T,) as cache-build makes them for model `name`, and that model's token surface."""
+    tokenizer, add_bos = load_tokenizer(name), resolve_model(name).add_bos
+    surface = token_surface(tokenizer)
+    return [tokenize(t, tokenizer, surface, add_bos, NO_TRUNCATION)[0] for t in texts], surface
 
 
 def align_pass(pairs: list[tuple[str, np.ndarray, np.ndarray]], piv_surface, src_surface) -> tuple[float, int]:
@@ -50,15 +54,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args()
     texts = [r.text for r in load_corpus(a.corpus).records]
-    piv_tok = load_tokenizer(PIVOT)
-    piv_surface = token_surface(piv_tok)
-    piv_ids = [encode(piv_tok, t, False) for t in texts]
+    piv_ids, piv_surface = token_ids(PIVOT, texts)
     pivot_tokens = sum(len(ids) for ids in piv_ids)
     rows = []
-    for src, bos in SOURCES.items():
-        src_tok = load_tokenizer(src)
-        src_surface = token_surface(src_tok)
-        pairs = [(t, p, encode(src_tok, t, bos)) for t, p in zip(texts, piv_ids)]
+    for src in SOURCES:
+        src_ids, src_surface = token_ids(src, texts)
+        pairs = list(zip(texts, piv_ids, src_ids))
         runs = [align_pass(pairs, piv_surface, src_surface) for _ in range(a.repeats)]
         seconds = statistics.median(s for s, _ in runs)
         rows.append({"pair": f"{src}->{PIVOT}", "records": len(texts), "pivot_tokens": pivot_tokens,

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache_builder.corpus import render  # noqa: E402
 
 
 def record_text(record: dict) -> str:
-    return record["text"] if "text" in record else record["prompt"] + record["response"]
+    """The canonical text that cache-build scores (prompt and response records get their role headers)."""
+    return render(record)[0]
 
 
 def significant_lines(text: str, min_chars: int) -> list[str]:
