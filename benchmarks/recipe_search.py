@@ -72,13 +72,14 @@ CONFIGS: dict[str, str] = {
     "kl-24-l0.7-gtok": "--mode unified --loss topk-kl --lambda 0.7 --gate token --lr 2e-4 --max-steps 24",
 }
 
-# The 4x corpus of examples/reproduce.sh: its training flags, 2 epochs (90 steps), 52 validation records.
+# The 4x corpus of examples/reproduce.sh: its training flags, 2 epochs (about 90 steps), ~52 validation records.
 REPRO_BASE = "--epochs 2 --lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 0 --seed 0"
 REPRO_CONFIGS: dict[str, str] = {
     "sft": "--mode sft",
     # Qwen's code strength needs token identity: top-k KL (ULD only matches sorted probabilities)
     "kl-l0.7-mince-gtok": "--mode unified --loss topk-kl --lambda 0.7 --gate token --weighting mince",
     "kl-l0.7-qwen-gtok": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate token",
+    "infi-raw-l0.3": "--mode unified --loss infifusion --raw --lambda 0.3",  # the demo's and reproduction's recipe
 }
 
 SUITES: dict[str, tuple[str, dict[str, str]]] = {"demo": (BASE, CONFIGS), "repro": (REPRO_BASE, REPRO_CONFIGS)}

