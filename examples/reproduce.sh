@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${SCALE:-4}
-EPOCHS=${EPOCHS:-1}
+EPOCHS=${EPOCHS:-2}
 OUT=${OUT:-out/repro}
 make setup
 mkdir -p "$OUT"
