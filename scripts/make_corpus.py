@@ -260,7 +260,9 @@ def length(record: dict) -> int:
     return len(record["text"]) if "text" in record else len(record["prompt"]) + len(record["response"])
 
 
-def select(domain: str, candidates: list[dict], scale: float = 1.0) -> list[dict]:
+def select(domain: str, candidates: list[dict], scale: float = 1.0, train_scale: float = 1.0) -> list[dict]:
+    """The domain's records: per split, candidates in hash order until the split's budget (times `scale`, and
+    the train split's also times `train_scale`) is filled. Validation and held-out do not depend on `train_scale`."""
     seen, unique = set(), []
     for order, c in enumerate(candidates):
         key = content(c)
@@ -272,7 +274,7 @@ def select(domain: str, candidates: list[dict], scale: float = 1.0) -> list[dict
         by_split[split_of(domain, c.get("split_key", content(c)))].append((rank(domain, content(c)), order, c))
     chosen = []
     for split in SPLITS:
-        used, budget = 0, BUDGET[split] * scale
+        used, budget = 0, BUDGET[split] * scale * (train_scale if split == "train" else 1.0)
         for _, order, c in sorted(by_split[split], key=lambda t: t[0]):
             if used + length(c) <= budget:
                 used += length(c)
@@ -306,6 +308,9 @@ def main() -> None:
     parser.add_argument("--code-split", choices=CODE_SPLITS, default="content",
                         help="content: the shipped corpus (9 modules, split per function); module: "
                              f"{len(STDLIB_MODULES) + len(MORE_STDLIB_MODULES)} modules, each wholly in one split")
+    parser.add_argument("--code-train-scale", type=float, default=1.0,
+                        help="multiply the code domain's TRAIN budget once more (validation and held-out unchanged): "
+                             "a larger distillation set for the domain where a source is much stronger")
     args = parser.parse_args()
     check_versions(args.src)
 
@@ -316,7 +321,8 @@ def main() -> None:
         "math": math_candidates(args.src),
         "instruct": instruct_candidates(args.src),
     }
-    records = [r for domain in DOMAINS for r in select(domain, pools[domain], args.scale)]
+    train_scales = {"code": args.code_train_scale}
+    records = [r for domain in DOMAINS for r in select(domain, pools[domain], args.scale, train_scales.get(domain, 1.0))]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", encoding="utf-8", newline="\n") as f:
         for r in records:
