@@ -9,8 +9,9 @@ configurations (resumable). The held-out split is never touched.
     python benchmarks/recipe_search.py --suite repro --cache out/repro/cache --data out/repro/corpus.jsonl \
         --out out/search-repro
 
-Two suites: `demo` (the shipped 57-record corpus, 12 steps) and `repro` (the 4x corpus of
-examples/reproduce.sh, 2 epochs, the reproduction's training flags).
+Three suites: `demo` (the shipped 57-record corpus, 12 steps), `repro` (the 4x corpus of
+examples/reproduce.sh, 2 epochs, the reproduction's training flags) and `repro-code` (that corpus with 5x the
+code training records, 1 epoch).
 
 Reference rows (untrained pivot, the sources alone) are evaluated with the model name instead of a run.
 """
@@ -82,7 +83,28 @@ REPRO_CONFIGS: dict[str, str] = {
     "infi-raw-l0.3": "--mode unified --loss infifusion --raw --lambda 0.3",  # the demo's and reproduction's recipe
 }
 
-SUITES: dict[str, tuple[str, dict[str, str]]] = {"demo": (BASE, CONFIGS), "repro": (REPRO_BASE, REPRO_CONFIGS)}
+# The same corpus with 5x the code training records (`make_corpus.py --code-train-scale 5`; validation and
+# held-out unchanged): a larger distillation set where Qwen2.5-Coder is far stronger. One epoch (about 100 steps):
+# on the 4x corpus SFT was already past its best after one.
+REPRO_CODE_BASE = "--epochs 1 --lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 0 --seed 0"
+REPRO_CODE_CONFIGS: dict[str, str] = {
+    "sft": "--mode sft",
+    "infi-raw-l0.3": "--mode unified --loss infifusion --raw --lambda 0.3",
+    "kl-l0.7-mince-gtok": "--mode unified --loss topk-kl --lambda 0.7 --gate token --weighting mince",
+    "kl-l0.9-mince-gtok": "--mode unified --loss topk-kl --lambda 0.9 --gate token --weighting mince",
+    # the two rows above lose to SFT everywhere: λ also scales down the SFT term where the gate lets nothing in
+    # (about half the positions); with --lambda-scope distilled those positions keep the full SFT weight
+    "kl-l0.7-mince-gtok-scoped": "--mode unified --loss topk-kl --lambda 0.7 --gate token --weighting mince "
+                                 "--lambda-scope distilled",
+    "kl-l1.0-mince-gtok-scoped": "--mode unified --loss topk-kl --lambda 1.0 --gate token --weighting mince "
+                                 "--lambda-scope distilled",
+}
+
+SUITES: dict[str, tuple[str, dict[str, str]]] = {
+    "demo": (BASE, CONFIGS),
+    "repro": (REPRO_BASE, REPRO_CONFIGS),
+    "repro-code": (REPRO_CODE_BASE, REPRO_CODE_CONFIGS),
+}
 
 # Reference models evaluated as they are (no training).
 REFERENCES: dict[str, str] = {"ref-pivot": "smollm2", "ref-qwen": "qwen", "ref-gemma3": "gemma3"}

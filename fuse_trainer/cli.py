@@ -32,6 +32,7 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--sources", default=None, help="Comma-separated source names (default: all aligned to the pivot).")
 @click.option("--loss", default=DEFAULTS.loss, type=click.Choice(["infifusion", "fusellm", "topk-kl", "alm"]), help="Fusion term.")
 @click.option("--lambda", "lam", default=DEFAULTS.lam, type=float, help="Weight of the fusion term: (1-λ)·SFT + λ·fusion; 0 = SFT only.")
+@click.option("--lambda-scope", default=DEFAULTS.lambda_scope, type=click.Choice(["all", "distilled"]), help="Where λ applies: at every response position, or only where a source is distilled (after --gate and --weighting); elsewhere the SFT term keeps weight 1.")
 @click.option("--temperature", default=DEFAULTS.temperature, type=float, help="Softmax temperature of the fusion loss (ALM: binarization temperature).")
 @click.option("--top-k", default=DEFAULTS.top_k, type=int, help="K of InfiFusion's ULD.")
 @click.option("--standardize/--raw", default=DEFAULTS.standardize, help="InfiFusion: z-score the logits (paper) or use raw probabilities.")

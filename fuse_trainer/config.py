@@ -9,6 +9,7 @@ import yaml
 
 MODES = ("unified", "pairwise", "sft")
 GATES = ("none", "token", "chunk", "record")
+LAMBDA_SCOPES = ("all", "distilled")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -22,6 +23,7 @@ class TrainConfig:
     sources: list[str] | None = None  # default: every source aligned to the pivot
     loss: str = "topk-kl"  # a key of fuse_trainer.losses.FUSION_LOSSES
     lam: float = 0.5  # total = (1 - lam) * SFT + lam * fusion
+    lambda_scope: str = "all"  # all: every response position; distilled: only where a source is distilled
     temperature: float = 1.0  # softmax temperature of the fusion loss (ALM: binarization temperature)
     top_k: int = 10  # InfiFusion's K
     standardize: bool = True  # InfiFusion: z-score the logits before the softmax
@@ -71,6 +73,7 @@ class TrainConfig:
             (self.loss in FUSION_LOSSES, f"loss must be one of {sorted(FUSION_LOSSES)}"),
             (self.weighting in SOURCE_WEIGHTINGS, f"weighting must be one of {sorted(SOURCE_WEIGHTINGS)}"),
             (self.gate in GATES, f"gate must be one of {GATES}"),
+            (self.lambda_scope in LAMBDA_SCOPES, f"lambda_scope must be one of {LAMBDA_SCOPES}"),
             (self.merge in MERGE_METHODS, f"merge must be one of {sorted(MERGE_METHODS)}"),
             (0.0 <= self.lam <= 1.0, "lambda must be in [0, 1]"),
             (self.dtype in ("fp32", "bf16"), "dtype must be fp32 or bf16"),

@@ -4,7 +4,8 @@ One run, top to bottom:
   1. find the sources aligned to the pivot under the cache root, verify them, join them by record id;
   2. load the pivot, AdamW, a warmup + cosine schedule; resume from the run's checkpoint if asked;
   3. each optimizer step takes `grad_accum` token-budgeted micro-batches (this rank takes every
-     world_size-th), computes (1-λ)·SFT + λ·fusion normalised by the step's response tokens, all-reduces
+     world_size-th), computes (1-λ)·SFT + λ·fusion normalised by the step's response tokens (with
+     `lambda_scope: distilled`, λ only where a source is distilled: elsewhere SFT keeps weight 1), all-reduces
      the gradients, clips and steps; metrics go to metrics.jsonl and the progress bar;
   4. saves a Hugging Face checkpoint with the resolved config and the caches' fingerprints.
 Pairwise mode runs 1-4 once per source, then merges the pivots in weight space.
@@ -42,7 +43,8 @@ from fuse_trainer.losses import (
 from fuse_trainer.weighting import source_weights, topk_entropy
 
 STATE_FILE = "trainer_state.pt"
-TERMS = ("sft_sum", "fusion_sum", "n_tokens", "kept_mass_sum", "gated_in", "fusion_positions")  # summed per step
+# summed per step; objective_sum is the loss before the division by the step's response tokens
+TERMS = ("objective_sum", "sft_sum", "fusion_sum", "n_tokens", "kept_mass_sum", "gated_in", "fusion_positions")
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoint"
 
@@ -83,12 +85,13 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
              "fusion_positions": logits.new_zeros(())}
     if cfg.mode == "sft" or cfg.lam == 0.0:
         sft_sum, n_tokens = sft_loss(logits, batch.labels, batch.loss_mask)
-        return {**terms, "sft_sum": sft_sum, "n_tokens": n_tokens.float()}
+        return {**terms, "objective_sum": sft_sum, "sft_sum": sft_sum, "n_tokens": n_tokens.float()}
     log_z = torch.logsumexp(logits, dim=-1)  # (B, T): one pass over the vocabulary, shared by every term
     piv_gold = gold_logprobs(logits, batch.labels, log_z)  # (B, T)
     terms["sft_sum"] = -(piv_gold * batch.loss_mask).sum()  # = sft_loss, without a second vocabulary pass
     terms["n_tokens"] = batch.loss_mask.sum().float()
     weights = source_weights(source_scores(batch, piv_gold.detach(), cfg), cfg.weighting, cfg.weighting_temperature)
+    distilled = torch.zeros_like(batch.loss_mask, dtype=logits.dtype)  # (B, T) summed source weight distilled there
     uld_stats = (pivot_uld_stats(logits, cfg.top_k, cfg.standardize, cfg.normalize == "full")  # once for every source
                  if cfg.loss == "infifusion" else None)
     for s, src in enumerate(batch.sources.values()):
@@ -121,10 +124,22 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
             gate = torch.ones_like(keep)
         mask = (keep & valid & gate).float()  # (N,)
         terms["fusion_sum"] = terms["fusion_sum"] + (per_position * mask * weights[s, src.row]).sum()
+        distilled.index_put_((src.row, src.pos), mask * weights[s, src.row], accumulate=True)
         terms["kept_mass_sum"] += (src.kept_mass * keep).sum()
         terms["gated_in"] += mask.sum()
         terms["fusion_positions"] += keep.float().sum()
+    terms["objective_sum"] = sft_weight_sum(piv_gold, batch.loss_mask, distilled, cfg) + cfg.lam * terms["fusion_sum"]
     return terms
+
+
+def sft_weight_sum(piv_gold: torch.Tensor, loss_mask: torch.Tensor, distilled: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The SFT part of the objective, summed: (1-λ)·Σ CE over every response position (`lambda_scope: all`),
+    or Σ (1 - λ·d)·CE with d (B, T) the source weight distilled at each position (`distilled`), so a position
+    no source is distilled at is learned from the gold text at full weight."""
+    ce = -(piv_gold * loss_mask)  # (B, T)
+    if cfg.lambda_scope == "all":
+        return (1 - cfg.lam) * ce.sum()
+    return ((1 - cfg.lam * distilled.clamp(max=1.0)) * ce).sum()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +304,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
         sums = dict.fromkeys(TERMS, 0.0)
         for shard, rows in group[rank::world]:
             terms = micro_batch_terms(model, collate(data.shard(shard), rows).to(device), cfg)
-            loss = ((1 - cfg.lam) * terms["sft_sum"] + cfg.lam * terms["fusion_sum"]) / max(n_response, 1)
+            loss = terms["objective_sum"] / max(n_response, 1)
             loss.backward()
             for k in TERMS:
                 sums[k] += float(terms[k].detach())
@@ -308,7 +323,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
         optimizer.zero_grad(set_to_none=True)
         record = {
             "step": step + 1,
-            "loss": ((1 - cfg.lam) * sums["sft_sum"] + cfg.lam * sums["fusion_sum"]) / max(n_response, 1),
+            "loss": sums["objective_sum"] / max(n_response, 1),
             "sft": sums["sft_sum"] / max(n_response, 1),
             "fusion": sums["fusion_sum"] / max(n_response, 1),
             "kept_mass": sums["kept_mass_sum"] / max(sums["fusion_positions"], 1),

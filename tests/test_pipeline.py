@@ -244,6 +244,45 @@ def test_sparse_gather_in_the_trainer_equals_the_dense_loss(world):
         assert torch.allclose(once, uld_loss(logits[src.row, src.pos], *args, **kwargs), atol=1e-5)
 
 
+def test_lambda_scope_distilled_keeps_full_sft_weight_where_no_source_is_distilled(world):
+    """`lambda_scope: all` is (1-λ)·SFT + λ·fusion; `distilled` weighs each position's CE by 1-λ only where the
+    source is distilled (aligned, a kept candidate, through the gate) and by 1 elsewhere: checked against a loop."""
+    from transformers import AutoModelForCausalLM
+
+    from fuse_trainer.config import TrainConfig
+    from fuse_trainer.data import FusionData, collate
+    from fuse_trainer.train import gold_logprobs, micro_batch_terms
+
+    data = FusionData(discover_sources(world["cache"], "pivot", ["srcq"]))
+    shard, rows = data.plan(0, 256, seed=0)[0]
+    batch = collate(data.shard(shard), rows)
+    model = AutoModelForCausalLM.from_pretrained(world["models"]["pivot"]).eval()
+    lam = 0.7
+
+    def objective(**kw) -> dict:
+        with torch.no_grad():
+            return micro_batch_terms(model, batch, TrainConfig(mode="unified", loss="topk-kl", lam=lam, **kw).validate())
+
+    every = objective(lambda_scope="all")
+    assert torch.allclose(every["objective_sum"], (1 - lam) * every["sft_sum"] + lam * every["fusion_sum"])
+
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        gold = gold_logprobs(logits, batch.labels, torch.logsumexp(logits, -1))  # (B, T)
+    ce = -gold * batch.loss_mask
+    src = batch.sources["srcq"]
+    weight = torch.ones_like(ce)
+    for r, t, ids, src_gold in zip(src.row.tolist(), src.pos.tolist(), src.topk_ids, src.gold_logprob.tolist()):
+        if batch.loss_mask[r, t] and (ids >= 0).any() and src_gold > gold[r, t]:
+            weight[r, t] = 1 - lam
+    scoped = objective(lambda_scope="distilled", gate="token")
+    assert 0 < int((weight < 1).sum()) < int(batch.loss_mask.sum())  # both kinds of position are present
+    assert torch.allclose(scoped["objective_sum"], (weight * ce).sum() + lam * scoped["fusion_sum"], rtol=1e-5)
+
+    nothing = objective(lambda_scope="distilled", gate="token", gate_margin=1e9)  # the gate lets no position in
+    assert nothing["fusion_sum"] == 0 and torch.allclose(nothing["objective_sum"], nothing["sft_sum"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by benchmarks/gpu_check.sh)")
 @pytest.mark.parametrize("loss", ["topk-kl", "infifusion", "alm"])
 def test_a_micro_batch_on_the_gpu_equals_the_cpu(world, loss):
