@@ -98,6 +98,17 @@ REPRO_CODE_CONFIGS: dict[str, str] = {
                                  "--lambda-scope distilled",
     "kl-l1.0-mince-gtok-scoped": "--mode unified --loss topk-kl --lambda 1.0 --gate token --weighting mince "
                                  "--lambda-scope distilled",
+    # every row gets worse as λ grows, on every domain: the KL gradient at a position, q - p_src, is far smaller
+    # than the CE gradient q - onehot where the teacher itself is unsure, so at equal lr the fused arm takes
+    # smaller steps. A larger lr for both arms:
+    "sft-lr4e-4": "--mode sft --lr 4e-4",
+    "kl-l0.7-mince-gtok-scoped-lr4e-4": "--mode unified --loss topk-kl --lambda 0.7 --gate token --weighting mince "
+                                        "--lambda-scope distilled --lr 4e-4",
+    # worse for both arms, fusion more so. Last: does the distillation term pay off only past one epoch, where
+    # it held SFT's overfitting back on the small corpus (session 2)?
+    "sft-2ep": "--mode sft --epochs 2",
+    "kl-l0.7-mince-gtok-scoped-2ep": "--mode unified --loss topk-kl --lambda 0.7 --gate token --weighting mince "
+                                     "--lambda-scope distilled --epochs 2",
 }
 
 SUITES: dict[str, tuple[str, dict[str, str]]] = {

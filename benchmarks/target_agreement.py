@@ -1,0 +1,84 @@
+"""How good are the cached distillation targets for the pivot's own next token? Read from an aligned cache only.
+
+    python benchmarks/target_agreement.py out/repro/cache [--pivot smollm2] [--split train]
+
+For every source aligned to the pivot, at the aligned response positions of the split, per domain and per kind
+of position:
+  single   both tokenizers' next tokens end at the same byte: the same event for source and pivot
+  multi    they do not (the chunk up to the next shared boundary holds more than one token on a side)
+it prints
+  top1=gold   the source's top candidate, mapped into the pivot vocabulary, is the pivot's gold next token
+  p(gold)     source probability mass on the pivot's gold token (0 where it is not a candidate)
+  gold absent the pivot's gold token is not among the K mapped candidates (top-k KL pushes it into the tail)
+  absent+sure ... and the source gives its own next token more than 0.5: a confident target for another event
+  kept mass   source probability kept by the vocabulary map
+Prints one JSON line, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache_builder.reader import read_rows  # noqa: E402
+from fuse_trainer.data import discover_sources  # noqa: E402
+
+COLUMNS = ["domain", "split", "token_ids", "loss_mask", "aligned_pos", "src_pos", "topk_ids", "topk_logits",
+           "logsumexp", "gold_logprob"]
+FIGURES = ("top1=gold", "p(gold)", "gold absent", "absent+sure", "kept mass")
+
+
+def record_figures(token_ids, loss_mask, aligned_pos, src_pos, topk_ids, topk_logits, lse, src_gold):
+    """One record -> {kind: (n, sums of FIGURES)} over its aligned response positions.
+
+    token_ids (T,), loss_mask (T-1,), aligned_pos / src_pos (A,), topk_ids / topk_logits (A, K), lse / src_gold (A,).
+    """
+    gold = token_ids[aligned_pos + 1]  # (A,) the pivot's next token
+    p = np.exp(topk_logits.astype(np.float64) - lse[:, None]) * (topk_ids >= 0)  # (A, K)
+    is_gold = topk_ids == gold[:, None]  # (A, K)
+    absent = ~is_gold.any(axis=1)
+    single = np.zeros(len(aligned_pos), dtype=bool)
+    single[:-1] = (aligned_pos[1:] == aligned_pos[:-1] + 1) & (src_pos[1:] == src_pos[:-1] + 1)
+    values = np.stack([topk_ids[:, 0] == gold, (p * is_gold).sum(1), absent, absent & (src_gold > np.log(0.5)),
+                       p.sum(1)], axis=1)  # (A, 5)
+    response = loss_mask[aligned_pos]
+    return {kind: (int(sel.sum()), values[sel].sum(0)) for kind, sel in
+            (("single", single & response), ("multi", ~single & response))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cache", help="cache root with <source>/aligned/<pivot>/")
+    ap.add_argument("--pivot", default="smollm2")
+    ap.add_argument("--split", default="train")
+    a = ap.parse_args()
+    result = {}
+    for source, folder in discover_sources(a.cache, a.pivot).items():
+        rows = read_rows(folder, COLUMNS)
+        totals: dict[tuple[str, str], list] = defaultdict(lambda: [0, np.zeros(len(FIGURES))])
+        for i in np.flatnonzero(rows["split"] == a.split):
+            ragged = {c: rows[c].row(i) for c in COLUMNS[2:]}
+            per_kind = record_figures(ragged["token_ids"], ragged["loss_mask"], ragged["aligned_pos"],
+                                      ragged["src_pos"], ragged["topk_ids"], ragged["topk_logits"],
+                                      ragged["logsumexp"], ragged["gold_logprob"])
+            for kind, (n, sums) in per_kind.items():
+                totals[(str(rows["domain"][i]), kind)][0] += n
+                totals[(str(rows["domain"][i]), kind)][1] += sums
+        result[source] = {f"{dom}/{kind}": {"positions": n, **dict(zip(FIGURES, np.round(s / max(n, 1), 3).tolist()))}
+                          for (dom, kind), (n, s) in sorted(totals.items())}
+    print(json.dumps({"split": a.split, "pivot": a.pivot, "sources": result}))
+    print(f"{'source':8s} {'domain/kind':16s} {'positions':>9s}" + "".join(f"{f:>12s}" for f in FIGURES))
+    for source, table in result.items():
+        for key, row in table.items():
+            print(f"{source:8s} {key:16s} {row['positions']:9d}" + "".join(f"{row[f]:12.3f}" for f in FIGURES))
+
+
+if __name__ == "__main__":
+    main()
