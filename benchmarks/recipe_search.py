@@ -109,6 +109,11 @@ REPRO_CODE_CONFIGS: dict[str, str] = {
     "sft-2ep": "--mode sft --epochs 2",
     "kl-l0.7-mince-gtok-scoped-2ep": "--mode unified --loss topk-kl --lambda 0.7 --gate token --weighting mince "
                                      "--lambda-scope distilled --epochs 2",
+    # the teacher only where it is much better (by 1 nat on the gold text), gold text at full weight elsewhere;
+    # and the seed noise of the baseline
+    "kl-l0.5-mince-gtok-m1-scoped": "--mode unified --loss topk-kl --lambda 0.5 --gate token --gate-margin 1.0 "
+                                    "--weighting mince --lambda-scope distilled",
+    "sft-seed1": "--mode sft --seed 1",
 }
 
 SUITES: dict[str, tuple[str, dict[str, str]]] = {

@@ -88,7 +88,8 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
         return {**terms, "objective_sum": sft_sum, "sft_sum": sft_sum, "n_tokens": n_tokens.float()}
     log_z = torch.logsumexp(logits, dim=-1)  # (B, T): one pass over the vocabulary, shared by every term
     piv_gold = gold_logprobs(logits, batch.labels, log_z)  # (B, T)
-    terms["sft_sum"] = -(piv_gold * batch.loss_mask).sum()  # = sft_loss, without a second vocabulary pass
+    ce = -(piv_gold * batch.loss_mask)  # (B, T) per-position SFT loss, without a second vocabulary pass
+    terms["sft_sum"] = ce.sum()  # = sft_loss
     terms["n_tokens"] = batch.loss_mask.sum().float()
     weights = source_weights(source_scores(batch, piv_gold.detach(), cfg), cfg.weighting, cfg.weighting_temperature)
     distilled = torch.zeros_like(batch.loss_mask, dtype=logits.dtype)  # (B, T) summed source weight distilled there
@@ -128,15 +129,14 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
         terms["kept_mass_sum"] += (src.kept_mass * keep).sum()
         terms["gated_in"] += mask.sum()
         terms["fusion_positions"] += keep.float().sum()
-    terms["objective_sum"] = sft_weight_sum(piv_gold, batch.loss_mask, distilled, cfg) + cfg.lam * terms["fusion_sum"]
+    terms["objective_sum"] = weighted_sft_sum(ce, distilled, cfg) + cfg.lam * terms["fusion_sum"]
     return terms
 
 
-def sft_weight_sum(piv_gold: torch.Tensor, loss_mask: torch.Tensor, distilled: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """The SFT part of the objective, summed: (1-λ)·Σ CE over every response position (`lambda_scope: all`),
+def weighted_sft_sum(ce: torch.Tensor, distilled: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The SFT part of the objective, summed from the per-position CE (B, T): (1-λ)·Σ CE (`lambda_scope: all`),
     or Σ (1 - λ·d)·CE with d (B, T) the source weight distilled at each position (`distilled`), so a position
     no source is distilled at is learned from the gold text at full weight."""
-    ce = -(piv_gold * loss_mask)  # (B, T)
     if cfg.lambda_scope == "all":
         return (1 - cfg.lam) * ce.sum()
     return ((1 - cfg.lam * distilled.clamp(max=1.0)) * ce).sum()
