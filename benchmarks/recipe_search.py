@@ -98,9 +98,9 @@ REPRO_CODE_CONFIGS: dict[str, str] = {
                                  "--lambda-scope distilled",
     "kl-l1.0-mince-gtok-scoped": "--mode unified --loss topk-kl --lambda 1.0 --gate token --weighting mince "
                                  "--lambda-scope distilled",
-    # every row gets worse as λ grows, on every domain: the KL gradient at a position, q - p_src, is far smaller
-    # than the CE gradient q - onehot where the teacher itself is unsure, so at equal lr the fused arm takes
-    # smaller steps. A larger lr for both arms:
+    # every row gets worse as λ grows, on every domain. Hypothesis: the KL gradient q - p_src is smaller than the
+    # CE gradient q - onehot where the teacher is unsure, so the fused arm takes smaller steps (unlikely under
+    # Adam with clipping active at nearly every step, and refuted by these rows). A larger lr for both arms:
     "sft-lr4e-4": "--mode sft --lr 4e-4",
     "kl-l0.7-mince-gtok-scoped-lr4e-4": "--mode unified --loss topk-kl --lambda 0.7 --gate token --weighting mince "
                                         "--lambda-scope distilled --lr 4e-4",

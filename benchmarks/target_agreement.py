@@ -30,24 +30,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cache_builder.reader import read_rows  # noqa: E402
 from fuse_trainer.data import discover_sources  # noqa: E402
 
-COLUMNS = ["domain", "split", "token_ids", "loss_mask", "aligned_pos", "src_pos", "topk_ids", "topk_logits",
-           "logsumexp", "gold_logprob"]
+PER_RECORD = ["token_ids", "loss_mask", "aligned_pos", "src_pos", "topk_ids", "topk_logits", "logsumexp",
+              "gold_logprob", "kept_mass"]  # the arguments of record_figures, by name
 FIGURES = ("top1=gold", "p(gold)", "gold absent", "absent+sure", "kept mass")
 
 
-def record_figures(token_ids, loss_mask, aligned_pos, src_pos, topk_ids, topk_logits, lse, src_gold):
-    """One record -> {kind: (n, sums of FIGURES)} over its aligned response positions.
+def record_figures(token_ids, loss_mask, aligned_pos, src_pos, topk_ids, topk_logits, logsumexp, gold_logprob,
+                   kept_mass):
+    """One record of an aligned layer -> {kind: (n, sums of FIGURES)} over its aligned response positions.
 
-    token_ids (T,), loss_mask (T-1,), aligned_pos / src_pos (A,), topk_ids / topk_logits (A, K), lse / src_gold (A,).
+    token_ids (T,), loss_mask (T-1,), aligned_pos / src_pos (A,), topk_ids / topk_logits (A, K),
+    logsumexp / gold_logprob (the source's own next token) / kept_mass (A,).
     """
     gold = token_ids[aligned_pos + 1]  # (A,) the pivot's next token
-    p = np.exp(topk_logits.astype(np.float64) - lse[:, None]) * (topk_ids >= 0)  # (A, K)
     is_gold = topk_ids == gold[:, None]  # (A, K)
+    p_gold = (np.exp(topk_logits.astype(np.float64) - logsumexp[:, None]) * is_gold).sum(1)  # (A,)
     absent = ~is_gold.any(axis=1)
     single = np.zeros(len(aligned_pos), dtype=bool)
     single[:-1] = (aligned_pos[1:] == aligned_pos[:-1] + 1) & (src_pos[1:] == src_pos[:-1] + 1)
-    values = np.stack([topk_ids[:, 0] == gold, (p * is_gold).sum(1), absent, absent & (src_gold > np.log(0.5)),
-                       p.sum(1)], axis=1)  # (A, 5)
+    values = np.stack([topk_ids[:, 0] == gold, p_gold, absent, absent & (gold_logprob > np.log(0.5)), kept_mass],
+                      axis=1)  # (A, 5)
     response = loss_mask[aligned_pos]
     return {kind: (int(sel.sum()), values[sel].sum(0)) for kind, sel in
             (("single", single & response), ("multi", ~single & response))}
@@ -61,16 +63,13 @@ def main() -> None:
     a = ap.parse_args()
     result = {}
     for source, folder in discover_sources(a.cache, a.pivot).items():
-        rows = read_rows(folder, COLUMNS)
+        rows = read_rows(folder, ["domain", "split", *PER_RECORD])
         totals: dict[tuple[str, str], list] = defaultdict(lambda: [0, np.zeros(len(FIGURES))])
         for i in np.flatnonzero(rows["split"] == a.split):
-            ragged = {c: rows[c].row(i) for c in COLUMNS[2:]}
-            per_kind = record_figures(ragged["token_ids"], ragged["loss_mask"], ragged["aligned_pos"],
-                                      ragged["src_pos"], ragged["topk_ids"], ragged["topk_logits"],
-                                      ragged["logsumexp"], ragged["gold_logprob"])
-            for kind, (n, sums) in per_kind.items():
-                totals[(str(rows["domain"][i]), kind)][0] += n
-                totals[(str(rows["domain"][i]), kind)][1] += sums
+            for kind, (n, sums) in record_figures(**{c: rows[c].row(i) for c in PER_RECORD}).items():
+                total = totals[(str(rows["domain"][i]), kind)]
+                total[0] += n
+                total[1] += sums
         result[source] = {f"{dom}/{kind}": {"positions": n, **dict(zip(FIGURES, np.round(s / max(n, 1), 3).tolist()))}
                           for (dom, kind), (n, s) in sorted(totals.items())}
     print(json.dumps({"split": a.split, "pivot": a.pivot, "sources": result}))
