@@ -9,9 +9,9 @@ configurations (resumable). The held-out split is never touched.
     python benchmarks/recipe_search.py --suite repro --cache out/repro/cache --data out/repro/corpus.jsonl \
         --out out/search-repro
 
-Three suites: `demo` (the shipped 57-record corpus, 12 steps), `repro` (the 4x corpus of
-examples/reproduce.sh, 2 epochs, the reproduction's training flags) and `repro-code` (that corpus with 5x the
-code training records, 1 epoch).
+Four suites: `demo` (the shipped 57-record corpus, 12 steps), `repro` (the 4x corpus of
+examples/reproduce.sh, 2 epochs, the reproduction's training flags), `repro-code` (that corpus with 5x the
+code training records, 1 epoch) and `repro-gen` (repro-code plus source-written code records, corpus-generate).
 
 Reference rows (untrained pivot, the sources alone) are evaluated with the model name instead of a run.
 """
@@ -116,10 +116,20 @@ REPRO_CODE_CONFIGS: dict[str, str] = {
     "sft-seed1": "--mode sft --seed 1",
 }
 
+# Sequence-level distillation (session 5): the repro-code corpus plus Qwen2.5-Coder's own continuations of its
+# code train records (`corpus-generate --model qwen --domain code --samples 2`, split "generated"), cached by both
+# sources. "sft" trains on the gold records alone, as every baseline before; "-gen" rows add the generated ones.
+REPRO_GEN_CONFIGS: dict[str, str] = {
+    "sft": "--mode sft",
+    "sft-gen": "--mode sft --train-splits train,generated",
+    "infi-raw-l0.3-gen": "--mode unified --loss infifusion --raw --lambda 0.3 --train-splits train,generated",
+}
+
 SUITES: dict[str, tuple[str, dict[str, str]]] = {
     "demo": (BASE, CONFIGS),
     "repro": (REPRO_BASE, REPRO_CONFIGS),
     "repro-code": (REPRO_CODE_BASE, REPRO_CODE_CONFIGS),
+    "repro-gen": (REPRO_CODE_BASE, REPRO_GEN_CONFIGS),
 }
 
 # Reference models evaluated as they are (no training).

@@ -1,4 +1,5 @@
-"""Thin click commands over the cache_builder library: cache-build, cache-align, cache-info, cache-verify."""
+"""Thin click commands over the cache_builder library: cache-build, cache-align, cache-info, cache-verify,
+corpus-generate."""
 
 from __future__ import annotations
 
@@ -128,3 +129,48 @@ def verify(path, rescore, model, device):
         sys.exit(1)
     click.secho(f"OK {len(layers)} cache layer(s) under {path} verified" + (f", {rescore} rows rescored per source" if rescore else ""), fg="green")
 
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--model", required=True, help="Source model that writes the continuations (as for cache-build).")
+@click.option("--corpus", "corpus_path", required=True, type=click.Path(exists=True), help="Corpus whose records give the prompts.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL file of generated records (a corpus file; OUT.partial while running).")
+@click.option("--split", default="train", help="Prompts come from records of this split only (never cut prompts from held-out text).")
+@click.option("--domain", "domains", multiple=True, help="Only records of this domain (repeat; default: every domain).")
+@click.option("--samples", default=1, type=click.IntRange(1), help="Continuations per prompt.")
+@click.option("--prompt-chars", default=400, type=click.IntRange(1), help="Prompt = the record's first N characters, cut after a line end.")
+@click.option("--max-new-tokens", default=256, type=click.IntRange(1), help="Source tokens written per continuation at most.")
+@click.option("--temperature", default=0.8, type=click.FloatRange(min=0.0, min_open=True))
+@click.option("--top-p", default=0.95, type=click.FloatRange(0.0, 1.0, min_open=True))
+@click.option("--seed", default=0, type=int, help="Each batch samples from its own seed derived from this one (resumable).")
+@click.option("--batch-size", default=16, type=click.IntRange(1), help="Prompts sampled together.")
+@click.option("--dtype", default="bf16", type=click.Choice(["fp32", "bf16", "fp16"]))
+@click.option("--out-split", default="generated", help="Split of the generated records; train on them with fuse-train --train-splits train,generated.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+def generate(model, corpus_path, out, split, domains, samples, prompt_chars, max_new_tokens, temperature, top_p,
+             seed, batch_size, dtype, out_split, device):
+    """Let ONE source model write continuations of corpus records: sequence-level distillation data.
+
+    Each record of --split (and --domain) gives a prompt, its first --prompt-chars characters; the source
+    samples --samples continuations, written as new corpus records (split --out-split) with their generator
+    settings. Append OUT to the corpus, cache-build every source over it, and train with
+    `fuse-train --train-splits train,generated`. Resumable: rerun the same command after a crash.
+    """
+    from cache_builder.corpus import load_corpus
+    from cache_builder.generate import GenerateError, GenerateSettings, generate_corpus
+    from cache_builder.models import pick_device
+
+    if out_split == split:
+        _fail(f"--out-split must differ from --split ({split!r}): generated text must stay apart from the gold records")
+    settings = GenerateSettings(model=model, split=split, domains=tuple(domains), samples=samples,
+                                prompt_chars=prompt_chars, max_new_tokens=max_new_tokens, temperature=temperature,
+                                top_p=top_p, seed=seed, batch_size=batch_size, dtype=dtype, out_split=out_split)
+    try:
+        summary = generate_corpus(load_corpus(corpus_path).records, settings, out, pick_device(device))
+    except (GenerateError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    if summary["already_done"]:
+        click.echo(f"{out} is already complete ({summary['records']} records); nothing to do")
+    else:
+        click.echo(f"done: {summary['records']} records ({summary['generated']} this run), "
+                   f"{summary['new_tokens']} new tokens, {summary['seconds']:.0f} s -> {out}")

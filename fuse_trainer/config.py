@@ -21,6 +21,7 @@ class TrainConfig:
     pivot: str = "smollm2"
     mode: str = "unified"  # unified: one run, all sources; pairwise: one run per source + merge; sft: no fusion
     sources: list[str] | None = None  # default: every source aligned to the pivot
+    train_splits: list[str] = field(default_factory=lambda: ["train"])  # e.g. train + generated (corpus-generate)
     loss: str = "topk-kl"  # a key of fuse_trainer.losses.FUSION_LOSSES
     lam: float = 0.5  # total = (1 - lam) * SFT + lam * fusion
     lambda_scope: str = "all"  # all: every response position; distilled: only where a source is distilled
@@ -79,6 +80,7 @@ class TrainConfig:
             (self.dtype in ("fp32", "bf16"), "dtype must be fp32 or bf16"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.grad_accum >= 1 and self.batch_tokens >= 1, "grad_accum and batch_tokens must be positive"),
+            (bool(self.train_splits), "train_splits must name at least one split"),
         ]
         errors = [message for ok, message in checks if not ok]
         if errors:

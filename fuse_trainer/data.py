@@ -83,8 +83,8 @@ class ShardIndex:
     response_tokens: np.ndarray  # (R,) positions that predict a response token
 
 
-def index_shards(layers: dict[str, Path], split: str) -> list[ShardIndex]:
-    """Index every shard group: which rows of each source hold the same records of `split`."""
+def index_shards(layers: dict[str, Path], splits: tuple[str, ...]) -> list[ShardIndex]:
+    """Index every shard group: which rows of each source hold the same records of `splits`."""
     paths = {name: [s["path"] for s in load_manifest(folder)["shards"]] for name, folder in layers.items()}
     names = list(layers)
     for name in names[1:]:
@@ -98,7 +98,7 @@ def index_shards(layers: dict[str, Path], split: str) -> list[ShardIndex]:
         rows, ids = {}, None
         for name, folder in layers.items():
             meta = read_shard(folder, path, ["record_id", "split", "num_tokens", "loss_mask"])
-            keep = np.flatnonzero(meta["split"] == split)
+            keep = np.flatnonzero(np.isin(meta["split"], splits))
             order = keep[np.argsort(meta["record_id"][keep], kind="stable")]
             if ids is None:
                 ids = meta["record_id"][order]
@@ -106,21 +106,21 @@ def index_shards(layers: dict[str, Path], split: str) -> list[ShardIndex]:
                 counted = np.concatenate([[0], np.cumsum(meta["loss_mask"].values, dtype=np.int64)])
                 response = (counted[meta["loss_mask"].offsets[1:]] - counted[meta["loss_mask"].offsets[:-1]])[order]
             elif not np.array_equal(meta["record_id"][order], ids):
-                raise CacheError(f"{folder / path}: its {split} records differ from {layers[names[0]] / path}")
+                raise CacheError(f"{folder / path}: its {'/'.join(splits)} records differ from {layers[names[0]] / path}")
             rows[name] = order
         if len(ids):
             index.append(ShardIndex(path, rows, num_tokens, response.astype(np.int64)))
     if not index:
-        raise CacheError(f"no records of split {split!r} in the caches")
+        raise CacheError(f"no records of split {' or '.join(map(repr, splits))} in the caches")
     return index
 
 
 class FusionData:
     """The training records of several sources, streamed one shard group at a time (bounded memory)."""
 
-    def __init__(self, layers: dict[str, Path], split: str = "train"):
+    def __init__(self, layers: dict[str, Path], splits: tuple[str, ...] = ("train",)):
         self.layers = layers
-        self.index = index_shards(layers, split)
+        self.index = index_shards(layers, splits)
         self._loaded: tuple[int, FusionDataset] | None = None
 
     def __len__(self) -> int:

@@ -1,0 +1,103 @@
+"""corpus-generate: source-written continuations as corpus records, resumable and reproducible, and
+fuse-train --train-splits that trains on them next to the gold records."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from cache_builder.corpus import Record, load_corpus
+from cache_builder.generate import GenerateError, GenerateSettings, cut_prompt, generate_corpus, make_prompts
+from fuse_trainer.data import FusionData, discover_sources
+
+
+def _record(text: str, domain: str = "code", split: str = "train", rid: str = "r") -> Record:
+    return Record(rid, rid, 0, domain, split, text, ((0, len(text.encode())),), "test:1")
+
+
+def test_cut_prompt_ends_after_a_line_in_the_second_half():
+    text = "aaaa\nbbbb\ncccc\ndddd\n"
+    assert cut_prompt(text, 12) == "aaaa\nbbbb\n"  # the newline at index 9 lies in [6, 12)
+    assert cut_prompt(text, 100) == text
+    assert cut_prompt("x" * 30, 10) == "x" * 10  # no line end: a hard cut
+
+
+def test_make_prompts_selects_split_and_domain_and_repeats_samples():
+    records = [
+        _record("def f():\n    return 1\n" * 3, rid="a"),
+        _record("def g():\n    return 2\n" * 3, split="heldout", rid="b"),
+        _record("Once upon a time,\nthere was a king.\n" * 3, domain="prose", rid="c"),
+        _record("x = 1\n", rid="d"),  # shorter than the prompt: nothing to continue from
+    ]
+    settings = GenerateSettings(model="m", domains=("code",), samples=3, prompt_chars=30)
+    prompts = make_prompts(records, settings)
+    assert [(p.record_id, p.sample) for p in prompts] == [("a", 0), ("a", 1), ("a", 2)]
+    assert all(p.text == "def f():\n    return 1\n" and p.domain == "code" for p in prompts)
+    every_domain = make_prompts(records, replace(settings, domains=(), samples=1))
+    assert [p.record_id for p in every_domain] == ["a", "c"]
+
+
+@pytest.fixture(scope="module")
+def generated(world, tmp_path_factory):
+    """A finished generation job with the tiny qwen2-style source over the shared test corpus."""
+    out = tmp_path_factory.mktemp("generate") / "gen.jsonl"
+    settings = GenerateSettings(model=str(world["models"]["srcq"]), samples=2, prompt_chars=12,
+                                max_new_tokens=6, batch_size=3, dtype="fp32")
+    records = load_corpus(world["corpus"]).records
+    summary = generate_corpus(records, settings, out, torch.device("cpu"))
+    return {"out": out, "settings": settings, "records": records, "summary": summary}
+
+
+def test_generated_records_are_a_corpus_of_continued_train_prompts(generated):
+    by_id = {r.record_id: r for r in generated["records"]}
+    rows = [json.loads(line) for line in generated["out"].read_text().splitlines()]
+    prompts = make_prompts(generated["records"], generated["settings"])
+    assert len(rows) == len(prompts) == generated["summary"]["records"] > 0
+    for row, prompt in zip(rows, prompts):
+        source = by_id[row["generator"]["prompt_record"]]
+        assert source.split == "train" and row["split"] == "generated" and row["domain"] == source.domain
+        assert row["text"].startswith(prompt.text) and len(row["text"]) > len(prompt.text)
+    samples = {}
+    for row in rows:  # two samples of one prompt are two draws, not one text twice
+        samples.setdefault(row["generator"]["prompt_record"], set()).add(row["text"])
+    assert sum(len(texts) for texts in samples.values()) > len(samples)
+    reread = load_corpus(generated["out"])
+    assert not reread.bad and {r.split for r in reread.records} == {"generated"}
+
+
+def test_interrupted_job_resumes_to_the_same_records_and_other_settings_are_refused(generated, tmp_path):
+    out = tmp_path / "gen.jsonl"
+    lines = generated["out"].read_text().splitlines(keepends=True)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text("".join(lines[:4]) + lines[4][:10])  # one whole batch of 3, one half, a torn line
+    summary = generate_corpus(generated["records"], generated["settings"], out, torch.device("cpu"))
+    assert summary["generated"] == len(lines) - 3
+    assert out.read_text() == generated["out"].read_text() and not partial.exists()
+    assert generate_corpus(generated["records"], generated["settings"], out, torch.device("cpu"))["already_done"]
+
+    partial.write_text("".join(lines[:3]))
+    out.unlink()
+    with pytest.raises(GenerateError, match="other settings"):
+        generate_corpus(generated["records"], replace(generated["settings"], temperature=0.5), out,
+                        torch.device("cpu"))
+
+
+def test_cli_refuses_to_write_generated_text_into_the_gold_split(world, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "from cache_builder.cli import generate; generate()", "--model", "x", "--corpus",
+         str(world["corpus"]), "--out", str(tmp_path / "g.jsonl"), "--out-split", "train"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and "--out-split must differ" in result.stderr
+
+
+def test_train_splits_select_the_union_of_their_records(world):
+    layers = discover_sources(world["cache"], "pivot")
+    train, heldout = FusionData(layers, ("train",)), FusionData(layers, ("heldout",))
+    both = FusionData(layers, ("train", "heldout"))
+    assert len(train) > 0 and len(heldout) > 0 and len(both) == len(train) + len(heldout)
+    with pytest.raises(Exception, match="no records of split 'generated'"):
+        FusionData(layers, ("generated",))
