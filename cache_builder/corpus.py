@@ -9,6 +9,8 @@ Input files: a file or a folder (searched recursively, sorted) of `.jsonl`, `.js
 and `.txt`. Record shapes (one per JSON line / Parquet row):
 
 - plain text:          {"text": "..."}                       -> the whole text is response
+- text after context:  {"context": "...", "text": "..."}     -> context + text verbatim; only text is response
+  (corpus-generate writes this shape: the prompt a source continued is context, not trained on)
 - prompt + response:   {"prompt": "...", "response": "..."}  (also "instruction" / "output")
 - chat:                {"messages": [{"role": "user", "content": "..."}, ...]}
   (assistant turns are response)
@@ -140,8 +142,9 @@ def render(raw: dict) -> tuple[str, list[tuple[int, int]]]:
     if raw.get("messages") is not None:
         text, spans = _render_messages(raw["messages"])
     elif raw.get("text") is not None:
-        text = _string_field(raw, "text")
-        spans = [(0, len(text))]
+        context = _string_field(raw, "context") if raw.get("context") is not None else ""
+        text = context + _string_field(raw, "text")
+        spans = [(len(context), len(text))]
     else:
         prompt_key = next((k for k in ("prompt", "instruction") if raw.get(k) is not None), None)
         response_key = next((k for k in ("response", "output") if raw.get(k) is not None), None)

@@ -9,7 +9,10 @@ with `--train-splits train,generated` while the SFT baseline keeps training on `
 
     prompt       = the record's first `prompt_chars` characters, cut after a line end when possible
     continuation ~ source(. | prompt), sampled with temperature and top-p, at most `max_new_tokens`
-    new record   = {"text": prompt + continuation, "domain": ..., "split": "generated", "generator": {...}}
+    new record   = {"context": prompt, "text": continuation, "domain": ..., "split": "generated", "generator": {...}}
+
+The prompt is context only: it conditions the continuation but is not trained on (it is gold train text,
+already in the train split), so the generated split adds nothing but source-written text.
 
 The job is resumable: records are appended to OUT.partial one batch at a time, a rerun continues after
 the last complete batch, and OUT appears (by rename) only when every prompt is done. Each batch is
@@ -105,7 +108,8 @@ def sample_batch(model, tokenizer, prompts: list[Prompt], settings: GenerateSett
 
 def generated_record(prompt: Prompt, continuation: str, settings: GenerateSettings) -> dict:
     return {
-        "text": prompt.text + continuation,
+        "context": prompt.text,
+        "text": continuation,
         "domain": prompt.domain,
         "split": settings.out_split,
         "generator": {**asdict(settings), "domains": list(settings.domains), "version": GENERATOR_VERSION,

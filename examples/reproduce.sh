@@ -13,11 +13,15 @@
 #    passes over the training split. The table lands in $OUT/results.txt; rerunning resumes.
 # 3. The check that SFT was not simply overtrained: SFT with EPOCHS/2, and every arm on the validation split
 #    ($OUT/validation.txt).
+# GENERATE_SAMPLES=N (default 0: off) adds sequence-level distillation before step 2: Qwen2.5-Coder writes N
+# continuations of every code train record (corpus-generate, split "generated"), both sources cache them with
+# the gold records, and the fused arms train on train + generated while SFT-only keeps the gold records alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SCALE=${SCALE:-4}
 CODE_TRAIN_SCALE=${CODE_TRAIN_SCALE:-1}  # >1: that many times the code TRAIN records (held-out unchanged)
 EPOCHS=${EPOCHS:-2}
+GENERATE_SAMPLES=${GENERATE_SAMPLES:-0}
 OUT=${OUT:-out/repro}
 make setup
 mkdir -p "$OUT"
@@ -28,8 +32,19 @@ if [ ! -f "$OUT/corpus.jsonl" ]; then
     --code-train-scale "$CODE_TRAIN_SCALE" --out "$OUT/corpus.jsonl.tmp"
   mv "$OUT/corpus.jsonl.tmp" "$OUT/corpus.jsonl"
 fi
+CORPUS=$OUT/corpus.jsonl
+FUSION_FLAGS="--loss infifusion --raw --lambda 0.3"
+if [ "$GENERATE_SAMPLES" -gt 0 ]; then
+  echo "== 0 (before the demo's 5 steps): Qwen2.5-Coder writes $GENERATE_SAMPLES continuations per code train record"
+  mkdir -p "$OUT/corpus_gen"
+  cp "$OUT/corpus.jsonl" "$OUT/corpus_gen/corpus.jsonl"
+  .venv/bin/corpus-generate --model qwen --corpus "$OUT/corpus.jsonl" --domain code --samples "$GENERATE_SAMPLES" \
+    --batch-size 32 --out "$OUT/corpus_gen/generated-qwen.jsonl"
+  CORPUS=$OUT/corpus_gen
+  FUSION_FLAGS="$FUSION_FLAGS --train-splits train,generated"
+fi
 TRAIN_FLAGS="--lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 10"
-OUT=$OUT CORPUS=$OUT/corpus.jsonl TRAIN_FLAGS="$TRAIN_FLAGS --epochs $EPOCHS" bash scripts/demo.sh
+OUT=$OUT CORPUS=$CORPUS FUSION_FLAGS="$FUSION_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS --epochs $EPOCHS" bash scripts/demo.sh
 
 echo "== 6 (after the 5 steps of the demo): was SFT past its best? SFT with half the epochs, every arm on VALIDATION"
 .venv/bin/fuse-train --shards "$OUT/cache" --mode sft $TRAIN_FLAGS --epochs "$(awk "BEGIN {print $EPOCHS / 2}")" \

@@ -50,6 +50,8 @@ def test_render_shapes_and_response_spans():
     assert [text[s:e] for s, e in spans] == ["A1", "A2"]
     text, spans = render({"text": "plain"})
     assert spans == [(0, 5)]
+    text, spans = render({"context": "def f():\n", "text": "    return 1\n"})
+    assert text == "def f():\n    return 1\n" and [text[s:e] for s, e in spans] == ["    return 1\n"]
 
 
 def test_response_spans_are_utf8_byte_offsets(tmp_path):

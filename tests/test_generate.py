@@ -59,13 +59,16 @@ def test_generated_records_are_a_corpus_of_continued_train_prompts(generated):
     for row, prompt in zip(rows, prompts):
         source = by_id[row["generator"]["prompt_record"]]
         assert source.split == "train" and row["split"] == "generated" and row["domain"] == source.domain
-        assert row["text"].startswith(prompt.text) and len(row["text"]) > len(prompt.text)
+        assert row["context"] == prompt.text and row["text"]
     samples = {}
     for row in rows:  # two samples of one prompt are two draws, not one text twice
         samples.setdefault(row["generator"]["prompt_record"], set()).add(row["text"])
     assert sum(len(texts) for texts in samples.values()) > len(samples)
     reread = load_corpus(generated["out"])
     assert not reread.bad and {r.split for r in reread.records} == {"generated"}
+    for record, row in zip(reread.records, rows):  # the prompt conditions, only the continuation is trained on
+        assert record.text == row["context"] + row["text"]
+        assert record.response_spans == ((len(row["context"].encode()), len(record.text.encode())),)
 
 
 def test_interrupted_job_resumes_to_the_same_records_and_other_settings_are_refused(generated, tmp_path):
