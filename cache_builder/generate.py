@@ -157,9 +157,14 @@ def generate_corpus(records: list[Record], settings: GenerateSettings, out: Path
     done = read_partial(partial, settings)
     if len(done) % settings.batch_size and len(done) != len(prompts):
         done = done[: len(done) - len(done) % settings.batch_size]  # keep whole batches only
+    continued = [(r["generator"]["prompt_record"], r["generator"]["sample"]) for r in done]
+    if continued != [(p.record_id, p.sample) for p in prompts[: len(done)]]:
+        raise GenerateError(f"{partial} continues other prompts (another corpus?); delete it or pass the same corpus")
     start = len(done) // settings.batch_size
     partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done), encoding="utf-8")
+    trimmed = partial.with_name(partial.name + ".tmp")  # the torn tail goes; whole batches stay, atomically
+    trimmed.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done), encoding="utf-8")
+    trimmed.replace(partial)
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[settings.dtype]
     model = load_model(settings.model, dtype=dtype, device=device)

@@ -83,6 +83,8 @@ def test_interrupted_job_resumes_to_the_same_records_and_other_settings_are_refu
 
     partial.write_text("".join(lines[:3]))
     out.unlink()
+    with pytest.raises(GenerateError, match="other prompts"):
+        generate_corpus(generated["records"][1:], generated["settings"], out, torch.device("cpu"))
     with pytest.raises(GenerateError, match="other settings"):
         generate_corpus(generated["records"], replace(generated["settings"], temperature=0.5), out,
                         torch.device("cpu"))
