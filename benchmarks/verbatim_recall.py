@@ -20,7 +20,7 @@ import os
 import torch
 
 from cache_builder.corpus import load_corpus
-from cache_builder.generate import cut_prompt
+from cache_builder.generate import GenerateSettings, make_prompts
 from cache_builder.models import load_model, load_tokenizer
 
 
@@ -34,14 +34,22 @@ def matched_chars(continuation: str, truth: str) -> int:
     return n
 
 
+BATCH = 16  # prompts continued together
+
+
 def greedy_continuations(model_name: str, prompts: list[str], new_tokens: int) -> list[str]:
     model, tokenizer = load_model(model_name, dtype=torch.bfloat16), load_tokenizer(model_name)
     tokenizer.padding_side = "left"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
-    with torch.inference_mode():
-        out = model.generate(**encoded, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad_id)
-    return tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    continuations = []
+    for i in range(0, len(prompts), BATCH):
+        encoded = tokenizer(prompts[i: i + BATCH], return_tensors="pt", padding=True)
+        with torch.inference_mode():
+            out = model.generate(**encoded, do_sample=False, max_new_tokens=new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id)
+        continuations += tokenizer.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    return continuations
 
 
 def main() -> None:
@@ -54,11 +62,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    records = [r for r in load_corpus(a.data).records
-               if r.split == a.split and (not a.domain or r.domain in a.domain) and len(r.text) > a.prompt_chars]
-    prompts = [cut_prompt(r.text, a.prompt_chars) for r in records]
-    truths = [r.text[len(p):] for r, p in zip(records, prompts)]
-    print(f"{len(records)} records of split {a.split!r}, domains {a.domain or 'all'}; greedy {a.new_tokens} tokens")
+    records = {r.record_id: r for r in load_corpus(a.data).records}
+    selection = GenerateSettings(model="", split=a.split, domains=tuple(a.domain), prompt_chars=a.prompt_chars)
+    cut = make_prompts(list(records.values()), selection)  # the records corpus-generate would continue
+    if not cut:
+        raise SystemExit(f"no record of split {a.split!r} and domains {a.domain or 'all'} is longer than "
+                         f"--prompt-chars {a.prompt_chars}")
+    prompts = [p.text for p in cut]
+    truths = [records[p.record_id].text[len(p.text):] for p in cut]
+    print(f"{len(cut)} records of split {a.split!r}, domains {a.domain or 'all'}; greedy {a.new_tokens} tokens")
     print(f"{'model':10s} {'mean matched chars':>19s} {'>= 50 chars':>12s} {'>= 100 chars':>13s}")
     for name in a.model:
         matched = [matched_chars(c, t) for c, t in zip(greedy_continuations(name, prompts, a.new_tokens), truths)]

@@ -10,6 +10,9 @@ import click
 from cache_builder.corpus import DEFAULT_WINDOW_CHARS
 
 
+EVALUATION_SPLITS = ("validation", "heldout")  # corpus-generate never reads or writes these
+
+
 def _fail(message: str) -> None:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(2)
@@ -135,13 +138,13 @@ def verify(path, rescore, model, device):
 @click.option("--model", required=True, help="Source model that writes the continuations (as for cache-build).")
 @click.option("--corpus", "corpus_path", required=True, type=click.Path(exists=True), help="Corpus whose records give the prompts.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL file of generated records (a corpus file; OUT.partial while running).")
-@click.option("--split", default="train", help="Prompts come from records of this split only (never cut prompts from held-out text).")
+@click.option("--split", default="train", help="Prompts come from records of this split only (validation and heldout are refused: generated text conditioned on them would leak evaluation text into training).")
 @click.option("--domain", "domains", multiple=True, help="Only records of this domain (repeat; default: every domain).")
 @click.option("--samples", default=1, type=click.IntRange(1), help="Continuations per prompt.")
-@click.option("--prompt-chars", default=400, type=click.IntRange(1), help="Prompt = the record's first N characters, cut after a line end.")
+@click.option("--prompt-chars", default=400, type=click.IntRange(1), help="Prompt = the record's first N characters, cut after a line end; records no longer than N are skipped.")
 @click.option("--max-new-tokens", default=256, type=click.IntRange(1), help="Source tokens written per continuation at most.")
-@click.option("--temperature", default=0.8, type=click.FloatRange(min=0.0, min_open=True))
-@click.option("--top-p", default=0.95, type=click.FloatRange(0.0, 1.0, min_open=True))
+@click.option("--temperature", default=0.8, type=click.FloatRange(min=0.0, min_open=True), help="Sampling temperature.")
+@click.option("--top-p", default=0.95, type=click.FloatRange(0.0, 1.0, min_open=True), help="Nucleus sampling: the smallest set of tokens holding this much probability.")
 @click.option("--seed", default=0, type=int, help="Each batch samples from its own seed derived from this one (resumable).")
 @click.option("--batch-size", default=16, type=click.IntRange(1), help="Prompts sampled together.")
 @click.option("--dtype", default="bf16", type=click.Choice(["fp32", "bf16", "fp16"]))
@@ -160,8 +163,11 @@ def generate(model, corpus_path, out, split, domains, samples, prompt_chars, max
     from cache_builder.generate import GenerateError, GenerateSettings, generate_corpus
     from cache_builder.models import pick_device
 
-    if out_split == split:
-        _fail(f"--out-split must differ from --split ({split!r}): generated text must stay apart from the gold records")
+    if split in EVALUATION_SPLITS:
+        _fail(f"--split {split}: prompts cut from evaluation text would leak it into training; use --split train")
+    if out_split == split or out_split in EVALUATION_SPLITS:
+        _fail(f"--out-split must differ from --split ({split!r}) and from {'/'.join(EVALUATION_SPLITS)}: generated "
+              "text must stay apart from the gold records")
     settings = GenerateSettings(model=model, split=split, domains=tuple(domains), samples=samples,
                                 prompt_chars=prompt_chars, max_new_tokens=max_new_tokens, temperature=temperature,
                                 top_p=top_p, seed=seed, batch_size=batch_size, dtype=dtype, out_split=out_split)

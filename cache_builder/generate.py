@@ -16,7 +16,9 @@ already in the train split), so the generated split adds nothing but source-writ
 
 The job is resumable: records are appended to OUT.partial one batch at a time, a rerun continues after
 the last complete batch, and OUT appears (by rename) only when every prompt is done. Each batch is
-sampled from its own seed, so a resumed job writes the same records as an uninterrupted one.
+sampled from its own seed, so a resumed job writes the same records as an uninterrupted one wherever
+sampling is bitwise deterministic (the same machine, thread count and dtype on CPU; not guaranteed for
+bf16 on CUDA).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cache_builder.corpus import Record
+from cache_builder.corpus import Record, window_bounds
 
 GENERATOR_VERSION = 1
 
@@ -65,22 +67,21 @@ class Prompt:
 
 
 def cut_prompt(text: str, max_chars: int) -> str:
-    """The first `max_chars` characters of `text`, ending after its last line end in the second half if any."""
-    if len(text) <= max_chars:
-        return text
-    newline = text.rfind("\n", max_chars // 2, max_chars)
-    return text[: newline + 1] if newline != -1 else text[:max_chars]
+    """The first `max_chars` characters of `text`, ending after its last line end in the second half if any
+    (the first window of `corpus.window_bounds`)."""
+    return text[: window_bounds(text, max_chars)[0][1]] if text else text
 
 
 def make_prompts(records: list[Record], settings: GenerateSettings) -> list[Prompt]:
-    """One prompt per (selected record, sample), in corpus order; records too short to continue are skipped."""
+    """One prompt per (selected record, sample), in corpus order; records of at most `prompt_chars`
+    characters are skipped (the prompt would be the whole record, leaving nothing to continue from)."""
     prompts = []
     for record in records:
         if record.split != settings.split or (settings.domains and record.domain not in settings.domains):
             continue
         text = cut_prompt(record.text, settings.prompt_chars)
-        if len(text) == len(record.text) and len(text) < settings.prompt_chars:
-            continue  # the whole record fits in a prompt: nothing of it is left to continue from
+        if len(text) == len(record.text):
+            continue
         prompts.extend(Prompt(record.record_id, s, record.domain, text) for s in range(settings.samples))
     return prompts
 
@@ -90,11 +91,14 @@ def batches(prompts: list[Prompt], batch_size: int) -> list[list[Prompt]]:
 
 
 def sample_batch(model, tokenizer, prompts: list[Prompt], settings: GenerateSettings, seed: int,
-                 device: torch.device) -> list[str]:
-    """One continuation per prompt, sampled with `seed`; special tokens and NUL characters (which the corpus
-    reader refuses) are dropped."""
+                 device: torch.device) -> tuple[list[str], int]:
+    """One continuation per prompt, sampled with `seed`, and the number of tokens sampled (padding after an
+    end of sequence not counted). Special tokens and NUL characters (which the corpus reader refuses) are
+    dropped from the text."""
     tokenizer.padding_side = "left"  # decoder-only: every prompt ends at the same column
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if tokenizer.pad_token is None:  # GPT-2 and Llama-style tokenizers have none; padding needs one
+        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = tokenizer.pad_token_id
     encoded = tokenizer([p.text for p in prompts], return_tensors="pt", padding=True).to(device)
     torch.manual_seed(seed)
     with torch.inference_mode():
@@ -103,7 +107,8 @@ def sample_batch(model, tokenizer, prompts: list[Prompt], settings: GenerateSett
             max_new_tokens=settings.max_new_tokens, pad_token_id=pad_id,
         )  # (B, prompt_len + new)
     new = out[:, encoded["input_ids"].shape[1]:]  # (B, <= max_new_tokens)
-    return [text.replace("\x00", "") for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    texts = [text.replace("\x00", "") for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return texts, int((new != pad_id).sum())
 
 
 def generated_record(prompt: Prompt, continuation: str, settings: GenerateSettings) -> dict:
@@ -118,24 +123,29 @@ def generated_record(prompt: Prompt, continuation: str, settings: GenerateSettin
     }
 
 
-def read_partial(path: Path, settings: GenerateSettings) -> list[dict]:
-    """The complete records of an interrupted job; refuses a file written with other settings."""
+def read_records(path: Path) -> list[dict]:
+    """The complete JSONL records of `path`, up to the first torn line (a job killed mid-write can leave
+    half a line, cut anywhere, even inside a multi-byte character)."""
     if not path.exists():
         return []
     done = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().split(b"\n"):
         try:
-            done.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # the line being written when the job stopped
+            done.append(json.loads(line.decode("utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            break  # the line being written when the job stopped (or the empty string after the last newline)
+    return done
+
+
+def check_settings(path: Path, records: list[dict], settings: GenerateSettings) -> None:
+    """Refuse records written with other settings than `settings`."""
     expected = {**asdict(settings), "domains": list(settings.domains), "version": GENERATOR_VERSION}
-    for record in done[:1]:
+    for record in records[:1]:
         stored = {k: record["generator"].get(k) for k in expected}
         if stored != expected:
             raise GenerateError(
-                f"{path} was written with other settings ({stored}); delete it or use the same settings to resume"
+                f"{path} was written with other settings ({stored}); delete it, or rerun with the same settings"
             )
-    return done
 
 
 def generate_corpus(records: list[Record], settings: GenerateSettings, out: Path, device: torch.device) -> dict:
@@ -144,7 +154,9 @@ def generate_corpus(records: list[Record], settings: GenerateSettings, out: Path
 
     out = Path(out)
     if out.exists():
-        return {"records": sum(1 for _ in out.open()), "generated": 0, "seconds": 0.0, "already_done": True}
+        finished = read_records(out)
+        check_settings(out, finished, settings)
+        return {"records": len(finished), "generated": 0, "seconds": 0.0, "already_done": True}
     prompts = make_prompts(records, settings)
     if not prompts:
         raise GenerateError(
@@ -154,13 +166,14 @@ def generate_corpus(records: list[Record], settings: GenerateSettings, out: Path
         )
     partial = out.with_name(out.name + ".partial")
     todo = batches(prompts, settings.batch_size)
-    done = read_partial(partial, settings)
+    done = read_records(partial)
+    check_settings(partial, done, settings)
     if len(done) % settings.batch_size and len(done) != len(prompts):
         done = done[: len(done) - len(done) % settings.batch_size]  # keep whole batches only
     continued = [(r["generator"]["prompt_record"], r["generator"]["sample"]) for r in done]
     if continued != [(p.record_id, p.sample) for p in prompts[: len(done)]]:
         raise GenerateError(f"{partial} continues other prompts (another corpus?); delete it or pass the same corpus")
-    start = len(done) // settings.batch_size
+    start = -(-len(done) // settings.batch_size)  # batches done; the last one may be short
     partial.parent.mkdir(parents=True, exist_ok=True)
     trimmed = partial.with_name(partial.name + ".tmp")  # the torn tail goes; whole batches stay, atomically
     trimmed.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done), encoding="utf-8")
@@ -174,11 +187,12 @@ def generate_corpus(records: list[Record], settings: GenerateSettings, out: Path
                                                        desc=f"generate {settings.model}", unit="prompt") as bar:
         for index in range(start, len(todo)):
             batch = todo[index]
-            texts = sample_batch(model, tokenizer, batch, settings, settings.seed * 1_000_003 + index, device)
+            texts, sampled = sample_batch(model, tokenizer, batch, settings, settings.seed * 1_000_003 + index,
+                                          device)
             for prompt, text in zip(batch, texts):
                 f.write(json.dumps(generated_record(prompt, text, settings), ensure_ascii=False) + "\n")
             f.flush()
-            new_tokens += sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+            new_tokens += sampled
             bar.update(len(batch))
             bar.set_postfix(tok_per_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
     partial.replace(out)

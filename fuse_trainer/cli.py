@@ -30,7 +30,7 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--mode", default=DEFAULTS.mode, type=click.Choice(["unified", "pairwise", "sft"]), help="unified: one run with all sources; pairwise: one run per source then a merge; sft: the SFT-only baseline.")
 @click.option("--pivot", default=DEFAULTS.pivot, help="Pivot model (short name, HF folder or .gguf).")
 @click.option("--sources", default=None, help="Comma-separated source names (default: all aligned to the pivot).")
-@click.option("--train-splits", default="train", help="Comma-separated corpus splits trained on, e.g. train,generated to add corpus-generate's source-written records.")
+@click.option("--train-splits", default=",".join(DEFAULTS.train_splits), help="Comma-separated corpus splits trained on, e.g. train,generated to add corpus-generate's source-written records.")
 @click.option("--loss", default=DEFAULTS.loss, type=click.Choice(["infifusion", "fusellm", "topk-kl", "alm"]), help="Fusion term.")
 @click.option("--lambda", "lam", default=DEFAULTS.lam, type=float, help="Weight of the fusion term: (1-λ)·SFT + λ·fusion; 0 = SFT only.")
 @click.option("--lambda-scope", default=DEFAULTS.lambda_scope, type=click.Choice(["all", "distilled"]), help="Where λ applies: at every response position, or only where a source is distilled (after --gate and --weighting); elsewhere the SFT term keeps weight 1.")

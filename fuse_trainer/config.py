@@ -80,7 +80,11 @@ class TrainConfig:
             (self.dtype in ("fp32", "bf16"), "dtype must be fp32 or bf16"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.grad_accum >= 1 and self.batch_tokens >= 1, "grad_accum and batch_tokens must be positive"),
-            (bool(self.train_splits), "train_splits must name at least one split"),
+            (isinstance(self.train_splits, list) and self.train_splits
+             and all(isinstance(s, str) for s in self.train_splits),
+             "train_splits must be a list of one or more split names, e.g. [train, generated]"),
+            (not set(self.train_splits) & {"validation", "heldout"},
+             "train_splits must not name validation or heldout: those records are for evaluation"),
         ]
         errors = [message for ok, message in checks if not ok]
         if errors:

@@ -93,11 +93,12 @@ def index_shards(layers: dict[str, Path], splits: tuple[str, ...]) -> list[Shard
                 f"{layers[name]} and {layers[names[0]]} are sharded differently; build every source with the same "
                 "--rows-per-shard and --world-size so that their shards hold the same records"
             )
-    index = []
+    index, seen = [], set()
     for path in paths[names[0]]:
         rows, ids = {}, None
         for name, folder in layers.items():
             meta = read_shard(folder, path, ["record_id", "split", "num_tokens", "loss_mask"])
+            seen.update(np.unique(meta["split"]).tolist())
             keep = np.flatnonzero(np.isin(meta["split"], splits))
             order = keep[np.argsort(meta["record_id"][keep], kind="stable")]
             if ids is None:
@@ -110,8 +111,10 @@ def index_shards(layers: dict[str, Path], splits: tuple[str, ...]) -> list[Shard
             rows[name] = order
         if len(ids):
             index.append(ShardIndex(path, rows, num_tokens, response.astype(np.int64)))
-    if not index:
-        raise CacheError(f"no records of split {' or '.join(map(repr, splits))} in the caches")
+    missing = [s for s in splits if s not in seen]
+    if missing:  # a misspelled split would otherwise train on the others alone, silently
+        raise CacheError(f"no records of split {' or '.join(map(repr, missing))} in the caches; "
+                         f"they hold {', '.join(map(repr, sorted(seen)))}")
     return index
 
 

@@ -11,6 +11,8 @@ import torch
 
 from cache_builder.corpus import Record, load_corpus
 from cache_builder.generate import GenerateError, GenerateSettings, cut_prompt, generate_corpus, make_prompts
+from cache_builder.manifest import CacheError
+from fuse_trainer.config import TrainConfig
 from fuse_trainer.data import FusionData, discover_sources
 
 
@@ -31,6 +33,7 @@ def test_make_prompts_selects_split_and_domain_and_repeats_samples():
         _record("def g():\n    return 2\n" * 3, split="heldout", rid="b"),
         _record("Once upon a time,\nthere was a king.\n" * 3, domain="prose", rid="c"),
         _record("x = 1\n", rid="d"),  # shorter than the prompt: nothing to continue from
+        _record("y" * 30, rid="e"),  # exactly as long as the prompt: the prompt would be the whole record
     ]
     settings = GenerateSettings(model="m", domains=("code",), samples=3, prompt_chars=30)
     prompts = make_prompts(records, settings)
@@ -80,6 +83,8 @@ def test_interrupted_job_resumes_to_the_same_records_and_other_settings_are_refu
     assert summary["generated"] == len(lines) - 3
     assert out.read_text() == generated["out"].read_text() and not partial.exists()
     assert generate_corpus(generated["records"], generated["settings"], out, torch.device("cpu"))["already_done"]
+    with pytest.raises(GenerateError, match="other settings"):  # a finished file is not "done" for other settings
+        generate_corpus(generated["records"], replace(generated["settings"], samples=1), out, torch.device("cpu"))
 
     partial.write_text("".join(lines[:3]))
     out.unlink()
@@ -90,13 +95,33 @@ def test_interrupted_job_resumes_to_the_same_records_and_other_settings_are_refu
                         torch.device("cpu"))
 
 
-def test_cli_refuses_to_write_generated_text_into_the_gold_split(world, tmp_path):
+def test_job_killed_after_its_last_batch_or_inside_a_character_resumes(generated, tmp_path):
+    out, settings = tmp_path / "gen.jsonl", generated["settings"]
+    lines = generated["out"].read_bytes().splitlines(keepends=True)
+    assert len(lines) % settings.batch_size  # the last batch is short: the case a resume must not redo
+    partial = out.with_name(out.name + ".partial")
+    partial.write_bytes(b"".join(lines))  # every record written, killed before the rename
+    assert generate_corpus(generated["records"], settings, out, torch.device("cpu"))["generated"] == 0
+    assert out.read_bytes() == generated["out"].read_bytes()
+
+    out.unlink()
+    partial.write_bytes(b"".join(lines[:3]) + '{"context": "日本'.encode()[:-1])  # torn inside a character
+    assert generate_corpus(generated["records"], settings, out, torch.device("cpu"))["generated"] == len(lines) - 3
+    assert out.read_bytes() == generated["out"].read_bytes()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out-split", "train"], "--out-split must differ"),
+    (["--out-split", "heldout"], "--out-split must differ"),
+    (["--split", "validation"], "would leak it into training"),
+])
+def test_cli_keeps_generated_text_apart_from_gold_and_evaluation_splits(world, tmp_path, flags, message):
     result = subprocess.run(
         [sys.executable, "-c", "from cache_builder.cli import generate; generate()", "--model", "x", "--corpus",
-         str(world["corpus"]), "--out", str(tmp_path / "g.jsonl"), "--out-split", "train"],
+         str(world["corpus"]), "--out", str(tmp_path / "g.jsonl"), *flags],
         capture_output=True, text=True,
     )
-    assert result.returncode == 2 and "--out-split must differ" in result.stderr
+    assert result.returncode == 2 and message in result.stderr
 
 
 def test_train_splits_select_the_union_of_their_records(world):
@@ -104,5 +129,17 @@ def test_train_splits_select_the_union_of_their_records(world):
     train, heldout = FusionData(layers, ("train",)), FusionData(layers, ("heldout",))
     both = FusionData(layers, ("train", "heldout"))
     assert len(train) > 0 and len(heldout) > 0 and len(both) == len(train) + len(heldout)
-    with pytest.raises(Exception, match="no records of split 'generated'"):
+    with pytest.raises(CacheError, match="no records of split 'generated'"):
         FusionData(layers, ("generated",))
+    with pytest.raises(CacheError, match="no records of split 'generatd'"):  # a typo is not silently dropped
+        FusionData(layers, ("train", "generatd"))
+
+
+@pytest.mark.parametrize("splits, message", [
+    (["train", "heldout"], "must not name validation or heldout"),
+    ("train,generated", "list of one or more split names"),  # a YAML string, not a list
+    ([], "list of one or more split names"),
+])
+def test_config_refuses_evaluation_and_malformed_train_splits(splits, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(train_splits=splits).validate()
