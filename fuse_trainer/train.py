@@ -27,6 +27,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
+from cache_builder.format import write_text_atomic
 from cache_builder.manifest import load_manifest
 from cache_builder.models import load_model, load_tokenizer, pick_device, resolve_model
 from fuse_trainer.config import TrainConfig, dump_yaml
@@ -47,6 +48,8 @@ STATE_FILE = "trainer_state.pt"
 TERMS = ("objective_sum", "sft_sum", "fusion_sum", "n_tokens", "kept_mass_sum", "gated_in", "fusion_positions")
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoint"
+# Settings that do not change the trained model: a run may resume, or count as finished, with other values.
+RUN_ONLY_SETTINGS = ("resume", "threads", "device", "save_every", "out", "extra")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,20 +156,31 @@ class MicroBatchStream:
 
     def __init__(self, data: FusionData, batch_tokens: int, seed: int):
         self.data, self.batch_tokens, self.seed = data, batch_tokens, seed
-        self._epochs: dict[int, list[tuple[int, np.ndarray]]] = {}
+        self._epochs: dict[int, list[tuple[int, np.ndarray]]] = {}  # the last epoch used only
+        self._lengths: list[int] = []  # micro-batches of epochs 0, 1, ... (they differ by a batch or so)
 
     def epoch(self, e: int) -> list[tuple[int, np.ndarray]]:
         if e not in self._epochs:
             self._epochs = {e: self.data.plan(e, self.batch_tokens, self.seed)}
         return self._epochs[e]
 
+    def epoch_length(self, e: int) -> int:
+        while len(self._lengths) <= e:
+            self._lengths.append(len(self.epoch(len(self._lengths))))
+        return self._lengths[e]
+
     @property
     def per_epoch(self) -> int:
-        return len(self.data.plan(0, self.batch_tokens, self.seed))
+        """Micro-batches of the first epoch (the unit of --epochs)."""
+        return self.epoch_length(0)
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
-        batches = self.epoch(i // self.per_epoch)  # later epochs may hold a batch more or less than epoch 0
-        return batches[(i % self.per_epoch) % len(batches)]
+        """Micro-batch i counted across epochs: every epoch passes over every record once."""
+        e = 0
+        while i >= self.epoch_length(e):
+            i -= self.epoch_length(e)
+            e += 1
+        return self.epoch(e)[i]
 
     def response_tokens(self, micro_batch: tuple[int, np.ndarray]) -> int:
         shard, rows = micro_batch
@@ -188,18 +202,37 @@ def lr_lambda(warmup: int, total: int):
 
 
 def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int, cfg: TrainConfig, provenance: dict) -> None:
-    """Model (HF format) + optimizer, scheduler, step and RNG, written to a temporary folder and renamed."""
+    """Model (HF format) + optimizer, scheduler, step and RNG, written to a temporary folder and renamed.
+
+    At every instant a complete checkpoint exists as `checkpoint/` or, between the two renames, as
+    `.checkpoint.old/` (which `recover_checkpoint` puts back)."""
     tmp = out / f".{CHECKPOINT_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf(tmp, model, tokenizer, cfg, provenance)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
                 "torch_rng": torch.get_rng_state()}, tmp / STATE_FILE)
-    final = out / CHECKPOINT_DIR
-    old = out / f".{CHECKPOINT_DIR}.old"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
+    current, old = out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}.old"
+    if current.exists():
+        shutil.rmtree(old, ignore_errors=True)  # left by a save killed before its last line
+        current.rename(old)
+    tmp.rename(current)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(out: Path) -> Path:
+    """The resumable checkpoint of `out`, putting back the previous one if a save was killed between renames."""
+    current, old = out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}.old"
+    if not (current / STATE_FILE).exists() and (old / STATE_FILE).exists():
+        shutil.rmtree(current, ignore_errors=True)
+        old.rename(current)
+    return current
+
+
+def clear_run(out: Path) -> None:
+    """Remove what an earlier run left in `out` (models, checkpoints, metrics): a fresh run starts clean."""
+    for name in (FINAL_DIR, CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old", f".{CHECKPOINT_DIR}.tmp", f".{FINAL_DIR}.tmp"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def save_hf(folder: Path, model, tokenizer, cfg: TrainConfig, provenance: dict) -> None:
@@ -226,15 +259,23 @@ def keep_metrics_until(path: Path, step: int) -> None:
     """Drop metric lines logged after the checkpoint a run resumes from (a killed run logs past it)."""
     if path.exists():
         lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
-def finished_with(out: Path, cfg: TrainConfig) -> bool:
-    """Whether `out` holds a final model trained with the same settings (the resume flag aside)."""
-    if not ((out / FINAL_DIR / "fusion_config.yaml").exists() and (out / "config.yaml").exists()):
-        return False
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    return {**saved, "resume": None} == {**asdict(cfg), "resume": None}
+def changed_settings(checkpoint: Path, cfg: TrainConfig) -> dict:
+    """{setting: (saved, now)} where the model in `checkpoint` was trained otherwise than `cfg` says
+    (settings that do not change the model, RUN_ONLY_SETTINGS, aside)."""
+    saved = yaml.safe_load((checkpoint / "fusion_config.yaml").read_text())
+    now = asdict(cfg)
+    return {k: (saved.get(k), now[k]) for k in now if k not in RUN_ONLY_SETTINGS and saved.get(k) != now[k]}
+
+
+def refuse_other_settings(out: Path, cfg: TrainConfig) -> None:
+    """--resume continues (or finds finished) only a run with the same settings."""
+    for folder in (out / FINAL_DIR, out / CHECKPOINT_DIR):
+        if (folder / "fusion_config.yaml").exists() and (changed := changed_settings(folder, cfg)):
+            raise ValueError(f"{folder} was trained with other settings {changed} (saved, now): rerun with the same "
+                             "settings to resume it, or leave out --resume to start again (deleting it), or use another --out")
 
 
 def distributed() -> tuple[int, int]:
@@ -265,16 +306,20 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
                          "of each optimizer step are split between them")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.resume and finished_with(out, cfg):
-        log(f"{out}: already trained with these settings, nothing to do ({out / FINAL_DIR})")
-        return out / FINAL_DIR
+    resume_dir = recover_checkpoint(out) if rank == 0 else out / CHECKPOINT_DIR
+    if world > 1:
+        dist.barrier()  # every rank sees the recovered checkpoint
+    if cfg.resume:
+        refuse_other_settings(out, cfg)
+        if (out / FINAL_DIR / "fusion_config.yaml").exists():
+            log(f"{out}: already trained with these settings, nothing to do ({out / FINAL_DIR})")
+            return out / FINAL_DIR
     torch.manual_seed(cfg.seed)
     check_sources(layers)
     data = FusionData(layers, tuple(cfg.train_splits))
     provenance = provenance_of(layers)
     pivot = resolve_model(cfg.pivot)
     tokenizer = load_tokenizer(pivot)
-    resume_dir = out / CHECKPOINT_DIR
     resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
     model = load_model(resume_dir if resuming else pivot, dtype=torch.float32, device=device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -293,7 +338,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             keep_metrics_until(out / "metrics.jsonl", start)
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        clear_run(out)
         (out / "config.yaml").write_text(dump_yaml(cfg))
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(range(start, total_steps), desc=f"fuse-train {out.name}", disable=rank != 0, dynamic_ncols=True)
@@ -337,7 +382,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
         bar.set_postfix(loss=f"{record['loss']:.3f}", sft=f"{record['sft']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        stopping = stop_after is not None and step + 1 == stop_after
+        stopping = stop_after is not None and step + 1 == stop_after and step + 1 < total_steps
         periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
         if rank == 0 and (stopping or periodic) and step + 1 < total_steps:
             save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1, cfg, provenance)
@@ -348,7 +393,11 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             return None
     final = out / FINAL_DIR
     if rank == 0:
-        save_hf(final, model, tokenizer, cfg, provenance)
+        tmp = out / f".{FINAL_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_hf(tmp, model, tokenizer, cfg, provenance)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
         metrics.close()
         shutil.rmtree(resume_dir, ignore_errors=True)  # the final model supersedes the last resumable checkpoint
     if world > 1:

@@ -23,7 +23,7 @@ from cache_builder.build import BuildError, build_cache
 from cache_builder.info import cache_summary
 from cache_builder.reader import read_rows
 from cache_builder.verify import verify_cache
-from fuse_trainer.train import fuse_train, train_run
+from fuse_trainer.train import MicroBatchStream, fuse_train, train_run
 from fuse_trainer.data import discover_sources
 from tests.runs import build_command, run_losses, train_config
 
@@ -139,8 +139,41 @@ def test_resume_matches_an_uninterrupted_run(world, tmp_path):
     messages = []
     train_run(train_config(world, broken, save_every=2, resume=True), layers, broken, log=messages.append)
     assert any("nothing to do" in m for m in messages) and len(run_losses(broken)) == 6  # a rerun trains nothing
-    train_run(train_config(world, broken, save_every=2, resume=True, lr=1e-3), layers, broken, log=messages.append)
-    assert not np.allclose(run_losses(broken), run_losses(straight))  # other settings: trained again
+    with pytest.raises(ValueError, match="other settings"):  # --resume never continues or returns another run
+        train_run(train_config(world, broken, save_every=2, resume=True, lr=1e-3), layers, broken, log=messages.append)
+    train_run(train_config(world, broken, save_every=2, lr=1e-3), layers, broken, log=messages.append)
+    assert not np.allclose(run_losses(broken), run_losses(straight))  # without --resume: trained again, from scratch
+
+
+def test_resume_survives_a_kill_between_the_checkpoint_renames(world, tmp_path):
+    layers = discover_sources(world["cache"], "pivot")
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train_run(train_config(world, straight), layers, straight, log=lambda *_: None)
+    train_run(train_config(world, broken, save_every=2), layers, broken, log=lambda *_: None, stop_after=4)
+    (broken / "checkpoint").rename(broken / ".checkpoint.old")  # killed after moving the old one away
+    train_run(train_config(world, broken, save_every=2, resume=True), layers, broken, log=lambda *_: None)
+    assert np.allclose(run_losses(broken), run_losses(straight), rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings_and_a_stop_at_the_end_finishes(world, tmp_path):
+    layers = discover_sources(world["cache"], "pivot")
+    run = tmp_path / "run"
+    train_run(train_config(world, run, save_every=2), layers, run, log=lambda *_: None, stop_after=2)
+    with pytest.raises(ValueError, match="other settings.*'lam'"):
+        train_run(train_config(world, run, save_every=2, resume=True, lam=0.9), layers, run, log=lambda *_: None)
+    final = train_run(train_config(world, run, save_every=2, resume=True), layers, run, log=lambda *_: None,
+                      stop_after=6)  # asked to stop at its last step: it finishes instead of losing the run
+    assert final == run / "final" and (final / "model.safetensors").exists() and len(run_losses(run)) == 6
+
+
+def test_micro_batches_pass_over_every_record_once_per_epoch():
+    class Plans:  # epochs of 3, 4, 3, 4 micro-batches, as shuffled length-sorted packing can give
+        def plan(self, epoch, batch_tokens, seed):
+            return [(epoch, np.array([j])) for j in range(3 + epoch % 2)]
+
+    stream = MicroBatchStream(Plans(), batch_tokens=1, seed=0)
+    served = [(e, int(rows[0])) for e, rows in (stream[i] for i in range(14))]
+    assert served == [(e, j) for e in range(4) for j in range(3 + e % 2)] and stream.per_epoch == 3
 
 
 def test_sources_that_disagree_are_refused(world, tmp_path):
