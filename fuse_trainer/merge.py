@@ -163,7 +163,7 @@ def merge_checkpoints(
         finetuned_dirs: one fine-tuned pivot per source.
         weights: one weight per fine-tuned pivot.
         method: a key of MERGE_METHODS.
-        out_dir: created if missing; existing files of the same names are overwritten.
+        out_dir: written whole to a temporary sibling folder, then renamed over any earlier one.
         **options: method options, e.g. density for "ties".
 
     Returns:
@@ -188,11 +188,12 @@ def merge_checkpoints(
     merged = MERGE_METHODS[method](base_sd, finetuned, list(weights), **options)
     base_model.load_state_dict(merged, strict=True)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    base_model.save_pretrained(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    base_model.save_pretrained(tmp)
     for name in TOKENIZER_FILES:
         if (base_dir / name).is_file():
-            shutil.copy2(base_dir / name, out_dir / name)
+            shutil.copy2(base_dir / name, tmp / name)
     record = {
         "method": method,
         "weights": list(map(float, weights)),
@@ -200,5 +201,7 @@ def merge_checkpoints(
         "base": str(base_dir),
         "finetuned": [str(d) for d in finetuned_dirs],
     }
-    (out_dir / "merge_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    (tmp / "merge_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
     return out_dir

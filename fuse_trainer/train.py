@@ -412,6 +412,9 @@ def fuse_train(cfg: TrainConfig, log=print) -> Path:
     log(f"sources: {', '.join(layers)} -> pivot {cfg.pivot}, mode {cfg.mode}, loss {cfg.loss}, lambda {cfg.lam}")
     if cfg.mode != "pairwise":
         return train_run(cfg, layers, out, log)
+    if cfg.merge_weights and len(cfg.merge_weights) != len(layers):
+        raise ValueError(f"--merge-weights gives {len(cfg.merge_weights)} weights for {len(layers)} sources "
+                         f"({', '.join(layers)}): give one per source, in that order")
     finals = [train_run(cfg, {name: folder}, out / f"pairwise-{name}", log) for name, folder in layers.items()]
     if int(os.environ.get("RANK", 0)) != 0:
         return out / "merged"
@@ -420,9 +423,10 @@ def fuse_train(cfg: TrainConfig, log=print) -> Path:
     pivot_dir = load_model_dir(cfg.pivot)
     weights = cfg.merge_weights or [1.0 / len(finals)] * len(finals)
     merged = out / "merged"
-    merge_checkpoints(pivot_dir, finals, weights, cfg.merge, merged)
-    (merged / "fusion_config.yaml").write_text(dump_yaml(cfg))
-    (merged / "fusion_provenance.json").write_text(json.dumps(
+    options = {"density": cfg.ties_density} if cfg.merge == "ties" else {}
+    merge_checkpoints(pivot_dir, finals, weights, cfg.merge, merged, **options)
+    write_text_atomic(merged / "fusion_config.yaml", dump_yaml(cfg))
+    write_text_atomic(merged / "fusion_provenance.json", json.dumps(
         {"merged_from": [str(f) for f in finals], "weights": weights, "method": cfg.merge,
          "caches": provenance_of(layers)}, indent=2, sort_keys=True) + "\n")
     log(f"merged {len(finals)} pairwise pivots with {cfg.merge} -> {merged}")

@@ -126,6 +126,14 @@ def test_pairwise_trains_one_pivot_per_source_and_merges(world, tmp_path):
     assert torch.allclose(model.state_dict()[name], expected, atol=1e-6)
 
 
+def test_pairwise_ties_uses_the_configured_density_and_weights_must_match_the_sources(world, tmp_path):
+    cfg = train_config(world, tmp_path / "ties", mode="pairwise", max_steps=2, merge="ties", ties_density=0.5)
+    merged = fuse_train(cfg, log=lambda *_: None)
+    assert json.loads((merged / "merge_config.json").read_text())["options"] == {"density": 0.5}
+    with pytest.raises(ValueError, match="2 sources"):
+        fuse_train(replace(cfg, merge_weights=[1.0]), log=lambda *_: None)
+
+
 def test_resume_matches_an_uninterrupted_run(world, tmp_path):
     straight = tmp_path / "straight"
     train_run(train_config(world, straight, save_every=2), discover_sources(world["cache"], "pivot"), straight, log=lambda *_: None)
