@@ -106,17 +106,17 @@ def exclusive_lock(path: Path):
         yield
 
 
-def check_settings(folder: Path, settings: BuildSettings, overwrite: bool) -> None:
-    """Record the settings on first use; refuse different settings on a later run unless overwrite."""
+def check_settings(folder: Path, settings: BuildSettings, corpus_fingerprint: str, overwrite: bool) -> None:
+    """Record the settings and the corpus on first use; refuse others on a later run unless overwrite."""
     path = folder / SETTINGS_FILE
-    wanted = asdict(settings)
+    wanted = {**asdict(settings), "corpus_fingerprint": corpus_fingerprint}
     if path.exists():
         existing = json.loads(path.read_text())
         if existing != wanted and not overwrite:
             changed = {k: (existing.get(k), v) for k, v in wanted.items() if existing.get(k) != v}
+            what = "from another corpus" if set(changed) == {"corpus_fingerprint"} else f"with other settings {changed} (old, new)"
             raise BuildError(
-                f"{folder} holds a cache built with other settings {changed} (old, new); "
-                "use another --out, or --overwrite to delete it and start again"
+                f"{folder} holds a cache built {what}; use another --out, or --overwrite to delete it and start again"
             )
         if existing != wanted and overwrite:
             for old in list(folder.glob("shards/*.parquet")) + list(folder.glob(f"{RANKS_DIR}/*.json")):
@@ -247,7 +247,7 @@ def build_cache(
     source = resolve_model(settings.model)
     folder = Path(out) / source.name
     with exclusive_lock(folder / f".lock-r{rank:05d}"):
-        check_settings(folder, settings, overwrite)
+        check_settings(folder, settings, corpus.fingerprint, overwrite)
         for stale in folder.glob(f"shards/.part-r{rank:05d}-*.tmp-*"):  # left by a killed run of this rank
             stale.unlink()
         plan = shard_plan(corpus.records, rank, settings.world_size, settings.rows_per_shard)

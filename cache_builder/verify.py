@@ -6,7 +6,8 @@ Checks, in order, each reported with the file it concerns:
    versioned schema, row and token counts as recorded;
 3. values: lengths consistent per row, floats finite, token and top-k ids inside the vocabulary, top-k
    sorted, record ids unique;
-4. across sources (a cache root): the same record ids, corpus fingerprint and pivot fingerprint.
+4. an aligned layer next to its source-native cache: aligned from that very build (manifest sha256);
+5. across sources (a cache root): the same record ids, corpus fingerprint and pivot fingerprint.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from cache_builder.format import expected_schema, sha256_file
+from cache_builder.format import ALIGNED_DIR, MANIFEST, expected_schema, sha256_file
 from cache_builder.manifest import CacheError, check_shard_path, find_layers, load_manifest
 from cache_builder.reader import column_to_numpy
 
@@ -63,13 +64,26 @@ def _check_values(name: str, columns: dict, manifest: dict) -> list[str]:
     return problems
 
 
+def stale_alignment(folder: Path, manifest: dict) -> list[str]:
+    """A problem if `folder` is an aligned layer made from another build than the source cache beside it
+    (rebuilt since); [] for a source-native layer or an aligned layer shared without its source."""
+    folder = Path(folder)
+    source_manifest = folder.parent.parent / MANIFEST
+    if manifest["layer"] != "aligned" or folder.parent.name != ALIGNED_DIR or not source_manifest.is_file():
+        return []
+    if manifest["build"].get("source_manifest_sha256") == sha256_file(source_manifest):
+        return []
+    return [f"{folder}: aligned from an earlier build of {folder.parent.parent} (its manifest changed since); rerun "
+            f"`cache-align --cache {folder.parent.parent} --pivot {folder.name}`"]
+
+
 def verify_layer(folder: Path, *, deep: bool = True) -> tuple[list[str], list[str]]:
     """(problems, record ids) of one cache layer. No problem means the layer is safe to use."""
     try:
         manifest = load_manifest(folder)
     except CacheError as err:
         return [str(err)], []
-    problems: list[str] = []
+    problems: list[str] = stale_alignment(folder, manifest)
     schema = expected_schema(manifest)
     ids: list[str] = []
     for shard in manifest["shards"]:

@@ -164,6 +164,9 @@ def _tamper(cache, how: str):
         manifest["pivot"]["tokenizer_fingerprint"] = "0" * 64
     elif how == "missing records":
         manifest["shards"] = manifest["shards"][1:]
+    elif how == "source rebuilt":  # the source-native cache changed after its aligned layer was made
+        native = cache / "srcg" / "manifest.json"
+        native.write_text(native.read_text().replace('"top_k"', '"rebuilt": true, "top_k"', 1))
     manifest_path.write_text(json.dumps(manifest))
 
 
@@ -177,6 +180,7 @@ def _tamper(cache, how: str):
         ("future version", "newer than this code reads"),
         ("pivot fingerprint", "different pivot tokenizers"),
         ("missing records", "record ids differ"),
+        ("source rebuilt", "aligned from an earlier build"),
     ],
 )
 def test_untrusted_caches_are_refused_before_training(world, tmp_path, how, message):

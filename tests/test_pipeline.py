@@ -65,6 +65,15 @@ def test_rerun_is_a_no_op_and_other_settings_are_refused(world):
         build_cache(world["corpus"], replace(world["settings"]["srcq"], top_k=5), world["cache"], log=lambda *_: None)
 
 
+def test_a_build_over_another_corpus_is_refused(world, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(world["cache"], cache)
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "A different corpus entirely.\n", "split": "train"}) + "\n")
+    with pytest.raises(BuildError, match="from another corpus"):  # not "already complete"
+        build_cache(other, world["settings"]["srcq"], cache, log=lambda *_: None)
+
+
 def test_two_ranks_produce_the_same_rows_as_one(world, tmp_path):
     settings = replace(world["settings"]["srcq"], world_size=2)
     first = build_cache(world["corpus"], settings, tmp_path, rank=0, log=lambda *_: None)
