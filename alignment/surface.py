@@ -27,7 +27,6 @@ import numpy as np
 
 BYTE_LEVEL = "byte_level"
 SENTENCEPIECE = "sentencepiece"
-CONVENTIONS = (BYTE_LEVEL, SENTENCEPIECE)
 
 SPACE_MARK = "\u2581"  # SentencePiece's "▁"
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")

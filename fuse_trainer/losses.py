@@ -56,20 +56,6 @@ def sft_loss(
     return loss_sum, mask.sum()
 
 
-def fusion_total(
-    sft_sum: torch.Tensor, fusion_sum: torch.Tensor, n_tokens, lam: float
-) -> torch.Tensor:
-    """Combine the two summed terms: ((1 - lam) * SFT + lam * fusion) / n_tokens.
-
-    `n_tokens` (int or tensor) is the number of response tokens; it is clamped to at least 1 so a
-    batch without response tokens yields 0, not NaN.
-    """
-    if not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam}")
-    n = torch.as_tensor(n_tokens, dtype=torch.float32, device=sft_sum.device).clamp_min(1.0)
-    return ((1.0 - lam) * sft_sum + lam * fusion_sum) / n
-
-
 def valid_positions(src_topk_ids: torch.Tensor) -> torch.Tensor:
     """(N, K) candidate ids -> (N,) bool: positions with at least one non-empty slot."""
     return (src_topk_ids >= 0).any(dim=-1)
@@ -569,8 +555,8 @@ def _alm(x: FusionInputs, **cfg) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # name -> fn(inputs: FusionInputs, **config) -> (per-position loss (N,), valid (N,) bool).
-# The trainer multiplies loss by valid & its response / gate masks & source weights, sums, and
-# passes the sum to `fusion_total`. For "alm" position k carries the loss of the chunk starting
+# The trainer multiplies loss by valid & its response / gate masks & source weights, sums, and adds
+# the sum to the SFT term (fuse_trainer/train.py: micro_batch_terms). For "alm" position k carries the loss of the chunk starting
 # there. Config kwargs are those of the wrapped function (uld_loss, soft_ce_loss, topk_kl_loss,
 # alm_loss) after its positional tensors.
 FUSION_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {

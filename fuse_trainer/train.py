@@ -62,7 +62,7 @@ def gold_logprobs(logits: torch.Tensor, labels: torch.Tensor, log_z: torch.Tenso
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_z
 
 
-def source_scores(batch: Batch, piv_gold: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def source_scores(batch: Batch, cfg: TrainConfig) -> torch.Tensor:
     """(S, B) per-record cost of each source for the unified weighting (+inf: no aligned response position)."""
     scores = []
     B = batch.input_ids.shape[0]
@@ -94,7 +94,7 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
     ce = -(piv_gold * batch.loss_mask)  # (B, T) per-position SFT loss, without a second vocabulary pass
     terms["sft_sum"] = ce.sum()  # = sft_loss
     terms["n_tokens"] = batch.loss_mask.sum().float()
-    weights = source_weights(source_scores(batch, piv_gold.detach(), cfg), cfg.weighting, cfg.weighting_temperature)
+    weights = source_weights(source_scores(batch, cfg), cfg.weighting, cfg.weighting_temperature)
     distilled = torch.zeros_like(batch.loss_mask, dtype=logits.dtype)  # (B, T) summed source weight distilled there
     uld_stats = (pivot_uld_stats(logits, cfg.top_k, cfg.standardize, cfg.normalize == "full")  # once for every source
                  if cfg.loss == "infifusion" else None)

@@ -4,7 +4,8 @@ Every weighting maps a score matrix (S, R) (S sources, R records; or R positions
 weights, the functions do not care) to weights (S, R) that are >= 0 and sum to 1 over the sources
 of every record. The score is a per-source cost, lower = more trusted:
     uniform  any score; 1 / S for every available source
-    mince    per-source CE on the gold text (cache `mean_nll`); one-hot on the lowest CE,
+    mince    per-source CE on the gold text (the trainer: the mean of the cached `gold_logprob`, negated,
+             over the record's aligned response positions); one-hot on the lowest CE,
              ties broken by the lowest source index (FuseLLM's MinCE)
     avgce    per-source CE; softmax over sources of -ce / temperature (FuseLLM's AvgCE)
     entropy  per-source MEAN PREDICTIVE ENTROPY of the record (nats; the mean over its positions of

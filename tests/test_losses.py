@@ -10,7 +10,6 @@ from fuse_trainer.losses import (
     FusionInputs,
     alm_loss,
     chunk_logprob_sum,
-    fusion_total,
     gate_mask,
     log1mexp,
     pivot_uld_stats,
@@ -75,14 +74,6 @@ def test_sft_loss_matches_loop():
     )
     assert int(n) == int(mask.sum())
     torch.testing.assert_close(total, ref)
-
-
-def test_fusion_total():
-    out = fusion_total(torch.tensor(10.0), torch.tensor(2.0), 4, 0.25)
-    torch.testing.assert_close(out, torch.tensor((0.75 * 10 + 0.25 * 2) / 4))
-    assert fusion_total(torch.tensor(0.0), torch.tensor(0.0), 0, 0.5).item() == 0.0
-    with pytest.raises(ValueError):
-        fusion_total(torch.tensor(1.0), torch.tensor(1.0), 1, 1.5)
 
 
 # ---------------------------------------------------------------- ULD
