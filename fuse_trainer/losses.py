@@ -347,6 +347,11 @@ def gate_mask(
     """Token-level teacher gate: True where the source beats the pivot on the gold next text.
 
         gate = src_gold_logprob > piv_gold_logprob + margin          (N,) bool, no grad
+
+    At an aligned position the two models predict their own next tokens, which cover the same bytes only
+    where the tokenizers agree; elsewhere they are different events, and the model with the shorter token
+    wins more often. `--gate chunk` applies this function to chunk log-probs (`chunk_logprob_sum`), the
+    same bytes for both models.
     """
     return src_gold_logprob.detach() > piv_gold_logprob.detach() + margin
 
