@@ -25,11 +25,10 @@ from alignment import (
     build_vocab_map,
     chunk_logprobs,
     project_topk,
-    token_byte_ends,
     token_surface,
     tokenizer_fingerprint,
 )
-from cache_builder.build import exclusive_lock, response_positions
+from cache_builder.build import exclusive_lock, response_positions, tokenize
 from cache_builder.card import dataset_card
 from cache_builder.format import (
     ALIGNED_DIR,
@@ -59,12 +58,14 @@ DEFAULT_VOCAB_STRATEGY = "exact+first-token"
 
 
 def align_row(text: str, spans, src: dict, piv_tokenizer, piv_surface, piv_bos: bool, src_to_piv: np.ndarray) -> dict:
-    """One source-native row -> the aligned row's arrays (see docs/contracts.md)."""
-    ids = piv_tokenizer(text, add_special_tokens=False)["input_ids"]
-    if piv_bos:
-        ids = [piv_tokenizer.bos_token_id] + ids
-    piv_ids = np.asarray(ids, dtype=np.int32)  # (T_p,)
-    piv_end = token_byte_ends(piv_ids, piv_surface, text)  # (T_p,)
+    """One source-native row -> the aligned row's arrays (see docs/contracts.md).
+
+    A source row cut at cache-build's --max-tokens covers a prefix of the text; the pivot row then covers
+    the same prefix (tokenized on its own), so the last ALM chunk ends at the same byte on both sides."""
+    src_bytes = int(src["token_end"][-1]) if len(src["token_end"]) else 0
+    if src_bytes < len(text.encode()):
+        text = text.encode()[:src_bytes].decode("utf-8", errors="ignore")
+    piv_ids, piv_end = tokenize(text, piv_tokenizer, piv_surface, piv_bos, max_tokens=None)  # (T_p,), (T_p,)
     piv_pos, src_pos = align_positions(piv_end, src["token_end"])  # (A,), (A,)
     topk_ids, topk_logits, kept = project_topk(
         src["topk_ids"][src_pos], src["topk_logits"][src_pos].astype(np.float32), src["logsumexp"][src_pos], src_to_piv

@@ -135,8 +135,9 @@ def shard_plan(records: list[Record], rank: int, world_size: int, rows_per_shard
     ]
 
 
-def tokenize(text: str, tokenizer, surface, add_bos: bool, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids (T,), token byte ends (T,)) of a canonical text, BOS first when the model needs it."""
+def tokenize(text: str, tokenizer, surface, add_bos: bool, max_tokens: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(token ids (T,), token byte ends (T,)) of a canonical text, BOS first when the model needs it, cut
+    at `max_tokens` (None: never)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if add_bos:
         ids = [tokenizer.bos_token_id] + ids

@@ -54,6 +54,22 @@ def test_aligned_positions_share_their_context(world):
     assert checked > 100
 
 
+def test_a_source_cut_at_max_tokens_is_aligned_to_a_pivot_row_of_the_same_text(world, tmp_path):
+    """ALM chunks compare the same bytes: the last one ends where the cut source row ends, on both sides."""
+    from cache_builder.align import align_cache
+
+    build_cache(world["corpus"], replace(world["settings"]["srcg"], max_tokens=8), tmp_path, log=lambda *_: None)
+    align_cache(tmp_path / "srcg", str(world["models"]["pivot"]), log=lambda *_: None)
+    src, aligned = read_rows(tmp_path / "srcg"), read_rows(tmp_path / "srcg" / "aligned" / "pivot")
+    cut = 0
+    for j in range(len(aligned["record_id"])):
+        assert aligned["record_id"][j] == src["record_id"][j]
+        src_end, piv_end = src["token_end"].row(j), aligned["token_end"].row(j)
+        assert piv_end[-1] == src_end[-1]
+        cut += int(len(src_end) == 8)
+    assert cut > 10  # most rows were cut
+
+
 def test_rerun_is_a_no_op_and_other_settings_are_refused(world):
     shard = sorted((world["cache"] / "srcq" / "shards").glob("*.parquet"))[0]
     before = (shard.read_bytes(), shard.stat().st_mtime_ns)
