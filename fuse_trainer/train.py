@@ -31,7 +31,7 @@ from cache_builder.format import write_text_atomic
 from cache_builder.manifest import load_manifest
 from cache_builder.models import load_model, load_tokenizer, pick_device, resolve_model
 from fuse_trainer.config import TrainConfig, dump_yaml
-from fuse_trainer.data import Batch, FusionData, check_sources, collate, discover_sources
+from fuse_trainer.data import Batch, FusionData, SourceBatch, check_sources, collate, discover_sources
 from fuse_trainer.losses import (
     FUSION_LOSSES,
     FusionInputs,
@@ -117,16 +117,7 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
             src_chunk_logprob=src.chunk_logprob, num_positions=batch.num_positions,
         )
         per_position, valid = FUSION_LOSSES[cfg.loss](inputs, **cfg.loss_kwargs())  # (N,), (N,)
-        if cfg.gate == "token":
-            gate = gate_mask(src.gold_logprob, inputs.piv_gold_logprob, cfg.gate_margin)
-        elif cfg.gate == "record":
-            gate = record_gate_mask(src.gold_logprob, inputs.piv_gold_logprob, src.row, len(batch.input_ids), cfg.gate_margin)
-        elif cfg.gate == "chunk":  # the same event for both models: the text up to the next shared boundary
-            piv_chunk, _ = chunk_logprob_sum(piv_gold.detach(), src.row, src.pos, batch.num_positions)
-            gate = gate_mask(src.chunk_logprob, piv_chunk, cfg.gate_margin)
-        else:
-            gate = torch.ones_like(keep)
-        mask = (keep & valid & gate).float()  # (N,)
+        mask = (keep & valid & teacher_gate(batch, src, piv_gold, cfg)).float()  # (N,)
         terms["fusion_sum"] = terms["fusion_sum"] + (per_position * mask * weights[s, src.row]).sum()
         distilled.index_put_((src.row, src.pos), mask * weights[s, src.row], accumulate=True)
         terms["kept_mass_sum"] += (src.kept_mass * keep).sum()
@@ -134,6 +125,21 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
         terms["fusion_positions"] += keep.float().sum()
     terms["objective_sum"] = weighted_sft_sum(ce, distilled, cfg) + cfg.lam * terms["fusion_sum"]
     return terms
+
+
+def teacher_gate(batch: Batch, src: SourceBatch, piv_gold: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """(N,) bool: where `--gate` lets the source teach, at its aligned positions (src.row, src.pos).
+
+    piv_gold (B, T) is the pivot's log-prob of each gold token."""
+    if cfg.gate == "token":
+        return gate_mask(src.gold_logprob, piv_gold[src.row, src.pos], cfg.gate_margin)
+    if cfg.gate == "record":
+        return record_gate_mask(src.gold_logprob, piv_gold[src.row, src.pos], src.row, len(batch.input_ids),
+                                cfg.gate_margin)
+    if cfg.gate == "chunk":  # the same event for both models: the text up to the next shared boundary
+        piv_chunk, _ = chunk_logprob_sum(piv_gold.detach(), src.row, src.pos, batch.num_positions)
+        return gate_mask(src.chunk_logprob, piv_chunk, cfg.gate_margin)
+    return torch.ones_like(src.row, dtype=torch.bool)
 
 
 def weighted_sft_sum(ce: torch.Tensor, distilled: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
