@@ -111,7 +111,9 @@ def sample_batch(model, tokenizer, prompts: list[Prompt], settings: GenerateSett
     return texts, int((new != pad_id).sum())
 
 
-def generated_record(prompt: Prompt, continuation: str, settings: GenerateSettings) -> dict:
+def generated_record(prompt: Prompt, continuation: str, settings: GenerateSettings, model_defaults: dict) -> dict:
+    """A corpus record of the continuation, with everything that made it: the settings, the prompt's record,
+    and the model's own generation defaults (`generation_config.json`, e.g. its end-of-sequence tokens)."""
     return {
         "context": prompt.text,
         "text": continuation,
@@ -119,7 +121,7 @@ def generated_record(prompt: Prompt, continuation: str, settings: GenerateSettin
         "split": settings.out_split,
         "generator": {**asdict(settings), "domains": list(settings.domains), "version": GENERATOR_VERSION,
                       "prompt_record": prompt.record_id, "sample": prompt.sample,
-                      "prompt_chars_used": len(prompt.text)},
+                      "prompt_chars_used": len(prompt.text), "model_generation_config": model_defaults},
     }
 
 
@@ -182,6 +184,7 @@ def generate_corpus(records: list[Record], settings: GenerateSettings, out: Path
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[settings.dtype]
     model = load_model(settings.model, dtype=dtype, device=device)
     tokenizer = load_tokenizer(settings.model)
+    model_defaults = model.generation_config.to_diff_dict()
     t0, new_tokens = time.perf_counter(), 0
     with partial.open("a", encoding="utf-8") as f, tqdm(total=len(prompts), initial=len(done),
                                                        desc=f"generate {settings.model}", unit="prompt") as bar:
@@ -190,7 +193,7 @@ def generate_corpus(records: list[Record], settings: GenerateSettings, out: Path
             texts, sampled = sample_batch(model, tokenizer, batch, settings, settings.seed * 1_000_003 + index,
                                           device)
             for prompt, text in zip(batch, texts):
-                f.write(json.dumps(generated_record(prompt, text, settings), ensure_ascii=False) + "\n")
+                f.write(json.dumps(generated_record(prompt, text, settings, model_defaults), ensure_ascii=False) + "\n")
             f.flush()
             new_tokens += sampled
             bar.update(len(batch))

@@ -63,6 +63,7 @@ def test_generated_records_are_a_corpus_of_continued_train_prompts(generated):
         source = by_id[row["generator"]["prompt_record"]]
         assert source.split == "train" and row["split"] == "generated" and row["domain"] == source.domain
         assert row["context"] == prompt.text and row["text"]
+        assert "eos_token_id" in row["generator"]["model_generation_config"]  # the model's own stop tokens
     samples = {}
     for row in rows:  # two samples of one prompt are two draws, not one text twice
         samples.setdefault(row["generator"]["prompt_record"], set()).add(row["text"])
