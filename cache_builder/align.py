@@ -62,9 +62,9 @@ def align_row(text: str, spans, src: dict, piv_tokenizer, piv_surface, piv_bos: 
 
     A source row cut at cache-build's --max-tokens covers a prefix of the text; the pivot row then covers
     the same prefix (tokenized on its own), so the last ALM chunk ends at the same byte on both sides."""
-    src_bytes = int(src["token_end"][-1]) if len(src["token_end"]) else 0
-    if src_bytes < len(text.encode()):
-        text = text.encode()[:src_bytes].decode("utf-8", errors="ignore")
+    data, src_bytes = text.encode(), int(src["token_end"][-1]) if len(src["token_end"]) else 0
+    if src_bytes < len(data):
+        text = data[:src_bytes].decode("utf-8", errors="ignore")
     piv_ids, piv_end = tokenize(text, piv_tokenizer, piv_surface, piv_bos, max_tokens=None)  # (T_p,), (T_p,)
     piv_pos, src_pos = align_positions(piv_end, src["token_end"])  # (A,), (A,)
     topk_ids, topk_logits, kept = project_topk(

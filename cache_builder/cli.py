@@ -7,10 +7,7 @@ import json
 import sys
 import click
 
-from cache_builder.corpus import DEFAULT_WINDOW_CHARS
-
-
-EVALUATION_SPLITS = ("validation", "heldout")  # corpus-generate never reads or writes these
+from cache_builder.corpus import DEFAULT_WINDOW_CHARS, EVALUATION_SPLITS
 
 
 def _fail(message: str) -> None:

@@ -35,6 +35,7 @@ import zstandard
 RENDER_VERSION = 1
 SUFFIXES = (".jsonl", ".jsonl.zst", ".parquet", ".txt")
 DEFAULT_WINDOW_CHARS = 4000
+EVALUATION_SPLITS = ("validation", "heldout")  # never trained on, never written by corpus-generate
 
 # The canonical chat rendering: plain text markers, no model's special tokens, so that every
 # tokenizer sees the same characters.

@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from cache_builder.corpus import Record, window_bounds
+from cache_builder.format import write_text_atomic
 
 GENERATOR_VERSION = 1
 
@@ -177,9 +178,7 @@ def generate_corpus(records: list[Record], settings: GenerateSettings, out: Path
         raise GenerateError(f"{partial} continues other prompts (another corpus?); delete it or pass the same corpus")
     start = -(-len(done) // settings.batch_size)  # batches done; the last one may be short
     partial.parent.mkdir(parents=True, exist_ok=True)
-    trimmed = partial.with_name(partial.name + ".tmp")  # the torn tail goes; whole batches stay, atomically
-    trimmed.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done), encoding="utf-8")
-    trimmed.replace(partial)
+    write_text_atomic(partial, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done))  # torn tail goes
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[settings.dtype]
     model = load_model(settings.model, dtype=dtype, device=device)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from cache_builder.corpus import EVALUATION_SPLITS
+
 MODES = ("unified", "pairwise", "sft")
 GATES = ("none", "token", "chunk", "record")
 LAMBDA_SCOPES = ("all", "distilled")
@@ -83,7 +85,7 @@ class TrainConfig:
             (isinstance(self.train_splits, list) and self.train_splits
              and all(isinstance(s, str) for s in self.train_splits),
              "train_splits must be a list of one or more split names, e.g. [train, generated]"),
-            (not set(self.train_splits) & {"validation", "heldout"},
+            (not set(self.train_splits) & set(EVALUATION_SPLITS),
              "train_splits must not name validation or heldout: those records are for evaluation"),
         ]
         errors = [message for ok, message in checks if not ok]

@@ -98,10 +98,10 @@ def index_shards(layers: dict[str, Path], splits: tuple[str, ...]) -> list[Shard
         rows, ids = {}, None
         for name, folder in layers.items():
             meta = read_shard(folder, path, ["record_id", "split", "num_tokens", "loss_mask"])
-            seen.update(np.unique(meta["split"]).tolist())
             keep = np.flatnonzero(np.isin(meta["split"], splits))
             order = keep[np.argsort(meta["record_id"][keep], kind="stable")]
-            if ids is None:
+            if ids is None:  # the first source; the others must hold the same records
+                seen.update(np.unique(meta["split"]).tolist())
                 ids = meta["record_id"][order]
                 num_tokens = meta["num_tokens"][order].astype(np.int64)
                 counted = np.concatenate([[0], np.cumsum(meta["loss_mask"].values, dtype=np.int64)])
