@@ -9,9 +9,10 @@ configurations (resumable). The held-out split is never touched.
     python benchmarks/recipe_search.py --suite repro --cache out/repro/cache --data out/repro/corpus.jsonl \
         --out out/search-repro
 
-Four suites: `demo` (the shipped 57-record corpus, 12 steps), `repro` (the 4x corpus of
+Five suites: `demo` (the shipped 57-record corpus, 12 steps), `repro` (the 4x corpus of
 examples/reproduce.sh, 2 epochs, the reproduction's training flags), `repro-code` (that corpus with 5x the
-code training records, 1 epoch) and `repro-gen` (repro-code plus source-written code records, corpus-generate).
+code training records, 1 epoch), `repro-gen` (repro-code plus source-written code records, corpus-generate)
+and `repro-onpolicy` (repro-code plus pivot-written code records, learned from Qwen's targets alone).
 
 Reference rows (untrained pivot, the sources alone) are evaluated with the model name instead of a run.
 """
@@ -125,11 +126,23 @@ REPRO_GEN_CONFIGS: dict[str, str] = {
     "infi-raw-l0.3-gen": "--mode unified --loss infifusion --raw --lambda 0.3 --train-splits train,generated",
 }
 
+# On-policy distillation (session 7): the repro-code corpus plus the PIVOT's own continuations of its code train
+# records (`corpus-generate --model smollm2 --domain code --samples 2 --temperature 1 --top-p 1`, split
+# "onpolicy"), cached by Qwen. Gold records are learned by SFT alone (λ 0); the pivot's own text has no gold to
+# learn, only Qwen's targets on it (`--distill-only-splits`), so the only thing the fused arm adds to SFT is
+# Qwen's view of where the pivot goes when it writes code itself.
+REPRO_ONPOLICY_CONFIGS: dict[str, str] = {
+    "sft": "--mode sft",
+    "kl-qwen-onpolicy": "--mode unified --sources qwen --loss topk-kl --lambda 0 --train-splits train,onpolicy "
+                        "--distill-only-splits onpolicy",
+}
+
 SUITES: dict[str, tuple[str, dict[str, str]]] = {
     "demo": (BASE, CONFIGS),
     "repro": (REPRO_BASE, REPRO_CONFIGS),
     "repro-code": (REPRO_CODE_BASE, REPRO_CODE_CONFIGS),
     "repro-gen": (REPRO_CODE_BASE, REPRO_GEN_CONFIGS),
+    "repro-onpolicy": (REPRO_CODE_BASE, REPRO_ONPOLICY_CONFIGS),
 }
 
 # Reference models evaluated as they are (no training).

@@ -31,6 +31,7 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--pivot", default=DEFAULTS.pivot, help="Pivot model (short name, HF folder or .gguf).")
 @click.option("--sources", default=None, help="Comma-separated source names (default: all aligned to the pivot).")
 @click.option("--train-splits", default=",".join(DEFAULTS.train_splits), help="Comma-separated corpus splits trained on, e.g. train,generated to add corpus-generate's source-written records.")
+@click.option("--distill-only-splits", default="", help="Comma-separated splits of --train-splits learned from the sources alone, with no SFT term: text the pivot wrote itself (corpus-generate --model <pivot>), which the sources score (on-policy distillation). Their fusion term has weight 1, not --lambda.")
 @click.option("--loss", default=DEFAULTS.loss, type=click.Choice(["infifusion", "fusellm", "topk-kl", "alm"]), help="Fusion term.")
 @click.option("--lambda", "lam", default=DEFAULTS.lam, type=float, help="Weight of the fusion term: (1-λ)·SFT + λ·fusion; 0 = SFT only.")
 @click.option("--lambda-scope", default=DEFAULTS.lambda_scope, type=click.Choice(["all", "distilled"]), help="Where λ applies: at every response position, or only where a source is distilled (after --gate and --weighting); elsewhere the SFT term keeps weight 1.")
@@ -65,8 +66,9 @@ def train(ctx, config, **_):
     cli = _passed(ctx)
     if "sources" in cli:
         cli["sources"] = [s for s in cli["sources"].split(",") if s]
-    if "train_splits" in cli:
-        cli["train_splits"] = [s for s in cli["train_splits"].split(",") if s]
+    for name in ("train_splits", "distill_only_splits"):
+        if name in cli:
+            cli[name] = [s for s in cli[name].split(",") if s]
     try:
         cfg = resolve_config(load_yaml(config) if config else {}, cli)
         final = fuse_train(cfg)

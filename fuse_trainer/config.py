@@ -24,6 +24,8 @@ class TrainConfig:
     mode: str = "unified"  # unified: one run, all sources; pairwise: one run per source + merge; sft: no fusion
     sources: list[str] | None = None  # default: every source aligned to the pivot
     train_splits: list[str] = field(default_factory=lambda: ["train"])  # e.g. train + generated (corpus-generate)
+    # splits learned from the sources alone, no SFT term: text the pivot wrote itself (on-policy distillation)
+    distill_only_splits: list[str] = field(default_factory=list)
     loss: str = "topk-kl"  # a key of fuse_trainer.losses.FUSION_LOSSES
     lam: float = 0.5  # total = (1 - lam) * SFT + lam * fusion
     lambda_scope: str = "all"  # all: every response position; distilled: only where a source is distilled
@@ -87,6 +89,10 @@ class TrainConfig:
              "train_splits must be a list of one or more split names, e.g. [train, generated]"),
             (not set(self.train_splits) & set(EVALUATION_SPLITS),
              "train_splits must not name validation or heldout: those records are for evaluation"),
+            (isinstance(self.distill_only_splits, list) and set(self.distill_only_splits) <= set(self.train_splits),
+             "distill_only_splits must be a list of splits that train_splits also names"),
+            (self.mode != "sft" or not self.distill_only_splits,
+             "mode sft learns the gold text only: drop distill_only_splits (and those splits from train_splits)"),
         ]
         errors = [message for ok, message in checks if not ok]
         if errors:

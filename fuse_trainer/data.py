@@ -61,6 +61,7 @@ class FusionDataset:
 
     record_ids: list[str]
     domains: list[str | None]
+    splits: list[str]
     token_ids: Ragged  # (T) per record
     loss_mask: Ragged  # (T-1) per record
     sources: dict[str, dict[str, Ragged]]  # source -> field -> Ragged, rows in record_ids order
@@ -139,7 +140,7 @@ class FusionData:
                 first = first or (data, rows)
                 sources[name] = {f: take_rows(data[f], rows) for f in SOURCE_FIELDS}
             data, rows = first
-            joined = FusionDataset(list(data["record_id"][rows]), list(data["domain"][rows]),
+            joined = FusionDataset(list(data["record_id"][rows]), list(data["domain"][rows]), list(data["split"][rows]),
                                    take_rows(data["token_ids"], rows), take_rows(data["loss_mask"], rows), sources)
             self._loaded = (i, joined)
         return self._loaded[1]
@@ -210,6 +211,7 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T) next token at each position (0 where none)
     loss_mask: torch.Tensor  # (B, T) bool: position predicts a response token
+    gold_text: torch.Tensor  # (B,) bool: the record's text is learned by the SFT term (False: distill-only split)
     num_positions: torch.Tensor  # (B,) int64: T_b - 1
     sources: dict[str, SourceBatch]
 
@@ -220,8 +222,9 @@ class Batch:
         return Batch(**moved, sources={name: src.to(device) for name, src in self.sources.items()})
 
 
-def collate(dataset: FusionDataset, rows: np.ndarray) -> Batch:
-    """Pad the chosen records into tensors and gather every source's aligned signals."""
+def collate(dataset: FusionDataset, rows: np.ndarray, distill_only: tuple[str, ...] = ()) -> Batch:
+    """Pad the chosen records into tensors and gather every source's aligned signals; records of the
+    `distill_only` splits are marked as having no gold text to learn."""
     lengths = dataset.num_tokens[rows]
     B, T = len(rows), int(lengths.max())
     input_ids = np.zeros((B, T), dtype=np.int64)
@@ -257,6 +260,7 @@ def collate(dataset: FusionDataset, rows: np.ndarray) -> Batch:
         attention_mask=torch.from_numpy(attention),
         labels=torch.from_numpy(labels),
         loss_mask=torch.from_numpy(loss_mask),
+        gold_text=torch.tensor([dataset.splits[r] not in distill_only for r in rows], dtype=torch.bool),
         num_positions=torch.from_numpy((lengths - 1).astype(np.int64)),
         sources=sources,
     )

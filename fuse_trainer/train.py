@@ -5,7 +5,8 @@ One run, top to bottom:
   2. load the pivot, AdamW, a warmup + cosine schedule; resume from the run's checkpoint if asked;
   3. each optimizer step takes `grad_accum` token-budgeted micro-batches (this rank takes every
      world_size-th), computes (1-λ)·SFT + λ·fusion normalised by the step's response tokens (with
-     `lambda_scope: distilled`, λ only where a source is distilled: elsewhere SFT keeps weight 1), all-reduces
+     `lambda_scope: distilled`, λ only where a source is distilled: elsewhere SFT keeps weight 1; records of a
+     `distill_only_splits` split, text the pivot wrote itself, get the fusion term alone at weight 1), all-reduces
      the gradients, clips and steps; metrics go to metrics.jsonl and the progress bar;
   4. saves a Hugging Face checkpoint with the resolved config and the caches' fingerprints.
 Pairwise mode runs 1-4 once per source, then merges the pivots in weight space.
@@ -86,14 +87,16 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
     logits = logits.float()  # (B, T, V)
     terms = {"fusion_sum": logits.new_zeros(()), "kept_mass_sum": logits.new_zeros(()), "gated_in": logits.new_zeros(()),
              "fusion_positions": logits.new_zeros(())}
-    if cfg.mode == "sft" or cfg.lam == 0.0:
+    if cfg.mode == "sft" or (cfg.lam == 0.0 and bool(batch.gold_text.all())):
         sft_sum, n_tokens = sft_loss(logits, batch.labels, batch.loss_mask)
         return {**terms, "objective_sum": sft_sum, "sft_sum": sft_sum, "n_tokens": n_tokens.float()}
     log_z = torch.logsumexp(logits, dim=-1)  # (B, T): one pass over the vocabulary, shared by every term
     piv_gold = gold_logprobs(logits, batch.labels, log_z)  # (B, T)
-    ce = -(piv_gold * batch.loss_mask)  # (B, T) per-position SFT loss, without a second vocabulary pass
-    terms["sft_sum"] = ce.sum()  # = sft_loss
+    ce = -(piv_gold * (batch.loss_mask & batch.gold_text[:, None]))  # (B, T) per-position SFT loss, gold text only
+    terms["sft_sum"] = ce.sum()  # = sft_loss over the gold records
     terms["n_tokens"] = batch.loss_mask.sum().float()
+    fusion_scale = torch.where(batch.gold_text, cfg.lam, 1.0).to(logits.dtype)  # (B,) λ, or 1 without gold text
+    fusion_objective = logits.new_zeros(())
     weights = source_weights(source_scores(batch, cfg), cfg.weighting, cfg.weighting_temperature)
     distilled = torch.zeros_like(batch.loss_mask, dtype=logits.dtype)  # (B, T) summed source weight distilled there
     uld_stats = (pivot_uld_stats(logits, cfg.top_k, cfg.standardize, cfg.normalize == "full")  # once for every source
@@ -118,12 +121,14 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
         )
         per_position, valid = FUSION_LOSSES[cfg.loss](inputs, **cfg.loss_kwargs())  # (N,), (N,)
         mask = (keep & valid & teacher_gate(batch, src, piv_gold, cfg)).float()  # (N,)
-        terms["fusion_sum"] = terms["fusion_sum"] + (per_position * mask * weights[s, src.row]).sum()
+        weighted = per_position * mask * weights[s, src.row]  # (N,)
+        terms["fusion_sum"] = terms["fusion_sum"] + weighted.sum()
+        fusion_objective = fusion_objective + (weighted * fusion_scale[src.row]).sum()
         distilled.index_put_((src.row, src.pos), mask * weights[s, src.row], accumulate=True)
         terms["kept_mass_sum"] += (src.kept_mass * keep).sum()
         terms["gated_in"] += mask.sum()
         terms["fusion_positions"] += keep.float().sum()
-    terms["objective_sum"] = weighted_sft_sum(ce, distilled, cfg) + cfg.lam * terms["fusion_sum"]
+    terms["objective_sum"] = weighted_sft_sum(ce, distilled, cfg) + fusion_objective
     return terms
 
 
@@ -354,7 +359,8 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
         n_response = sum(stream.response_tokens(mb) for mb in group)  # the whole step, all ranks
         sums = dict.fromkeys(TERMS, 0.0)
         for shard, rows in group[rank::world]:
-            terms = micro_batch_terms(model, collate(data.shard(shard), rows).to(device), cfg)
+            batch = collate(data.shard(shard), rows, tuple(cfg.distill_only_splits)).to(device)
+            terms = micro_batch_terms(model, batch, cfg)
             loss = terms["objective_sum"] / max(n_response, 1)
             loss.backward()
             for k in TERMS:

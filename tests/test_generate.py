@@ -144,3 +144,40 @@ def test_train_splits_select_the_union_of_their_records(world):
 def test_config_refuses_evaluation_and_malformed_train_splits(splits, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(train_splits=splits).validate()
+
+
+def test_distill_only_records_get_the_fusion_term_alone_at_full_weight(world):
+    """A record of a distill-only split (text the pivot wrote) has no SFT term and its fusion term weighs 1,
+    while a gold record keeps (1-λ)·SFT + λ·fusion: the batch objective equals the sum over one-record batches."""
+    from transformers import AutoModelForCausalLM
+
+    from fuse_trainer.data import collate
+    from fuse_trainer.train import micro_batch_terms
+
+    data = FusionData(discover_sources(world["cache"], "pivot"), ("train", "heldout"))
+    shard, rows = max(data.plan(0, 4096, seed=0), key=lambda plan: len(plan[1]))
+    dataset = data.shard(shard)
+    distill_only = ("heldout",)  # stands in for corpus-generate's split here
+    batch = collate(dataset, rows, distill_only)
+    assert 0 < int(batch.gold_text.sum()) < len(rows)  # both kinds of record in the batch
+    model = AutoModelForCausalLM.from_pretrained(world["models"]["pivot"]).eval()
+    cfg = TrainConfig(mode="unified", loss="topk-kl", lam=0.3, weighting="mince").validate()
+    with torch.no_grad():
+        terms = micro_batch_terms(model, batch, cfg)
+        alone = [micro_batch_terms(model, collate(dataset, rows[[i]]), cfg) for i in range(len(rows))]
+    gold = batch.gold_text.tolist()
+    expected = sum((1 - cfg.lam) * t["sft_sum"] + cfg.lam * t["fusion_sum"] if g else t["fusion_sum"]
+                   for t, g in zip(alone, gold))
+    assert torch.allclose(terms["objective_sum"], expected, rtol=1e-5)
+    assert torch.allclose(terms["sft_sum"], sum(t["sft_sum"] for t, g in zip(alone, gold) if g), rtol=1e-5)
+    assert terms["n_tokens"] == sum(t["n_tokens"] for t in alone)  # every response position counts
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(train_splits=["train"], distill_only_splits=["onpolicy"]), "splits that train_splits also names"),
+    (dict(mode="sft", train_splits=["train", "onpolicy"], distill_only_splits=["onpolicy"]),
+     "mode sft learns the gold text only"),
+])
+def test_config_refuses_distill_only_splits_it_cannot_train(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**settings).validate()
