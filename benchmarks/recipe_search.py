@@ -75,7 +75,8 @@ CONFIGS: dict[str, str] = {
 }
 
 # The 4x corpus of examples/reproduce.sh: its training flags, 2 epochs (about 90 steps), ~52 validation records.
-REPRO_BASE = "--epochs 2 --lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 0 --seed 0"
+# --shuffle-window 1: these suites were run before the option existed, shard group after shard group.
+REPRO_BASE = "--epochs 2 --lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 0 --seed 0 --shuffle-window 1"
 REPRO_CONFIGS: dict[str, str] = {
     "sft": "--mode sft",
     # Qwen's code strength needs token identity: top-k KL (ULD only matches sorted probabilities)
@@ -87,7 +88,7 @@ REPRO_CONFIGS: dict[str, str] = {
 # The same corpus with 5x the code training records (`make_corpus.py --code-train-scale 5`; validation and
 # held-out unchanged): a larger distillation set where Qwen2.5-Coder is far stronger. One epoch (about 100 steps):
 # on the 4x corpus SFT was already past its best after one.
-REPRO_CODE_BASE = "--epochs 1 --lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 0 --seed 0"
+REPRO_CODE_BASE = "--epochs 1 --lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 0 --seed 0 --shuffle-window 1"
 REPRO_CODE_CONFIGS: dict[str, str] = {
     "sft": "--mode sft",
     "infi-raw-l0.3": "--mode unified --loss infifusion --raw --lambda 0.3",
@@ -124,6 +125,10 @@ REPRO_GEN_CONFIGS: dict[str, str] = {
     "sft": "--mode sft",
     "sft-gen": "--mode sft --train-splits train,generated",
     "infi-raw-l0.3-gen": "--mode unified --loss infifusion --raw --lambda 0.3 --train-splits train,generated",
+    # session 7: Qwen's text learned from Qwen's targets alone (no SFT term on it), gold by SFT alone; the
+    # control of repro-onpolicy's row, where the same is done on the pivot's own text
+    "kl-qwen-gen-distill-only": "--mode unified --sources qwen --loss topk-kl --lambda 0 "
+                                "--train-splits train,generated --distill-only-splits generated",
 }
 
 # On-policy distillation (session 7): the repro-code corpus plus the PIVOT's own continuations of its code train

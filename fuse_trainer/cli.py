@@ -47,6 +47,7 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--lr", default=DEFAULTS.lr, type=float)
 @click.option("--warmup-steps", default=DEFAULTS.warmup_steps, type=int)
 @click.option("--batch-tokens", default=DEFAULTS.batch_tokens, type=int, help="Padded tokens per micro-batch.")
+@click.option("--shuffle-window", default=DEFAULTS.shuffle_window, type=int, help="Shard groups whose micro-batches are shuffled together, and held in memory at once: a corpus stored in domain order is then not learned one domain after another. 1: shard group after shard group (runs recorded before this option).")
 @click.option("--grad-accum", default=DEFAULTS.grad_accum, type=int, help="Micro-batches per optimizer step (split across DDP ranks).")
 @click.option("--dtype", default=DEFAULTS.dtype, type=click.Choice(["fp32", "bf16"]))
 @click.option("--seed", default=DEFAULTS.seed, type=int)

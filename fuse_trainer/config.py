@@ -45,6 +45,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_tokens: int = 2048
+    shuffle_window: int = 8  # shard groups whose micro-batches are shuffled together (and held in memory at once)
     grad_accum: int = 1
     dtype: str = "fp32"  # bf16: autocast matmuls to bfloat16, weights and optimizer state stay float32
     seed: int = 0
@@ -84,6 +85,7 @@ class TrainConfig:
             (self.dtype in ("fp32", "bf16"), "dtype must be fp32 or bf16"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.grad_accum >= 1 and self.batch_tokens >= 1, "grad_accum and batch_tokens must be positive"),
+            (self.shuffle_window >= 1, "shuffle_window must be at least 1 shard group"),
             (isinstance(self.train_splits, list) and self.train_splits
              and all(isinstance(s, str) for s in self.train_splits),
              "train_splits must be a list of one or more split names, e.g. [train, generated]"),

@@ -8,6 +8,7 @@ pivot positions that have a partner in that source.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -120,19 +121,27 @@ def index_shards(layers: dict[str, Path], splits: tuple[str, ...]) -> list[Shard
 
 
 class FusionData:
-    """The training records of several sources, streamed one shard group at a time (bounded memory)."""
+    """The training records of several sources, streamed a few shard groups at a time (bounded memory).
 
-    def __init__(self, layers: dict[str, Path], splits: tuple[str, ...] = ("train",)):
-        self.layers = layers
+    A cache stores records in corpus order, and a corpus is often sorted (one domain after another), so
+    training shard group after shard group would learn one domain, then the next, and forget. Shard groups
+    come in a seeded random order, `window` at a time; the micro-batches of a window's groups are shuffled
+    together, and at most `window` groups are held in memory.
+    """
+
+    def __init__(self, layers: dict[str, Path], splits: tuple[str, ...] = ("train",), window: int = 1):
+        if window < 1:
+            raise ValueError(f"the shuffle window must hold at least one shard group, got {window}")
+        self.layers, self.window = layers, window
         self.index = index_shards(layers, splits)
-        self._loaded: tuple[int, FusionDataset] | None = None
+        self._loaded: OrderedDict[int, FusionDataset] = OrderedDict()  # the last `window` groups used
 
     def __len__(self) -> int:
         return sum(len(s.num_tokens) for s in self.index)
 
     def shard(self, i: int) -> FusionDataset:
-        """Shard group i, joined across sources; only the last one used stays in memory."""
-        if self._loaded is None or self._loaded[0] != i:
+        """Shard group i, joined across sources."""
+        if i not in self._loaded:
             entry = self.index[i]
             sources, first = {}, None
             for name, folder in self.layers.items():
@@ -140,16 +149,29 @@ class FusionData:
                 first = first or (data, rows)
                 sources[name] = {f: take_rows(data[f], rows) for f in SOURCE_FIELDS}
             data, rows = first
-            joined = FusionDataset(list(data["record_id"][rows]), list(data["domain"][rows]), list(data["split"][rows]),
-                                   take_rows(data["token_ids"], rows), take_rows(data["loss_mask"], rows), sources)
-            self._loaded = (i, joined)
-        return self._loaded[1]
+            self._loaded[i] = FusionDataset(list(data["record_id"][rows]), list(data["domain"][rows]),
+                                            list(data["split"][rows]), take_rows(data["token_ids"], rows),
+                                            take_rows(data["loss_mask"], rows), sources)
+            while len(self._loaded) > self.window:
+                self._loaded.popitem(last=False)
+        self._loaded.move_to_end(i)
+        return self._loaded[i]
 
     def plan(self, epoch: int, batch_tokens: int, seed: int) -> list[tuple[int, np.ndarray]]:
-        """(shard group, rows) of every micro-batch of an epoch: shard groups and batches in a seeded random order."""
+        """(shard group, rows) of every micro-batch of an epoch, deterministic from (seed, epoch).
+
+        The batches of one group are already in random order (`token_batches`); those of a window of
+        several groups are shuffled together."""
         rng = np.random.default_rng([seed, epoch])
-        return [(int(i), rows) for i in rng.permutation(len(self.index))
-                for rows in token_batches(self.index[i].num_tokens, batch_tokens, rng)]
+        order = rng.permutation(len(self.index))
+        plan = []
+        for start in range(0, len(order), self.window):
+            groups = order[start : start + self.window]
+            batches = [(int(i), rows) for i in groups for rows in token_batches(self.index[i].num_tokens, batch_tokens, rng)]
+            if len(groups) > 1:
+                batches = [batches[j] for j in rng.permutation(len(batches))]
+            plan += batches
+        return plan
 
 
 def take_rows(column: Ragged, rows: np.ndarray) -> Ragged:

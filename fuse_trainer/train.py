@@ -327,7 +327,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             return out / FINAL_DIR
     torch.manual_seed(cfg.seed)
     check_sources(layers)
-    data = FusionData(layers, tuple(cfg.train_splits))
+    data = FusionData(layers, tuple(cfg.train_splits), cfg.shuffle_window)
     provenance = provenance_of(layers)
     pivot = resolve_model(cfg.pivot)
     tokenizer = load_tokenizer(pivot)
