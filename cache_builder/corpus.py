@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,7 @@ def _string_field(raw: dict, key: str) -> str:
     value = raw[key]
     if not isinstance(value, str):
         raise RecordError(f"wrong type: field '{key}' must be a string, got {type(value).__name__}")
-    return value
+    return unicodedata.normalize("NFC", value)
 
 
 def _render_messages(messages: object) -> tuple[str, list[tuple[int, int]]]:
@@ -120,6 +121,7 @@ def _render_messages(messages: object) -> tuple[str, list[tuple[int, int]]]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise RecordError(f"wrong type: messages[{i}] must be an object with a string 'content'")
+        content = unicodedata.normalize("NFC", message["content"])
         role = message.get("role")
         if role not in ROLE_HEADERS:
             raise RecordError(f"unknown role: messages[{i}].role={role!r}, expected one of {list(ROLE_HEADERS)}")
@@ -127,14 +129,17 @@ def _render_messages(messages: object) -> tuple[str, list[tuple[int, int]]]:
         parts.append(prefix)
         length += len(prefix)
         if role == "assistant":
-            spans.append((length, length + len(message["content"])))
-        parts.append(message["content"])
-        length += len(message["content"])
+            spans.append((length, length + len(content)))
+        parts.append(content)
+        length += len(content)
     return "".join(parts), spans
 
 
 def render(raw: dict) -> tuple[str, list[tuple[int, int]]]:
     """Render one raw record to (canonical text, response spans in CHARACTER offsets).
+
+    Every text field is NFC-normalised first: tokenizers that normalise (Qwen's) would otherwise spell other
+    bytes than the text's, and canonically equal texts get one record id.
 
     Raises RecordError with a short "kind: detail" reason for a record that cannot be rendered.
     """
@@ -159,6 +164,8 @@ def render(raw: dict) -> tuple[str, list[tuple[int, int]]]:
         raise RecordError("empty: the record renders to an empty text")
     if "\x00" in text:
         raise RecordError("NUL byte: the text contains U+0000")
+    if not unicodedata.is_normalized("NFC", text):  # each field is NFC; a field starting with a combining mark is not
+        raise RecordError("not NFC: a field starts with a combining character, which composes with the text before it")
     return text, [(s, e) for s, e in spans if e > s]
 
 

@@ -73,6 +73,7 @@ def test_response_spans_are_utf8_byte_offsets(tmp_path):
         (b'{"text": "bad \xff\xfe utf8"}', "invalid UTF-8"),
         (b'{"messages": [{"role": "robot", "content": "x"}]}', "unknown role"),
         (b'{"text": "ok", "domain": 3}', "wrong type"),
+        (b'{"context": "A", "text": "\\u030a ring"}', "not NFC"),  # a combining mark composes across fields
     ],
 )
 def test_bad_records_are_skipped_with_file_and_line(tmp_path, line, reason):
@@ -84,6 +85,18 @@ def test_bad_records_are_skipped_with_file_and_line(tmp_path, line, reason):
     assert corpus.bad[0].origin == f"{path}:2"
     assert corpus.bad[0].reason.startswith(reason)
     assert corpus.summary()["bad_records"] == 1
+
+
+def test_text_is_nfc_normalised_so_normalising_tokenizers_spell_its_bytes(tmp_path):
+    decomposed, composed = "A\u030angstr\u00f6m", "\u00c5ngstr\u00f6m"  # A + combining ring, and Å
+    for raw in ({"text": decomposed}, {"context": "x ", "text": decomposed},
+                {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": decomposed}]}):
+        text, spans = render(raw)
+        assert text.endswith(composed) and text[spans[-1][0]:spans[-1][1]] == composed
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"text": decomposed}) + "\n" + json.dumps({"text": composed}) + "\n")
+    corpus = load_corpus(path)
+    assert [r.text for r in corpus.records] == [composed]  # one canonical record, the duplicate dropped
 
 
 def test_corrupt_zstd_is_reported_not_raised(tmp_path):
