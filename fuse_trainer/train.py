@@ -51,6 +51,8 @@ FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoint"
 # Settings that do not change the trained model: a run may resume, or count as finished, with other values.
 RUN_ONLY_SETTINGS = ("resume", "threads", "device", "save_every", "out", "extra")
+# Settings added after runs were saved, with the value that matches how those runs were trained.
+SETTINGS_BEFORE_THEY_EXISTED = {"distill_only_splits": [], "shuffle_window": 1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +278,7 @@ def keep_metrics_until(path: Path, step: int) -> None:
 def changed_settings(checkpoint: Path, cfg: TrainConfig) -> dict:
     """{setting: (saved, now)} where the model in `checkpoint` was trained otherwise than `cfg` says
     (settings that do not change the model, RUN_ONLY_SETTINGS, aside)."""
-    saved = yaml.safe_load((checkpoint / "fusion_config.yaml").read_text())
+    saved = {**SETTINGS_BEFORE_THEY_EXISTED, **yaml.safe_load((checkpoint / "fusion_config.yaml").read_text())}
     now = asdict(cfg)
     return {k: (saved.get(k), now[k]) for k in now if k not in RUN_ONLY_SETTINGS and saved.get(k) != now[k]}
 

@@ -199,6 +199,24 @@ def test_resume_refuses_a_checkpoint_of_other_settings_and_a_stop_at_the_end_fin
     assert final == run / "final" and (final / "model.safetensors").exists() and len(run_losses(run)) == 6
 
 
+def test_a_run_saved_before_a_setting_existed_counts_as_trained_the_way_it_was(world, tmp_path):
+    """A final model whose saved config predates --shuffle-window and --distill-only-splits was trained with
+    shard-block order and no distill-only split: --resume finds it finished with those values, not with others."""
+    import yaml
+
+    layers = discover_sources(world["cache"], "pivot")
+    run = tmp_path / "run"
+    train_run(train_config(world, run, max_steps=2, shuffle_window=1), layers, run, log=lambda *_: None)
+    saved = run / "final" / "fusion_config.yaml"
+    old = {k: v for k, v in yaml.safe_load(saved.read_text()).items() if k not in ("shuffle_window", "distill_only_splits")}
+    saved.write_text(yaml.safe_dump(old))
+    messages = []
+    train_run(train_config(world, run, max_steps=2, shuffle_window=1, resume=True), layers, run, log=messages.append)
+    assert "already trained" in messages[-1]
+    with pytest.raises(ValueError, match="other settings.*'shuffle_window': \\(1, 8\\)"):
+        train_run(train_config(world, run, max_steps=2, shuffle_window=8, resume=True), layers, run, log=messages.append)
+
+
 def test_micro_batches_pass_over_every_record_once_per_epoch():
     class Plans:  # epochs of 3, 4, 3, 4 micro-batches, as shuffled length-sorted packing can give
         def plan(self, epoch, batch_tokens, seed):
