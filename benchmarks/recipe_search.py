@@ -140,6 +140,11 @@ REPRO_ONPOLICY_CONFIGS: dict[str, str] = {
     "sft": "--mode sft",
     "kl-qwen-onpolicy": "--mode unified --sources qwen --loss topk-kl --lambda 0 --train-splits train,onpolicy "
                         "--distill-only-splits onpolicy",
+    # the row above met its pivot-written records in two blocks, one of them last (shard-block order): both
+    # arms again with the micro-batches of every shard group shuffled together
+    "sft-w8": "--mode sft --shuffle-window 8",
+    "kl-qwen-onpolicy-w8": "--mode unified --sources qwen --loss topk-kl --lambda 0 --train-splits train,onpolicy "
+                           "--distill-only-splits onpolicy --shuffle-window 8",
 }
 
 SUITES: dict[str, tuple[str, dict[str, str]]] = {
