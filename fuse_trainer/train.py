@@ -275,18 +275,23 @@ def keep_metrics_until(path: Path, step: int) -> None:
         write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
-def changed_settings(checkpoint: Path, cfg: TrainConfig) -> dict:
+def changed_settings(checkpoint: Path, cfg: TrainConfig, shard_groups: int) -> dict:
     """{setting: (saved, now)} where the model in `checkpoint` was trained otherwise than `cfg` says
-    (settings that do not change the model, RUN_ONLY_SETTINGS, aside)."""
+    (settings that do not change the model, RUN_ONLY_SETTINGS, aside). Two shuffle windows that each hold
+    all `shard_groups` of the cache give the same batch order, so they are no change."""
     saved = {**SETTINGS_BEFORE_THEY_EXISTED, **yaml.safe_load((checkpoint / "fusion_config.yaml").read_text())}
     now = asdict(cfg)
-    return {k: (saved.get(k), now[k]) for k in now if k not in RUN_ONLY_SETTINGS and saved.get(k) != now[k]}
+    changed = {k: (saved.get(k), now[k]) for k in now if k not in RUN_ONLY_SETTINGS and saved.get(k) != now[k]}
+    if "shuffle_window" in changed and min(changed["shuffle_window"]) >= shard_groups:
+        del changed["shuffle_window"]
+    return changed
 
 
-def refuse_other_settings(out: Path, cfg: TrainConfig) -> None:
+def refuse_other_settings(out: Path, cfg: TrainConfig, layers: dict[str, Path]) -> None:
     """--resume continues (or finds finished) only a run with the same settings."""
+    shard_groups = len(load_manifest(next(iter(layers.values())))["shards"])  # every source is sharded alike
     for folder in (out / FINAL_DIR, out / CHECKPOINT_DIR):
-        if (folder / "fusion_config.yaml").exists() and (changed := changed_settings(folder, cfg)):
+        if (folder / "fusion_config.yaml").exists() and (changed := changed_settings(folder, cfg, shard_groups)):
             raise ValueError(f"{folder} was trained with other settings {changed} (saved, now): rerun with the same "
                              "settings to resume it, or leave out --resume to start again (deleting it), or use another --out")
 
@@ -323,7 +328,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     if world > 1:
         dist.barrier()  # every rank sees the recovered checkpoint
     if cfg.resume:
-        refuse_other_settings(out, cfg)
+        refuse_other_settings(out, cfg, layers)
         if (out / FINAL_DIR / "fusion_config.yaml").exists():
             log(f"{out}: already trained with these settings, nothing to do ({out / FINAL_DIR})")
             return out / FINAL_DIR

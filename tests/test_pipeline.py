@@ -204,6 +204,8 @@ def test_a_run_saved_before_a_setting_existed_counts_as_trained_the_way_it_was(w
     shard-block order and no distill-only split: --resume finds it finished with those values, not with others."""
     import yaml
 
+    from fuse_trainer.data import FusionData
+
     layers = discover_sources(world["cache"], "pivot")
     run = tmp_path / "run"
     train_run(train_config(world, run, max_steps=2, shuffle_window=1), layers, run, log=lambda *_: None)
@@ -215,6 +217,12 @@ def test_a_run_saved_before_a_setting_existed_counts_as_trained_the_way_it_was(w
     assert "already trained" in messages[-1]
     with pytest.raises(ValueError, match="other settings.*'shuffle_window': \\(1, 8\\)"):
         train_run(train_config(world, run, max_steps=2, shuffle_window=8, resume=True), layers, run, log=messages.append)
+    groups = len(FusionData(layers).index)
+    whole = tmp_path / "whole"  # windows that each hold every shard group: the same batch order, no change
+    train_run(train_config(world, whole, max_steps=2, shuffle_window=groups), layers, whole, log=lambda *_: None)
+    train_run(train_config(world, whole, max_steps=2, shuffle_window=groups + 5, resume=True), layers, whole,
+              log=messages.append)
+    assert "already trained" in messages[-1]
 
 
 def test_micro_batches_pass_over_every_record_once_per_epoch():
