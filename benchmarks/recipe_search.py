@@ -125,10 +125,6 @@ REPRO_GEN_CONFIGS: dict[str, str] = {
     "sft": "--mode sft",
     "sft-gen": "--mode sft --train-splits train,generated",
     "infi-raw-l0.3-gen": "--mode unified --loss infifusion --raw --lambda 0.3 --train-splits train,generated",
-    # session 7: Qwen's text learned from Qwen's targets alone (no SFT term on it), gold by SFT alone; the
-    # control of repro-onpolicy's row, where the same is done on the pivot's own text
-    "kl-qwen-gen-distill-only": "--mode unified --sources qwen --loss topk-kl --lambda 0 "
-                                "--train-splits train,generated --distill-only-splits generated",
 }
 
 # On-policy distillation (session 7): the repro-code corpus plus the PIVOT's own continuations of its code train

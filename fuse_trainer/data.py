@@ -62,7 +62,7 @@ class FusionDataset:
 
     record_ids: list[str]
     domains: list[str | None]
-    splits: list[str]
+    gold_text: np.ndarray  # (R,) bool: the record's text is learned by the SFT term (False: a distill-only split)
     token_ids: Ragged  # (T) per record
     loss_mask: Ragged  # (T-1) per record
     sources: dict[str, dict[str, Ragged]]  # source -> field -> Ragged, rows in record_ids order
@@ -126,13 +126,15 @@ class FusionData:
     A cache stores records in corpus order, and a corpus is often sorted (one domain after another), so
     training shard group after shard group would learn one domain, then the next, and forget. Shard groups
     come in a seeded random order, `window` at a time; the micro-batches of a window's groups are shuffled
-    together, and at most `window` groups are held in memory.
+    together, and at most `window` groups are held in memory. Records of the `distill_only` splits (text the
+    pivot wrote itself) are marked as having no gold text to learn.
     """
 
-    def __init__(self, layers: dict[str, Path], splits: tuple[str, ...] = ("train",), window: int = 1):
+    def __init__(self, layers: dict[str, Path], splits: tuple[str, ...] = ("train",), window: int = 1,
+                 distill_only: tuple[str, ...] = ()):
         if window < 1:
             raise ValueError(f"the shuffle window must hold at least one shard group, got {window}")
-        self.layers, self.window = layers, window
+        self.layers, self.window, self.distill_only = layers, window, distill_only
         self.index = index_shards(layers, splits)
         self._loaded: OrderedDict[int, FusionDataset] = OrderedDict()  # the last `window` groups used
 
@@ -150,8 +152,9 @@ class FusionData:
                 sources[name] = {f: take_rows(data[f], rows) for f in SOURCE_FIELDS}
             data, rows = first
             self._loaded[i] = FusionDataset(list(data["record_id"][rows]), list(data["domain"][rows]),
-                                            list(data["split"][rows]), take_rows(data["token_ids"], rows),
-                                            take_rows(data["loss_mask"], rows), sources)
+                                            ~np.isin(data["split"][rows], self.distill_only),
+                                            take_rows(data["token_ids"], rows), take_rows(data["loss_mask"], rows),
+                                            sources)
             while len(self._loaded) > self.window:
                 self._loaded.popitem(last=False)
         self._loaded.move_to_end(i)
@@ -244,9 +247,8 @@ class Batch:
         return Batch(**moved, sources={name: src.to(device) for name, src in self.sources.items()})
 
 
-def collate(dataset: FusionDataset, rows: np.ndarray, distill_only: tuple[str, ...] = ()) -> Batch:
-    """Pad the chosen records into tensors and gather every source's aligned signals; records of the
-    `distill_only` splits are marked as having no gold text to learn."""
+def collate(dataset: FusionDataset, rows: np.ndarray) -> Batch:
+    """Pad the chosen records into tensors and gather every source's aligned signals."""
     lengths = dataset.num_tokens[rows]
     B, T = len(rows), int(lengths.max())
     input_ids = np.zeros((B, T), dtype=np.int64)
@@ -282,7 +284,7 @@ def collate(dataset: FusionDataset, rows: np.ndarray, distill_only: tuple[str, .
         attention_mask=torch.from_numpy(attention),
         labels=torch.from_numpy(labels),
         loss_mask=torch.from_numpy(loss_mask),
-        gold_text=torch.tensor([dataset.splits[r] not in distill_only for r in rows], dtype=torch.bool),
+        gold_text=torch.from_numpy(dataset.gold_text[rows]),
         num_positions=torch.from_numpy((lengths - 1).astype(np.int64)),
         sources=sources,
     )

@@ -334,7 +334,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             return out / FINAL_DIR
     torch.manual_seed(cfg.seed)
     check_sources(layers)
-    data = FusionData(layers, tuple(cfg.train_splits), cfg.shuffle_window)
+    data = FusionData(layers, tuple(cfg.train_splits), cfg.shuffle_window, tuple(cfg.distill_only_splits))
     provenance = provenance_of(layers)
     pivot = resolve_model(cfg.pivot)
     tokenizer = load_tokenizer(pivot)
@@ -366,8 +366,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
         n_response = sum(stream.response_tokens(mb) for mb in group)  # the whole step, all ranks
         sums = dict.fromkeys(TERMS, 0.0)
         for shard, rows in group[rank::world]:
-            batch = collate(data.shard(shard), rows, tuple(cfg.distill_only_splits)).to(device)
-            terms = micro_batch_terms(model, batch, cfg)
+            terms = micro_batch_terms(model, collate(data.shard(shard), rows).to(device), cfg)
             loss = terms["objective_sum"] / max(n_response, 1)
             loss.backward()
             for k in TERMS:

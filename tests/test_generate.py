@@ -154,11 +154,11 @@ def test_distill_only_records_get_the_fusion_term_alone_at_full_weight(world):
     from fuse_trainer.data import collate
     from fuse_trainer.train import micro_batch_terms
 
-    data = FusionData(discover_sources(world["cache"], "pivot"), ("train", "heldout"))
+    data = FusionData(discover_sources(world["cache"], "pivot"), ("train", "heldout"),
+                      distill_only=("heldout",))  # heldout stands in for corpus-generate's split here
     shard, rows = max(data.plan(0, 4096, seed=0), key=lambda plan: len(plan[1]))
     dataset = data.shard(shard)
-    distill_only = ("heldout",)  # stands in for corpus-generate's split here
-    batch = collate(dataset, rows, distill_only)
+    batch = collate(dataset, rows)
     assert 0 < int(batch.gold_text.sum()) < len(rows)  # both kinds of record in the batch
     model = AutoModelForCausalLM.from_pretrained(world["models"]["pivot"]).eval()
     cfg = TrainConfig(mode="unified", loss="topk-kl", lam=0.3, weighting="mince").validate()
