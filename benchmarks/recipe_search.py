@@ -83,6 +83,13 @@ REPRO_CONFIGS: dict[str, str] = {
     "kl-l0.7-mince-gtok": "--mode unified --loss topk-kl --lambda 0.7 --gate token --weighting mince",
     "kl-l0.7-qwen-gtok": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate token",
     "infi-raw-l0.3": "--mode unified --loss infifusion --raw --lambda 0.3",  # the demo's and reproduction's recipe
+    # session 8, in the shipped order (every shard group shuffled together): distil only the targets that name
+    # the pivot's gold token (benchmarks/target_ceiling.py: the others cost more than all the rest gain)
+    "sft-w8": "--mode sft --shuffle-window 8",
+    "kl-l0.7-qwen-gcand-w8": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate candidate "
+                             "--lambda-scope distilled --shuffle-window 8",
+    "kl-l0.7-mince-gcand-w8": "--mode unified --loss topk-kl --lambda 0.7 --gate candidate --weighting mince "
+                              "--lambda-scope distilled --shuffle-window 8",
 }
 
 # The same corpus with 5x the code training records (`make_corpus.py --code-train-scale 5`; validation and

@@ -10,7 +10,7 @@ import yaml
 from cache_builder.corpus import EVALUATION_SPLITS
 
 MODES = ("unified", "pairwise", "sft")
-GATES = ("none", "token", "chunk", "record")
+GATES = ("none", "token", "chunk", "record", "candidate")
 LAMBDA_SCOPES = ("all", "distilled")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -36,7 +36,7 @@ class TrainConfig:
     alm_distance: str = "kl"
     weighting: str = "uniform"  # unified mode: uniform | mince | avgce | entropy
     weighting_temperature: float = 1.0
-    gate: str = "none"  # distil only where the source beats the pivot on the gold text: none | token | chunk | record
+    gate: str = "none"  # where a source teaches: none | token | chunk | record (it beats the pivot) | candidate
     gate_margin: float = 0.0
     epochs: float = 1.0
     max_steps: int | None = None
@@ -93,6 +93,8 @@ class TrainConfig:
              "train_splits must not name validation or heldout: those records are for evaluation"),
             (isinstance(self.distill_only_splits, list) and set(self.distill_only_splits) <= set(self.train_splits),
              "distill_only_splits must be a list of splits that train_splits also names"),
+            (self.gate != "candidate" or self.gate_margin == 0.0,
+             "gate_margin compares likelihoods; the candidate gate has none: drop gate_margin"),
             (self.mode != "sft" or not self.distill_only_splits,
              "mode sft learns the gold text only: drop distill_only_splits (and those splits from train_splits)"),
         ]

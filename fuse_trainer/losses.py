@@ -356,6 +356,19 @@ def gate_mask(
     return src_gold_logprob.detach() > piv_gold_logprob.detach() + margin
 
 
+def candidate_gate_mask(src_topk_ids: torch.Tensor, piv_gold_ids: torch.Tensor) -> torch.Tensor:
+    """Candidate gate: True where the pivot's gold next token is among the source's mapped candidates.
+
+        src_topk_ids (N, K) pivot ids, -1 = empty slot; piv_gold_ids (N,)  ->  (N,) bool
+
+    Where the tokenizers split the text differently, the source's confident candidates can all be other
+    events than the pivot's next token; a top-k target there drives the gold token's probability toward
+    zero (benchmarks/target_ceiling.py measures the cost). This gate distils only targets that name the
+    gold token.
+    """
+    return ((src_topk_ids >= 0) & (src_topk_ids == piv_gold_ids.unsqueeze(-1))).any(dim=-1)
+
+
 def record_gate_mask(
     src_gold_logprob: torch.Tensor,
     piv_gold_logprob: torch.Tensor,

@@ -37,6 +37,7 @@ from fuse_trainer.losses import (
     FUSION_LOSSES,
     FusionInputs,
     chunk_logprob_sum,
+    candidate_gate_mask,
     gate_mask,
     pivot_uld_stats,
     record_gate_mask,
@@ -146,6 +147,8 @@ def teacher_gate(batch: Batch, src: SourceBatch, piv_gold: torch.Tensor, cfg: Tr
     if cfg.gate == "chunk":  # the same event for both models: the text up to the next shared boundary
         piv_chunk, _ = chunk_logprob_sum(piv_gold.detach(), src.row, src.pos, batch.num_positions)
         return gate_mask(src.chunk_logprob, piv_chunk, cfg.gate_margin)
+    if cfg.gate == "candidate":  # the mapped candidates name the pivot's gold next token
+        return candidate_gate_mask(src.topk_ids, batch.labels[src.row, src.pos])
     return torch.ones_like(src.row, dtype=torch.bool)
 
 

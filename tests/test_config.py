@@ -27,6 +27,8 @@ def test_invalid_values_name_the_choices():
     with pytest.raises(ValueError, match="loss must be one of"):
         TrainConfig(loss="nope").validate()
     assert TrainConfig(mode="sft", lam=0.7).validate().lam == 0.0
+    with pytest.raises(ValueError, match="the candidate gate has none: drop gate_margin"):
+        TrainConfig(gate="candidate", gate_margin=1.0).validate()
 
 
 def test_cli_reports_a_missing_cache_clearly(tmp_path):

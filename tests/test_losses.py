@@ -9,6 +9,7 @@ from fuse_trainer.losses import (
     FUSION_LOSSES,
     FusionInputs,
     alm_loss,
+    candidate_gate_mask,
     chunk_logprob_sum,
     gate_mask,
     log1mexp,
@@ -334,6 +335,13 @@ def test_gate_masks():
     assert record_gate_mask(src, piv, record, 3).tolist() == [False] * 5
     gate = record_gate_mask(src, piv, record, 3, margin=-0.5)
     assert gate.tolist() == [True, True, False, False, True]
+
+
+def test_candidate_gate_mask():
+    ids = torch.tensor([[5, 3, -1], [7, -1, -1], [-1, -1, -1], [2, 9, 4]])
+    gold = torch.tensor([3, 8, 0, 4])
+    assert candidate_gate_mask(ids, gold).tolist() == [True, False, False, True]
+    assert not candidate_gate_mask(ids, torch.full((4,), -1)).any()  # an empty slot never names a token
 
 
 # ---------------------------------------------------------------- ALM

@@ -413,6 +413,17 @@ def test_lambda_scope_distilled_keeps_full_sft_weight_where_no_source_is_distill
     nothing = objective(lambda_scope="distilled", gate="token", gate_margin=1e9)  # the gate lets no position in
     assert nothing["fusion_sum"] == 0 and torch.allclose(nothing["objective_sum"], nothing["sft_sum"])
 
+    # The candidate gate: where the mapped candidates include the gold next token. The tiny random sources
+    # rarely rank it, so every third aligned position is given it as its last candidate.
+    src.topk_ids[::3, -1] = batch.labels[src.row[::3], src.pos[::3]]
+    named = torch.ones_like(ce)
+    for r, t, ids in zip(src.row.tolist(), src.pos.tolist(), src.topk_ids):
+        if batch.loss_mask[r, t] and (ids == batch.labels[r, t]).any():
+            named[r, t] = 1 - lam
+    candidate = objective(lambda_scope="distilled", gate="candidate")
+    assert 0 < int((named < 1).sum()) < int(batch.loss_mask.sum())
+    assert torch.allclose(candidate["objective_sum"], (named * ce).sum() + lam * candidate["fusion_sum"], rtol=1e-5)
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by benchmarks/gpu_check.sh)")
 @pytest.mark.parametrize("loss", ["topk-kl", "infifusion", "alm"])
