@@ -35,6 +35,14 @@ PER_RECORD = ["token_ids", "loss_mask", "aligned_pos", "src_pos", "topk_ids", "t
 FIGURES = ("top1=gold", "p(gold)", "gold absent", "absent+sure", "kept mass")
 
 
+def same_event(aligned_pos: np.ndarray, src_pos: np.ndarray) -> np.ndarray:
+    """(A,) bool: the next tokens of pivot and source at each aligned position end at the same byte, i.e. the
+    next aligned position follows on both sides (the last one counts as not: its chunk runs to the end)."""
+    single = np.zeros(len(aligned_pos), dtype=bool)
+    single[:-1] = (aligned_pos[1:] == aligned_pos[:-1] + 1) & (src_pos[1:] == src_pos[:-1] + 1)
+    return single
+
+
 def record_figures(token_ids, loss_mask, aligned_pos, src_pos, topk_ids, topk_logits, logsumexp, gold_logprob,
                    kept_mass):
     """One record of an aligned layer -> {kind: (n, sums of FIGURES)} over its aligned response positions.
@@ -46,8 +54,7 @@ def record_figures(token_ids, loss_mask, aligned_pos, src_pos, topk_ids, topk_lo
     is_gold = topk_ids == gold[:, None]  # (A, K)
     p_gold = (np.exp(topk_logits.astype(np.float64) - logsumexp[:, None]) * is_gold).sum(1)  # (A,)
     absent = ~is_gold.any(axis=1)
-    single = np.zeros(len(aligned_pos), dtype=bool)
-    single[:-1] = (aligned_pos[1:] == aligned_pos[:-1] + 1) & (src_pos[1:] == src_pos[:-1] + 1)
+    single = same_event(aligned_pos, src_pos)
     values = np.stack([topk_ids[:, 0] == gold, p_gold, absent, absent & (gold_logprob > np.log(0.5)), kept_mass],
                       axis=1)  # (A, 5)
     response = loss_mask[aligned_pos]

@@ -17,9 +17,10 @@ lead and the loss fails to pass it on; a ceiling near the model's means the lead
 tokenizers (unpaired positions, other events, the truncation to K).
 
 Prints a table per domain: the share of response positions with an aligned target and with a target that names
-the gold token, the model's bits per byte, the ceiling's, the `--gate candidate` ceiling (p* where the targets
+the gold token, the model's bits per byte, the ceiling's, and the `--gate candidate` ceiling (p* where the targets
 name the gold token, the model elsewhere: what that gate distils toward; the choice uses the gold token, so it
-is a diagnostic, not a code length), and model and ceiling nats per aligned position. Reads the cache and runs
+is a diagnostic, not a code length). Then, per kind of position (same event for both tokenizers or not, targets
+naming the gold token or not, no target), the model's and the ceiling's nats per token and what they add up to. Reads the cache and runs
 the given pivot model once over the split; no source model is loaded.
 """
 
@@ -39,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cache_builder.models import load_model, resolve_model  # noqa: E402
 from cache_builder.reader import read_rows  # noqa: E402
 from fuse_trainer.data import discover_sources  # noqa: E402
+from target_agreement import same_event  # noqa: E402
 
-COLUMNS = ["domain", "split", "token_ids", "token_end", "loss_mask", "aligned_pos", "topk_ids", "topk_logits",
-           "logsumexp"]
+COLUMNS = ["domain", "split", "token_ids", "token_end", "loss_mask", "aligned_pos", "src_pos", "topk_ids",
+           "topk_logits", "logsumexp"]
 
 
 def ceiling_logprobs(model_logprobs: np.ndarray, gold: np.ndarray, aligned_pos: np.ndarray, topk_ids: np.ndarray,
@@ -69,6 +71,15 @@ def ceiling_logprobs(model_logprobs: np.ndarray, gold: np.ndarray, aligned_pos: 
     return out, named
 
 
+def position_kinds(n_positions: int, aligned_pos: np.ndarray, src_pos: np.ndarray, named: np.ndarray) -> np.ndarray:
+    """(T-1,) label of each position: unaligned, or single / multi (the same event for both tokenizers or not)
+    joined with named / absent (the targets name the gold token or not)."""
+    kinds = np.full(n_positions, "unaligned", dtype=object)
+    event = np.where(same_event(aligned_pos, src_pos), "single", "multi")
+    kinds[aligned_pos] = event + np.where(named[aligned_pos], "+named", "+absent")
+    return kinds
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,8 +93,10 @@ def main() -> None:
     folder = discover_sources(a.cache, a.pivot, [a.source])[a.source]
     rows = read_rows(folder, COLUMNS)
     model = load_model(resolve_model(name), dtype=torch.float32, device="cpu")
-    # per domain: nats of the model, of the ceiling, of both on aligned positions; bytes; positions; aligned
-    totals: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(9))
+    # per domain: nats of the model, the ceiling, the candidate-gated ceiling; bytes; positions; aligned; named
+    totals: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(7))
+    # per (domain, kind of position): positions, nats of the model, nats of the ceiling
+    by_kind: dict[tuple[str, str], np.ndarray] = defaultdict(lambda: np.zeros(3))
     for i in np.flatnonzero(rows["split"] == a.split):
         ids = rows["token_ids"].row(i)
         logits = model(input_ids=torch.from_numpy(ids.astype(np.int64))[None]).logits[0, :-1].float()  # (T-1, V)
@@ -91,23 +104,29 @@ def main() -> None:
         gold, mask = ids[1:].astype(np.int64), rows["loss_mask"].row(i)  # (T-1,)
         pos = rows["aligned_pos"].row(i)
         star, named = ceiling_logprobs(logprobs, gold, pos, rows["topk_ids"].row(i), rows["topk_logits"].row(i),
-                                rows["logsumexp"].row(i))
+                                       rows["logsumexp"].row(i))
         own = logprobs[np.arange(len(gold)), gold].astype(np.float64)
         gated = np.where(named, star, own)  # what `--gate candidate` distils toward
-        on_aligned = np.zeros(len(gold), dtype=bool)
-        on_aligned[pos] = True
-        sel = on_aligned & mask
+        aligned = np.zeros(len(gold), dtype=bool)
+        aligned[pos] = True
         nbytes = np.diff(rows["token_end"].row(i))[mask].sum()
-        figures = [-own[mask].sum(), -star[mask].sum(), -gated[mask].sum(), -own[sel].sum(), -star[sel].sum(),
-                   nbytes, mask.sum(), sel.sum(), (named & mask).sum()]
+        figures = [-own[mask].sum(), -star[mask].sum(), -gated[mask].sum(), nbytes, mask.sum(),
+                   (aligned & mask).sum(), (named & mask).sum()]
+        kinds = position_kinds(len(gold), pos, rows["src_pos"].row(i), named)
         for key in (str(rows["domain"][i]), "all"):
             totals[key] += figures
+            for kind in np.unique(kinds[mask]):
+                sel = mask & (kinds == kind)
+                by_kind[(key, kind)] += [sel.sum(), -own[sel].sum(), -star[sel].sum()]
     print(f"{a.split} split, pivot model {label or name}, targets of {a.source} from {folder}")
-    print(f"{'domain':10s}{'aligned':>9s}{'named':>7s}{'model bpb':>11s}{'ceiling bpb':>13s}{'gated bpb':>11s}"
-          f"{'model nats/aligned':>20s}{'ceiling nats/aligned':>22s}")
-    for dom, (m, c, g, ma, ca, nbytes, n, na, nn) in sorted(totals.items()):
+    print(f"{'domain':10s}{'aligned':>9s}{'named':>7s}{'model bpb':>11s}{'ceiling bpb':>13s}{'gated bpb':>11s}")
+    for dom, (m, c, g, nbytes, n, na, nn) in sorted(totals.items()):
         bpb = [x / math.log(2) / nbytes for x in (m, c, g)]
-        print(f"{dom:10s}{na / n:9.3f}{nn / n:7.3f}{bpb[0]:11.4f}{bpb[1]:13.4f}{bpb[2]:11.4f}{ma / na:20.4f}{ca / na:22.4f}")
+        print(f"{dom:10s}{na / n:9.3f}{nn / n:7.3f}{bpb[0]:11.4f}{bpb[1]:13.4f}{bpb[2]:11.4f}")
+    print("\nper kind of position (nats per token; the ceiling's total minus the model's)")
+    print(f"{'domain':10s}{'kind':16s}{'share':>7s}{'model':>8s}{'ceiling':>9s}{'total Δ nats':>14s}")
+    for (dom, kind), (n, m, c) in sorted(by_kind.items()):
+        print(f"{dom:10s}{kind:16s}{n / totals[dom][4]:7.3f}{m / n:8.3f}{c / n:9.3f}{c - m:+14.1f}")
 
 
 if __name__ == "__main__":

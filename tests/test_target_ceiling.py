@@ -1,12 +1,14 @@
 """benchmarks/target_ceiling.py: the targets-as-predictor distribution against an explicit per-position loop."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
 
-_spec = importlib.util.spec_from_file_location(
-    "target_ceiling", Path(__file__).resolve().parents[1] / "benchmarks" / "target_ceiling.py")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling target_agreement, as when run from there
+_spec = importlib.util.spec_from_file_location("target_ceiling", BENCHMARKS / "target_ceiling.py")
 target_ceiling = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(target_ceiling)
 
@@ -52,3 +54,10 @@ def test_ceiling_matches_an_explicit_distribution_and_is_normalised():
             np.testing.assert_allclose(got[t], logprobs[t, gold[t]], rtol=1e-12)
             assert not named[t]
     assert named.sum() == 2  # positions 0 and 3
+
+
+def test_position_kinds():
+    named = np.array([True, False, True, False, False, True, False])
+    kinds = target_ceiling.position_kinds(7, np.array([0, 1, 2, 5]), np.array([0, 1, 3, 4]), named)
+    assert kinds.tolist() == ["single+named", "multi+absent", "multi+named", "unaligned", "unaligned",
+                              "multi+named", "unaligned"]
