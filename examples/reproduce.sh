@@ -33,7 +33,7 @@ if [ ! -f "$OUT/corpus.jsonl" ]; then
   mv "$OUT/corpus.jsonl.tmp" "$OUT/corpus.jsonl"
 fi
 CORPUS=$OUT/corpus.jsonl
-FUSION_FLAGS="--loss infifusion --raw --lambda 0.3"
+FUSION_FLAGS=${FUSION_FLAGS:-"--loss infifusion --raw --lambda 0.3"}  # the fused arms' recipe
 if [ "$GENERATE_SAMPLES" -gt 0 ]; then
   echo "== 0 (before the demo's 5 steps): Qwen2.5-Coder writes $GENERATE_SAMPLES continuations per code train record"
   mkdir -p "$OUT/corpus_gen"
