@@ -36,8 +36,8 @@ from fuse_trainer.data import Batch, FusionData, SourceBatch, check_sources, col
 from fuse_trainer.losses import (
     FUSION_LOSSES,
     FusionInputs,
-    chunk_logprob_sum,
     candidate_gate_mask,
+    chunk_logprob_sum,
     gate_mask,
     pivot_uld_stats,
     record_gate_mask,
