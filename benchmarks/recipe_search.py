@@ -88,8 +88,6 @@ REPRO_CONFIGS: dict[str, str] = {
     "sft-w8": "--mode sft --shuffle-window 8",
     "kl-l0.7-qwen-gcand-w8": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate candidate "
                              "--lambda-scope distilled --shuffle-window 8",
-    "kl-l0.7-mince-gcand-w8": "--mode unified --loss topk-kl --lambda 0.7 --gate candidate --weighting mince "
-                              "--lambda-scope distilled --shuffle-window 8",
 }
 
 # The same corpus with 5x the code training records (`make_corpus.py --code-train-scale 5`; validation and

@@ -52,14 +52,13 @@ def train(arm: str, seed: int, cache: str, out: Path, train_flags: str, fusion_f
     return ckpt
 
 
-def evaluate(ckpts: dict[str, Path], data: str, path: Path) -> list[dict]:
-    """One fuse-eval over the held-out split with every arm of a seed side by side."""
+def evaluate(ckpts: dict[str, Path], data: str, path: Path) -> None:
+    """One fuse-eval over the held-out split with every arm of a seed side by side, written to `path`."""
     cmd = [_bin("fuse-eval"), "--data", data, "--split", "heldout", "--json-out", str(path)]
     for arm, ckpt in ckpts.items():
         cmd += ["--model", f"{arm}={ckpt}"]
     print("+", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(path.read_text())
 
 
 def bpb_table(rows: list[dict]) -> dict[str, dict[str, float]]:
@@ -77,6 +76,8 @@ def gap_closed(fused: float, sft: float, source: float) -> float:
 
 def report(per_seed: dict[int, dict[str, dict[str, float]]], source: str | None, source_bpb: dict | None) -> str:
     cols = [*DOMAINS, "all"]
+    tables = [t for _, t in sorted(per_seed.items())]  # in seed order
+    fused = [arm for arm in ARMS if arm != "sft"]
     lines = ["per seed, held-out bits per byte:",
              f"{'seed':>4s}  {'arm':16s}" + "".join(f"{c:>9s}" for c in cols)]
     for seed, t in sorted(per_seed.items()):
@@ -87,25 +88,21 @@ def report(per_seed: dict[int, dict[str, dict[str, float]]], source: str | None,
     for arm in ARMS:
         cells = []
         for c in cols:
-            xs = [t[arm][c] for t in per_seed.values()]
+            xs = [t[arm][c] for t in tables]
             sd = statistics.stdev(xs) if n > 1 else float("nan")
             cells.append(f"{statistics.mean(xs):.4f} ± {sd:.4f}")
         lines.append(f"{arm:22s}" + "".join(f"{s:>17s}" for s in cells))
     lines += ["", "fused - SFT per seed (negative: fused better); wins = seeds where fused is better:",
               f"{'arm':22s}" + "".join(f"{c:>17s}" for c in cols)]
-    for arm in [a for a in ARMS if a != "sft"]:
-        cells = []
-        for c in cols:
-            ds = [t[arm][c] - t["sft"][c] for _, t in sorted(per_seed.items())]
-            cells.append(f"{statistics.mean(ds):+.4f} {sum(d < 0 for d in ds)}/{n}")
-        lines.append(f"{arm:22s}" + "".join(f"{s:>17s}" for s in cells))
-        each = [" ".join(f"{t[arm][c] - t['sft'][c]:+.3f}" for _, t in sorted(per_seed.items())) for c in cols]
-        lines.append(f"{'':22s}" + "".join(f"{s:>17s}" for s in each))
+    for arm in fused:
+        deltas = {c: [t[arm][c] - t["sft"][c] for t in tables] for c in cols}
+        lines.append(f"{arm:22s}" + "".join(
+            f"{f'{statistics.mean(ds):+.4f} {sum(d < 0 for d in ds)}/{n}':>17s}" for ds in deltas.values()))
+        lines.append(f"{'':22s}" + "".join(f"{' '.join(f'{d:+.3f}' for d in ds):>17s}" for ds in deltas.values()))
     if source_bpb:
         lines += ["", f"share of the code gap from SFT to {source} ({source_bpb['code']:.4f}) closed, per seed:"]
-        for arm in [a for a in ARMS if a != "sft"]:
-            shares = [gap_closed(t[arm]["code"], t["sft"]["code"], source_bpb["code"])
-                      for _, t in sorted(per_seed.items())]
+        for arm in fused:
+            shares = [gap_closed(t[arm]["code"], t["sft"]["code"], source_bpb["code"]) for t in tables]
             lines.append(f"  {arm:20s} " + "  ".join(f"{s:+.1%}" for s in shares)
                          + f"   mean {statistics.mean(shares):+.1%}")
     return "\n".join(lines)

@@ -63,8 +63,7 @@ def ceiling_logprobs(model_logprobs: np.ndarray, gold: np.ndarray, aligned_pos: 
     is_gold = valid & (ids == g[:, None])  # (A, K)
     in_set = is_gold.any(axis=1)
     tail = np.clip(1.0 - q.sum(1), 1e-12, None) / np.clip(1.0 - p_cand.sum(1), 1e-12, None)  # (A,)
-    with np.errstate(divide="ignore"):
-        from_set = np.log(np.clip((q * is_gold).sum(1), 1e-30, None))
+    from_set = np.log(np.clip((q * is_gold).sum(1), 1e-30, None))  # (A,) used only where in_set
     out[aligned_pos] = np.where(in_set, from_set, out[aligned_pos] + np.log(tail))
     named = np.zeros(len(gold), dtype=bool)
     named[aligned_pos] = in_set
