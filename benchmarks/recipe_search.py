@@ -88,6 +88,12 @@ REPRO_CONFIGS: dict[str, str] = {
     "sft-w8": "--mode sft --shuffle-window 8",
     "kl-l0.7-qwen-gcand-w8": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate candidate "
                              "--lambda-scope distilled --shuffle-window 8",
+    # session 9: the candidate gate cost math a little; also require the source to be surer of the gold text than
+    # the pivot, per next token or per shared-boundary chunk (the same event for both tokenizers)
+    "kl-l0.7-qwen-gcandtok-w8": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate candidate+token "
+                                "--lambda-scope distilled --shuffle-window 8",
+    "kl-l0.7-qwen-gcandchunk-w8": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate candidate+chunk "
+                                  "--lambda-scope distilled --shuffle-window 8",
 }
 
 # The same corpus with 5x the code training records (`make_corpus.py --code-train-scale 5`; validation and

@@ -10,7 +10,8 @@ import yaml
 from cache_builder.corpus import EVALUATION_SPLITS
 
 MODES = ("unified", "pairwise", "sft")
-GATES = ("none", "token", "chunk", "record", "candidate")
+GATES = ("none", "token", "chunk", "record", "candidate")  # combine with "+": "candidate+token" distils where both let in
+LIKELIHOOD_GATES = ("token", "chunk", "record")  # the source beats the pivot on the gold text (by gate_margin)
 LAMBDA_SCOPES = ("all", "distilled")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -36,7 +37,7 @@ class TrainConfig:
     alm_distance: str = "kl"
     weighting: str = "uniform"  # unified mode: uniform | mince | avgce | entropy
     weighting_temperature: float = 1.0
-    gate: str = "none"  # where a source teaches: none | token | chunk | record (it beats the pivot) | candidate
+    gate: str = "none"  # where a source teaches: a GATES name, or several joined by "+" (all must let it in)
     gate_margin: float = 0.0
     epochs: float = 1.0
     max_steps: int | None = None
@@ -69,6 +70,11 @@ class TrainConfig:
             "alm": {"temperature": self.temperature, "distance": self.alm_distance},
         }[self.loss]
 
+    @property
+    def gates(self) -> tuple[str, ...]:
+        """The gates `gate` combines: "candidate+token" -> ("candidate", "token")."""
+        return tuple(self.gate.split("+"))
+
     def validate(self) -> "TrainConfig":
         from fuse_trainer.losses import FUSION_LOSSES
         from fuse_trainer.merge import MERGE_METHODS
@@ -78,7 +84,9 @@ class TrainConfig:
             (self.mode in MODES, f"mode must be one of {MODES}"),
             (self.loss in FUSION_LOSSES, f"loss must be one of {sorted(FUSION_LOSSES)}"),
             (self.weighting in SOURCE_WEIGHTINGS, f"weighting must be one of {sorted(SOURCE_WEIGHTINGS)}"),
-            (self.gate in GATES, f"gate must be one of {GATES}"),
+            (set(self.gates) <= set(GATES) and len(set(self.gates)) == len(self.gates)
+             and (self.gates == ("none",) or "none" not in self.gates),
+             f"gate must be one of {GATES}, or several of them other than none joined by '+' (e.g. candidate+token)"),
             (self.lambda_scope in LAMBDA_SCOPES, f"lambda_scope must be one of {LAMBDA_SCOPES}"),
             (self.merge in MERGE_METHODS, f"merge must be one of {sorted(MERGE_METHODS)}"),
             (0.0 <= self.lam <= 1.0, "lambda must be in [0, 1]"),
@@ -93,8 +101,8 @@ class TrainConfig:
              "train_splits must not name validation or heldout: those records are for evaluation"),
             (isinstance(self.distill_only_splits, list) and set(self.distill_only_splits) <= set(self.train_splits),
              "distill_only_splits must be a list of splits that train_splits also names"),
-            (self.gate != "candidate" or self.gate_margin == 0.0,
-             "gate_margin compares likelihoods; the candidate gate has none: drop gate_margin"),
+            (self.gate_margin == 0.0 or set(self.gates) & set(LIKELIHOOD_GATES),
+             f"gate_margin compares likelihoods; only the {'/'.join(LIKELIHOOD_GATES)} gates do: drop gate_margin"),
             (self.mode != "sft" or not self.distill_only_splits,
              "mode sft learns the gold text only: drop distill_only_splits (and those splits from train_splits)"),
         ]

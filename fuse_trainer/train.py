@@ -136,20 +136,28 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
 
 
 def teacher_gate(batch: Batch, src: SourceBatch, piv_gold: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """(N,) bool: where `--gate` lets the source teach, at its aligned positions (src.row, src.pos).
+    """(N,) bool: where every gate of `--gate` lets the source teach, at its aligned positions (src.row, src.pos).
 
     piv_gold (B, T) is the pivot's log-prob of each gold token."""
-    if cfg.gate == "token":
-        return gate_mask(src.gold_logprob, piv_gold[src.row, src.pos], cfg.gate_margin)
-    if cfg.gate == "record":
-        return record_gate_mask(src.gold_logprob, piv_gold[src.row, src.pos], src.row, len(batch.input_ids),
-                                cfg.gate_margin)
-    if cfg.gate == "chunk":  # the same event for both models: the text up to the next shared boundary
+    let_in = torch.ones_like(src.row, dtype=torch.bool)
+    for gate in cfg.gates:
+        if gate != "none":
+            let_in &= one_gate(gate, batch, src, piv_gold, cfg.gate_margin)
+    return let_in
+
+
+def one_gate(gate: str, batch: Batch, src: SourceBatch, piv_gold: torch.Tensor, margin: float) -> torch.Tensor:
+    """(N,) bool: where one named gate lets the source teach (see teacher_gate)."""
+    if gate == "token":
+        return gate_mask(src.gold_logprob, piv_gold[src.row, src.pos], margin)
+    if gate == "record":
+        return record_gate_mask(src.gold_logprob, piv_gold[src.row, src.pos], src.row, len(batch.input_ids), margin)
+    if gate == "chunk":  # the same event for both models: the text up to the next shared boundary
         piv_chunk, _ = chunk_logprob_sum(piv_gold.detach(), src.row, src.pos, batch.num_positions)
-        return gate_mask(src.chunk_logprob, piv_chunk, cfg.gate_margin)
-    if cfg.gate == "candidate":  # the mapped candidates name the pivot's gold next token
+        return gate_mask(src.chunk_logprob, piv_chunk, margin)
+    if gate == "candidate":  # the mapped candidates name the pivot's gold next token
         return candidate_gate_mask(src.topk_ids, batch.labels[src.row, src.pos])
-    return torch.ones_like(src.row, dtype=torch.bool)
+    raise ValueError(f"unknown gate {gate!r}")
 
 
 def weighted_sft_sum(ce: torch.Tensor, distilled: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:

@@ -27,8 +27,12 @@ def test_invalid_values_name_the_choices():
     with pytest.raises(ValueError, match="loss must be one of"):
         TrainConfig(loss="nope").validate()
     assert TrainConfig(mode="sft", lam=0.7).validate().lam == 0.0
-    with pytest.raises(ValueError, match="the candidate gate has none: drop gate_margin"):
+    with pytest.raises(ValueError, match="only the token/chunk/record gates do: drop gate_margin"):
         TrainConfig(gate="candidate", gate_margin=1.0).validate()
+    assert TrainConfig(gate="candidate+token", gate_margin=1.0).validate().gates == ("candidate", "token")
+    for bad in ("cand", "candidate+none", "token+token"):
+        with pytest.raises(ValueError, match="gate must be one of"):
+            TrainConfig(gate=bad).validate()
 
 
 def test_cli_reports_a_missing_cache_clearly(tmp_path):

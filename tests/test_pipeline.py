@@ -424,6 +424,15 @@ def test_lambda_scope_distilled_keeps_full_sft_weight_where_no_source_is_distill
     assert 0 < int((named < 1).sum()) < int(batch.loss_mask.sum())
     assert torch.allclose(candidate["objective_sum"], (named * ce).sum() + lam * candidate["fusion_sum"], rtol=1e-5)
 
+    # Gates joined by "+" all have to let a position in: the candidates name the gold token AND the source is surer.
+    both = torch.ones_like(ce)
+    for r, t, ids, src_gold in zip(src.row.tolist(), src.pos.tolist(), src.topk_ids, src.gold_logprob.tolist()):
+        if batch.loss_mask[r, t] and (ids == batch.labels[r, t]).any() and src_gold > gold[r, t]:
+            both[r, t] = 1 - lam
+    combined = objective(lambda_scope="distilled", gate="candidate+token")
+    assert 0 < int((both < 1).sum()) < int((named < 1).sum())  # the token gate removes some candidate positions
+    assert torch.allclose(combined["objective_sum"], (both * ce).sum() + lam * combined["fusion_sum"], rtol=1e-5)
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by benchmarks/gpu_check.sh)")
 @pytest.mark.parametrize("loss", ["topk-kl", "infifusion", "alm"])
