@@ -94,6 +94,14 @@ REPRO_CONFIGS: dict[str, str] = {
                                 "--lambda-scope distilled --shuffle-window 8",
     "kl-l0.7-qwen-gcandchunk-w8": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate candidate+chunk "
                                   "--lambda-scope distilled --shuffle-window 8",
+    # both fix math and lose most of the code gain (the pivot soon beats Qwen on the text it trains on); let the
+    # source in unless it is worse than the pivot on the chunk by more than a margin
+    "kl-l0.7-qwen-gcandchunk-m-0.5-w8": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 "
+                                        "--gate candidate+chunk --gate-margin -0.5 --lambda-scope distilled "
+                                        "--shuffle-window 8",
+    "kl-l0.7-qwen-gcandchunk-m-2-w8": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 "
+                                      "--gate candidate+chunk --gate-margin -2 --lambda-scope distilled "
+                                      "--shuffle-window 8",
 }
 
 # The same corpus with 5x the code training records (`make_corpus.py --code-train-scale 5`; validation and
