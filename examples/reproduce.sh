@@ -33,9 +33,10 @@ if [ ! -f "$OUT/corpus.jsonl" ]; then
   mv "$OUT/corpus.jsonl.tmp" "$OUT/corpus.jsonl"
 fi
 CORPUS=$OUT/corpus.jsonl
-# The fused arms' recipe (docs/recipe_search.md, session 8): top-k KL from the per-record best source, only where
-# its mapped candidates name the pivot's gold token. Session 7's recipe: "--loss infifusion --raw --lambda 0.3".
-FUSION_FLAGS=${FUSION_FLAGS:-"--loss topk-kl --lambda 0.7 --gate candidate --lambda-scope distilled --weighting mince"}
+# The fused arms' recipe (docs/recipe_search.md, session 9): top-k KL from the per-record best source, only where
+# its mapped candidates name the pivot's gold token and it is not worse than the pivot on the chunk by over 2 nats.
+# Session 8's: "--gate candidate" alone; session 7's: "--loss infifusion --raw --lambda 0.3".
+FUSION_FLAGS=${FUSION_FLAGS:-"--loss topk-kl --lambda 0.7 --gate candidate+chunk --gate-margin -2 --lambda-scope distilled --weighting mince"}
 if [ "$GENERATE_SAMPLES" -gt 0 ]; then
   echo "== 0 (before the demo's 5 steps): Qwen2.5-Coder writes $GENERATE_SAMPLES continuations per code train record"
   mkdir -p "$OUT/corpus_gen"
