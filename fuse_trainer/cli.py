@@ -41,7 +41,7 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--normalize", default=DEFAULTS.normalize, type=click.Choice(["topk", "full"]), help="InfiFusion: normalise within the top-K or over the full vocabulary.")
 @click.option("--weighting", default=DEFAULTS.weighting, type=click.Choice(["uniform", "mince", "avgce", "entropy"]), help="Unified mode: per-record source weights.")
 @click.option("--gate", default=DEFAULTS.gate, help=f"Where a source teaches, one of {', '.join(GATES)}: only where it beats the pivot on the gold text (token: per next token; chunk: per shared-boundary chunk, the same event for both tokenizers; record: per record), or only where its mapped candidates include the pivot's gold next token (candidate). Join several with '+' to require all, e.g. candidate+token.")
-@click.option("--gate-margin", default=DEFAULTS.gate_margin, type=float, help="Nats the source must beat the pivot by.")
+@click.option("--gate-margin", default=DEFAULTS.gate_margin, type=float, help="Nats the source must beat the pivot by (token, chunk and record gates); negative: let it in unless it is worse by more than that.")
 @click.option("--epochs", default=DEFAULTS.epochs, type=float, help="Passes over the training records (ignored with --max-steps).")
 @click.option("--max-steps", default=None, type=int, help="Optimizer steps.")
 @click.option("--lr", default=DEFAULTS.lr, type=float)
