@@ -10,7 +10,7 @@ import yaml
 from cache_builder.corpus import EVALUATION_SPLITS
 
 MODES = ("unified", "pairwise", "sft")
-GATES = ("none", "token", "chunk", "record", "candidate")  # combine with "+": "candidate+token" distils where both let in
+GATES = ("none", "token", "chunk", "record", "candidate")  # join with "+": "candidate+token" needs both
 LIKELIHOOD_GATES = ("token", "chunk", "record")  # the source beats the pivot on the gold text (by gate_margin)
 LAMBDA_SCOPES = ("all", "distilled")
 DEVICES = ("auto", "cpu", "cuda")

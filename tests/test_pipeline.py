@@ -432,7 +432,7 @@ def test_lambda_scope_distilled_keeps_full_sft_weight_where_no_source_is_distill
     combined = objective(lambda_scope="distilled", gate="candidate+token")
     assert 0 < int((both < 1).sum()) < int((named < 1).sum())  # the token gate removes some candidate positions
     assert torch.allclose(combined["objective_sum"], (both * ce).sum() + lam * combined["fusion_sum"], rtol=1e-5)
-    loose = objective(lambda_scope="distilled", gate="candidate+token", gate_margin=-1e9)  # a source never that much worse
+    loose = objective(lambda_scope="distilled", gate="candidate+token", gate_margin=-1e9)  # never that much worse
     assert torch.allclose(loose["objective_sum"], candidate["objective_sum"])
 
 
