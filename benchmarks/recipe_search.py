@@ -77,6 +77,10 @@ CONFIGS: dict[str, str] = {
 # The 4x corpus of examples/reproduce.sh: its training flags, 2 epochs (about 90 steps), ~52 validation records.
 # --shuffle-window 1: these suites were run before the option existed, shard group after shard group.
 REPRO_BASE = "--epochs 2 --lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 0 --seed 0 --shuffle-window 1"
+# Sessions 8 and 9: top-k KL from Qwen alone, λ only where it is distilled, every shard group shuffled together;
+# the rows differ in the gate.
+QWEN_KL_SCOPED_W8 = ("--mode unified --sources qwen --loss topk-kl --lambda 0.7 --lambda-scope distilled "
+                     "--shuffle-window 8")
 REPRO_CONFIGS: dict[str, str] = {
     "sft": "--mode sft",
     # Qwen's code strength needs token identity: top-k KL (ULD only matches sorted probabilities)
@@ -86,22 +90,15 @@ REPRO_CONFIGS: dict[str, str] = {
     # session 8, in the shipped order (every shard group shuffled together): distil only the targets that name
     # the pivot's gold token (benchmarks/target_ceiling.py: the others cost more than all the rest gain)
     "sft-w8": "--mode sft --shuffle-window 8",
-    "kl-l0.7-qwen-gcand-w8": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate candidate "
-                             "--lambda-scope distilled --shuffle-window 8",
+    "kl-l0.7-qwen-gcand-w8": f"{QWEN_KL_SCOPED_W8} --gate candidate",
     # session 9: the candidate gate cost math a little; also require the source to be surer of the gold text than
     # the pivot, per next token or per shared-boundary chunk (the same event for both tokenizers)
-    "kl-l0.7-qwen-gcandtok-w8": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate candidate+token "
-                                "--lambda-scope distilled --shuffle-window 8",
-    "kl-l0.7-qwen-gcandchunk-w8": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate candidate+chunk "
-                                  "--lambda-scope distilled --shuffle-window 8",
+    "kl-l0.7-qwen-gcandtok-w8": f"{QWEN_KL_SCOPED_W8} --gate candidate+token",
+    "kl-l0.7-qwen-gcandchunk-w8": f"{QWEN_KL_SCOPED_W8} --gate candidate+chunk",
     # both fix math and lose most of the code gain (the pivot soon beats Qwen on the text it trains on); let the
     # source in unless it is worse than the pivot on the chunk by more than a margin
-    "kl-l0.7-qwen-gcandchunk-m-0.5-w8": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 "
-                                        "--gate candidate+chunk --gate-margin -0.5 --lambda-scope distilled "
-                                        "--shuffle-window 8",
-    "kl-l0.7-qwen-gcandchunk-m-2-w8": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 "
-                                      "--gate candidate+chunk --gate-margin -2 --lambda-scope distilled "
-                                      "--shuffle-window 8",
+    "kl-l0.7-qwen-gcandchunk-m-0.5-w8": f"{QWEN_KL_SCOPED_W8} --gate candidate+chunk --gate-margin -0.5",
+    "kl-l0.7-qwen-gcandchunk-m-2-w8": f"{QWEN_KL_SCOPED_W8} --gate candidate+chunk --gate-margin -2",
 }
 
 # The same corpus with 5x the code training records (`make_corpus.py --code-train-scale 5`; validation and
@@ -238,13 +235,14 @@ def run_config(name: str, suite: str, cache: str, data: str, out: Path, eval_dty
 
 
 def table(results: list[dict], baseline: dict | None) -> str:
-    head = f"{'config':24s}" + "".join(f"{k:>9s}" for k in DOMAINS) + f"{'all':>9s}{'macro':>9s}"
+    w = max([24, *(len(r["name"]) + 1 for r in results)])  # the config column fits the longest name
+    head = f"{'config':{w}s}" + "".join(f"{k:>9s}" for k in DOMAINS) + f"{'all':>9s}{'macro':>9s}"
     if baseline:
         head += f"{'Δmacro':>9s}  doms<SFT"
     lines = [head]
     for r in results:
         b = r["bpb"]
-        s = f"{r['name']:24s}" + "".join(f"{b.get(k, float('nan')):9.4f}" for k in DOMAINS)
+        s = f"{r['name']:{w}s}" + "".join(f"{b.get(k, float('nan')):9.4f}" for k in DOMAINS)
         s += f"{b['all']:9.4f}{r['macro']:9.4f}"
         if baseline:
             wins = sum(b[k] < baseline["bpb"][k] for k in DOMAINS)

@@ -27,7 +27,8 @@ from recipe_search import DOMAINS, _bin
 
 # The reproduction's flags (examples/reproduce.sh), except checkpoints: only the final one is needed here.
 TRAIN_FLAGS = "--epochs 2 --lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 0"
-FUSION_FLAGS = "--loss topk-kl --lambda 0.7 --gate candidate --lambda-scope distilled --weighting mince"
+FUSION_FLAGS = ("--loss topk-kl --lambda 0.7 --gate candidate+chunk --gate-margin -2 --lambda-scope distilled "
+                "--weighting mince")
 ARMS = {"sft": "--mode sft", "unified": "--mode unified {FUSION}", "pairwise+merge": "--mode pairwise {FUSION}"}
 CHECKPOINT = {"sft": "final", "unified": "final", "pairwise+merge": "merged"}
 
