@@ -403,31 +403,26 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def chunk_logprob_sum(
-    piv_gold_logprob: torch.Tensor,
-    aligned_row: torch.Tensor,
-    aligned_pos: torch.Tensor,
-    num_positions: torch.Tensor,
+def chunk_spans(
+    aligned_row: torch.Tensor, aligned_pos: torch.Tensor, num_positions: torch.Tensor, T: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pivot log-likelihood of every ALM chunk, by a segment sum (no loop over chunks).
+    """Flat pivot span [start, end) of every ALM chunk of a (B, T) batch.
 
     Chunk k of row r = aligned_row[k] covers pivot positions aligned_pos[k] .. aligned_pos[k+1] - 1
     when chunk k+1 is in the same row, else aligned_pos[k] .. num_positions[r] - 1. Positions before
     a row's first aligned position belong to no chunk.
 
     Args:
-        piv_gold_logprob: (B, T) pivot log-prob of each next token, with grad.
-        aligned_row: (A,) int64 row of each chunk.
-        aligned_pos: (A,) int64 start position; (aligned_row, aligned_pos) sorted ascending.
-        num_positions: (B,) int64 number of valid positions per row (T_p - 1 for T_p tokens).
+        aligned_row: (A,) row of each chunk.
+        aligned_pos: (A,) start position; (aligned_row, aligned_pos) sorted ascending.
+        num_positions: (B,) number of valid positions per row (T_p - 1 for T_p tokens).
 
     Returns:
-        (chunk_sum (A,), chunk_length (A,) int64).
+        (start (A,), end (A,)) int64 flat indices into (B * T); end - start is the chunk's length.
     """
-    B, T = piv_gold_logprob.shape
     aligned_row, aligned_pos = aligned_row.long(), aligned_pos.long()  # cache stores int32
     num_positions = num_positions.long()
-    start = aligned_row * T + aligned_pos  # (A,) flat start
+    start = aligned_row * T + aligned_pos  # (A,)
     row_end = aligned_row * T + num_positions[aligned_row]  # (A,) flat end of each chunk's row
     if bool((start[1:] <= start[:-1]).any()) or bool((start >= row_end).any()):
         raise ValueError(
@@ -436,8 +431,26 @@ def chunk_logprob_sum(
         )
     same_row_next = torch.cat([aligned_row[1:] == aligned_row[:-1], start.new_zeros(1).bool()])
     next_start = torch.cat([start[1:], start.new_zeros(1)])
-    end = torch.where(same_row_next, next_start, row_end)  # (A,) flat exclusive end
+    return start, torch.where(same_row_next, next_start, row_end)
 
+
+def chunk_logprob_sum(
+    piv_gold_logprob: torch.Tensor,
+    aligned_row: torch.Tensor,
+    aligned_pos: torch.Tensor,
+    num_positions: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pivot log-likelihood of every ALM chunk (`chunk_spans`), by a segment sum (no loop over chunks).
+
+    Args:
+        piv_gold_logprob: (B, T) pivot log-prob of each next token, with grad.
+        aligned_row, aligned_pos, num_positions: as in `chunk_spans`.
+
+    Returns:
+        (chunk_sum (A,), chunk_length (A,) int64).
+    """
+    B, T = piv_gold_logprob.shape
+    start, end = chunk_spans(aligned_row, aligned_pos, num_positions, T)  # (A,), (A,)
     flat = torch.arange(B * T, device=piv_gold_logprob.device)  # (B*T,)
     chunk = torch.searchsorted(start, flat, right=True) - 1  # (B*T,) last chunk starting <= t
     inside = (chunk >= 0) & (flat < end[chunk.clamp_min(0)])  # (B*T,)

@@ -38,12 +38,13 @@ from fuse_trainer.losses import (
     FusionInputs,
     candidate_gate_mask,
     chunk_logprob_sum,
+    chunk_spans,
     gate_mask,
     pivot_uld_stats,
     record_gate_mask,
     sft_loss,
 )
-from fuse_trainer.weighting import source_weights, topk_entropy
+from fuse_trainer.weighting import record_chunk_ce, source_weights, topk_entropy
 
 STATE_FILE = "trainer_state.pt"
 # summed per step; objective_sum is the loss before the division by the step's response tokens
@@ -67,18 +68,23 @@ def gold_logprobs(logits: torch.Tensor, labels: torch.Tensor, log_z: torch.Tenso
 
 
 def source_scores(batch: Batch, cfg: TrainConfig) -> torch.Tensor:
-    """(S, B) per-record cost of each source for the unified weighting (+inf: no aligned response position)."""
+    """(S, B) per-record cost of each source for the unified weighting (+inf: no aligned response position).
+
+    entropy: the mean top-k entropy over the record's aligned response positions; otherwise the source's CE on
+    the gold text in nats per pivot token (`record_chunk_ce`), one unit for every tokenizer.
+    """
     scores = []
-    B = batch.input_ids.shape[0]
+    B, T = batch.input_ids.shape
     for src in batch.sources.values():
-        keep = batch.loss_mask[src.row, src.pos].float()  # (N,)
+        keep = batch.loss_mask[src.row, src.pos]  # (N,) chunks that start at a response position
         if cfg.weighting == "entropy":
-            value = topk_entropy(src.topk_logits, src.lse)  # (N,)
+            value, kept = topk_entropy(src.topk_logits, src.lse), keep.float()  # (N,)
+            total = value.new_zeros(B).index_add_(0, src.row, value * kept)
+            count = value.new_zeros(B).index_add_(0, src.row, kept)
+            scores.append(torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("inf"))))
         else:
-            value = -src.gold_logprob  # (N,) source CE on the gold text
-        total = value.new_zeros(B).index_add_(0, src.row, value * keep)
-        count = value.new_zeros(B).index_add_(0, src.row, keep)
-        scores.append(torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("inf"))))
+            start, end = chunk_spans(src.row, src.pos, batch.num_positions, T)  # (N,) flat pivot spans
+            scores.append(record_chunk_ce(src.chunk_logprob, end - start, src.row, keep, B))
     return torch.stack(scores)  # (S, B)
 
 

@@ -4,13 +4,17 @@ Every weighting maps a score matrix (S, R) (S sources, R records; or R positions
 weights, the functions do not care) to weights (S, R) that are >= 0 and sum to 1 over the sources
 of every record. The score is a per-source cost, lower = more trusted:
     uniform  any score; 1 / S for every available source
-    mince    per-source CE on the gold text (the trainer: the mean of the cached `gold_logprob`, negated,
-             over the record's aligned response positions); one-hot on the lowest CE,
+    mince    per-source CE on the gold text, in nats per PIVOT token (the trainer: `record_chunk_ce`
+             over the record's aligned response chunks); one-hot on the lowest CE,
              ties broken by the lowest source index (FuseLLM's MinCE)
     avgce    per-source CE; softmax over sources of -ce / temperature (FuseLLM's AvgCE)
     entropy  per-source MEAN PREDICTIVE ENTROPY of the record (nats; the mean over its positions of
              `topk_entropy`); softmax of -entropy / temperature, so a more certain source gets
              more weight
+The CE must be in one unit for every source: a source's mean gold log-prob per token of its OWN
+tokenizer is not (the source with the shorter tokens looks surer, and MinCE would pick it for that).
+`record_chunk_ce` scores each source on the text of its aligned chunks (both tokenizers end a token at
+the chunk's boundaries) and divides by the pivot tokens that text spans.
 A source that has no score for a record (not cached, no aligned position) is marked +inf: it gets
 weight 0, and a record where every source is +inf gets all-zero weights.
 """
@@ -50,6 +54,34 @@ def softmin_weights(score: torch.Tensor, temperature: float = 1.0) -> torch.Tens
     any_avail = avail.any(dim=0, keepdim=True)  # (1, R)
     logits = torch.where(any_avail, logits, torch.zeros_like(logits))
     return torch.softmax(logits, dim=0) * any_avail
+
+
+def record_chunk_ce(
+    chunk_logprob: torch.Tensor,
+    chunk_length: torch.Tensor,
+    record_index: torch.Tensor,
+    keep: torch.Tensor,
+    num_records: int,
+) -> torch.Tensor:
+    """(R,) a source's CE per record in nats per pivot token: -sum of its kept chunk log-probs / their pivot length.
+
+        ce_r = -sum_{k in r, keep_k} chunk_logprob_k / sum_{k in r, keep_k} chunk_length_k
+
+    +inf for a record with no kept chunk (the weightings read that as "no score").
+
+    Args:
+        chunk_logprob: (A,) the source's log-likelihood of each ALM chunk (cache column `chunk_logprob`).
+        chunk_length: (A,) pivot tokens in each chunk (`losses.chunk_spans`: end - start).
+        record_index: (A,) int64 in [0, num_records), the record of each chunk.
+        keep: (A,) bool, chunks to count (those that start at a response position).
+    """
+    record_index = record_index.long()
+    kept = keep.to(torch.float64)  # (A,)
+    nats = torch.zeros(num_records, dtype=torch.float64, device=chunk_logprob.device).index_add_(
+        0, record_index, -chunk_logprob.double() * kept)  # (R,)
+    tokens = torch.zeros_like(nats).index_add_(0, record_index, chunk_length.double() * kept)  # (R,)
+    ce = nats / tokens.clamp_min(1.0)
+    return torch.where(tokens > 0, ce, torch.full_like(ce, float("inf"))).to(torch.float32)
 
 
 def topk_entropy(topk_logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

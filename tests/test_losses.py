@@ -11,6 +11,7 @@ from fuse_trainer.losses import (
     alm_loss,
     candidate_gate_mask,
     chunk_logprob_sum,
+    chunk_spans,
     gate_mask,
     log1mexp,
     pivot_uld_stats,
@@ -21,7 +22,7 @@ from fuse_trainer.losses import (
     uld_loss,
     valid_positions,
 )
-from fuse_trainer.weighting import SOURCE_WEIGHTINGS, source_weights, topk_entropy
+from fuse_trainer.weighting import SOURCE_WEIGHTINGS, record_chunk_ce, source_weights, topk_entropy
 
 EPS = 1e-6
 
@@ -468,6 +469,26 @@ def test_registry_calls_every_loss():
 
 
 # ---------------------------------------------------------------- source weighting
+
+
+def test_record_chunk_ce_is_nats_per_pivot_token_of_the_kept_chunks():
+    piv_lp, rows, starts, chunk_lp, num_pos = _alm_batch()
+    start, end = chunk_spans(rows, starts, num_pos, piv_lp.shape[1])
+    keep = torch.tensor([True, True, False, True, False, False, True, True, True])  # row 1: nothing kept
+    got = record_chunk_ce(chunk_lp, end - start, rows, keep, 4)  # row 3 has no chunk at all
+    ref = []
+    for r in range(4):
+        kept = [k for k in range(len(rows)) if rows[k] == r and keep[k]]
+        nats = -sum(chunk_lp[k].item() for k in kept)
+        tokens = sum((end[k] - start[k]).item() for k in kept)
+        ref.append(nats / tokens if tokens else math.inf)
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float32))
+    # A source exactly as sure as the pivot of every chunk scores the pivot's own mean CE over those positions,
+    # however many tokens of its own it spends on a chunk: the unit is the pivot token, not the source's.
+    sums, _ = chunk_logprob_sum(piv_lp, rows, starts, num_pos)
+    as_pivot = record_chunk_ce(sums, end - start, rows, torch.ones_like(keep), 3)
+    expected = [-piv_lp[0, :9].mean(), -piv_lp[1, :6].mean(), -piv_lp[2, 1:8].mean()]
+    torch.testing.assert_close(as_pivot, torch.stack(expected).float())
 
 
 def test_source_weights_modes():

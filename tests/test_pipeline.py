@@ -436,6 +436,29 @@ def test_lambda_scope_distilled_keeps_full_sft_weight_where_no_source_is_distill
     assert torch.allclose(loose["objective_sum"], candidate["objective_sum"])
 
 
+def test_mince_scores_every_source_in_nats_per_pivot_token(world):
+    """The unified weighting's CE of a source for a record: its kept chunks' log-likelihood over the pivot tokens
+    those chunks span (one unit whatever the tokenizer), checked per row against a loop over the aligned positions."""
+    from fuse_trainer.config import TrainConfig
+    from fuse_trainer.data import FusionData, collate
+    from fuse_trainer.train import source_scores
+
+    data = FusionData(discover_sources(world["cache"], "pivot"))
+    shard, rows = data.plan(0, 256, seed=0)[0]
+    batch = collate(data.shard(shard), rows)
+    scores = source_scores(batch, TrainConfig(mode="unified", weighting="mince").validate())  # (S, B)
+    assert scores.shape == (2, len(batch.input_ids)) and bool(torch.isfinite(scores).all())
+    for s, src in enumerate(batch.sources.values()):
+        for r in range(len(batch.input_ids)):
+            starts = src.pos[src.row == r].tolist()
+            chunk_lp = src.chunk_logprob[src.row == r].tolist()
+            ends = starts[1:] + [int(batch.num_positions[r])]
+            kept = [k for k, t in enumerate(starts) if batch.loss_mask[r, t]]
+            nats = -sum(chunk_lp[k] for k in kept)
+            tokens = sum(ends[k] - starts[k] for k in kept)
+            assert scores[s, r].item() == pytest.approx(nats / tokens, rel=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by benchmarks/gpu_check.sh)")
 @pytest.mark.parametrize("loss", ["topk-kl", "infifusion", "alm"])
 def test_a_micro_batch_on_the_gpu_equals_the_cpu(world, loss):
