@@ -370,29 +370,32 @@ def candidate_gate_mask(src_topk_ids: torch.Tensor, piv_gold_ids: torch.Tensor) 
 
 
 def record_gate_mask(
-    src_gold_logprob: torch.Tensor,
-    piv_gold_logprob: torch.Tensor,
+    src_chunk_logprob: torch.Tensor,
+    piv_chunk_logprob: torch.Tensor,
+    chunk_length: torch.Tensor,
     record_index: torch.Tensor,
     num_records: int,
     margin: float = 0.0,
 ) -> torch.Tensor:
-    """Record-level teacher gate, broadcast back to positions.
+    """Record-level teacher gate over the record's ALM chunks, broadcast back to its chunks.
 
-    A record is distilled iff the mean over its positions of (src_gold_logprob - piv_gold_logprob)
-    exceeds `margin` (per-token log-prob margin). Returns (N,) bool: every position gets its
-    record's decision, so it drops in where `gate_mask` does.
+        gate_r = sum_k (src_chunk_k - piv_chunk_k) / sum_k chunk_length_k > margin
+
+    The chunks are the same bytes for both models, so this compares the two on the record's aligned text,
+    in nats per pivot token (a mean over next-token log-probs would compare different events wherever the
+    tokenizers split the text differently). Returns (A,) bool: every chunk gets its record's decision, so it
+    drops in where `gate_mask` does.
 
     Args:
-        src_gold_logprob, piv_gold_logprob: (N,).
-        record_index: (N,) int64 in [0, num_records), the record of each position.
+        src_chunk_logprob, piv_chunk_logprob: (A,) log-likelihood of each chunk (`chunk_logprob_sum`).
+        chunk_length: (A,) pivot tokens in each chunk.
+        record_index: (A,) int64 in [0, num_records), the record of each chunk.
     """
     record_index = record_index.long()
-    diff = src_gold_logprob.detach().double() - piv_gold_logprob.detach().double()  # (N,)
-    total = torch.zeros(num_records, dtype=diff.dtype, device=diff.device).index_add_(
-        0, record_index, diff
-    )  # (R,)
-    count = torch.zeros_like(total).index_add_(0, record_index, torch.ones_like(diff))  # (R,)
-    record_gate = total / count.clamp_min(1.0) > margin  # (R,)
+    diff = src_chunk_logprob.detach().double() - piv_chunk_logprob.detach().double()  # (A,)
+    total = torch.zeros(num_records, dtype=diff.dtype, device=diff.device).index_add_(0, record_index, diff)  # (R,)
+    tokens = torch.zeros_like(total).index_add_(0, record_index, chunk_length.double())  # (R,)
+    record_gate = total / tokens.clamp_min(1.0) > margin  # (R,)
     return record_gate[record_index]
 
 

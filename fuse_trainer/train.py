@@ -156,10 +156,10 @@ def one_gate(gate: str, batch: Batch, src: SourceBatch, piv_gold: torch.Tensor, 
     """(N,) bool: where one named gate lets the source teach (see teacher_gate)."""
     if gate == "token":
         return gate_mask(src.gold_logprob, piv_gold[src.row, src.pos], margin)
-    if gate == "record":
-        return record_gate_mask(src.gold_logprob, piv_gold[src.row, src.pos], src.row, len(batch.input_ids), margin)
-    if gate == "chunk":  # the same event for both models: the text up to the next shared boundary
-        piv_chunk, _ = chunk_logprob_sum(piv_gold.detach(), src.row, src.pos, batch.num_positions)
+    if gate in ("chunk", "record"):  # the same event for both models: the text up to the next shared boundary
+        piv_chunk, length = chunk_logprob_sum(piv_gold.detach(), src.row, src.pos, batch.num_positions)
+        if gate == "record":  # summed over the record, per pivot token
+            return record_gate_mask(src.chunk_logprob, piv_chunk, length, src.row, len(batch.input_ids), margin)
         return gate_mask(src.chunk_logprob, piv_chunk, margin)
     if gate == "candidate":  # the mapped candidates name the pivot's gold next token
         return candidate_gate_mask(src.topk_ids, batch.labels[src.row, src.pos])

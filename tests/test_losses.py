@@ -332,10 +332,13 @@ def test_gate_masks():
     assert gate_mask(src, piv).tolist() == [True, False, True, False, False]
     assert gate_mask(src, piv, margin=0.5).tolist() == [True, False, False, False, False]
     record = torch.tensor([0, 0, 1, 1, 2])
-    # record 0: mean diff (1 - 1)/2 = 0 -> not > 0; record 1: (0.1 - 2)/2 < 0; record 2: 0
-    assert record_gate_mask(src, piv, record, 3).tolist() == [False] * 5
-    gate = record_gate_mask(src, piv, record, 3, margin=-0.5)
-    assert gate.tolist() == [True, True, False, False, True]
+    length = torch.tensor([1, 3, 1, 1, 2])  # pivot tokens per chunk
+    # per pivot token: record 0 (1 - 1)/4 = 0 -> not > 0; record 1 (0.1 - 2)/2 = -0.95; record 2 0/2 = 0
+    assert record_gate_mask(src, piv, length, record, 3).tolist() == [False] * 5
+    assert record_gate_mask(src, piv, length, record, 3, margin=-0.5).tolist() == [True, True, False, False, True]
+    assert record_gate_mask(src, piv, length, record, 3, margin=-1.0).tolist() == [True] * 5
+    surer = record_gate_mask(src + 0.3, piv, length, record, 3, margin=0.1)  # 0.6 / 4, -1.3 / 2, 0.3 / 2
+    assert surer.tolist() == [True, True, False, False, True]
 
 
 def test_candidate_gate_mask():

@@ -413,6 +413,20 @@ def test_lambda_scope_distilled_keeps_full_sft_weight_where_no_source_is_distill
     nothing = objective(lambda_scope="distilled", gate="token", gate_margin=1e9)  # the gate lets no position in
     assert nothing["fusion_sum"] == 0 and torch.allclose(nothing["objective_sum"], nothing["sft_sum"])
 
+    # The record gate: the source beats the pivot on the record's chunks together, per pivot token. The batch is
+    # one record: a margin just under its figure lets it in, one just over keeps it out.
+    assert len(batch.input_ids) == 1
+    starts = src.pos.tolist()
+    ends = starts[1:] + [int(batch.num_positions[0])]
+    diff = sum(c - gold[0, a:b].sum().item() for c, a, b in zip(src.chunk_logprob.tolist(), starts, ends))
+    per_pivot_token = diff / sum(b - a for a, b in zip(starts, ends))
+    ungated = objective(lambda_scope="distilled")
+    let_in = objective(lambda_scope="distilled", gate="record", gate_margin=per_pivot_token - 1e-3)
+    kept_out = objective(lambda_scope="distilled", gate="record", gate_margin=per_pivot_token + 1e-3)
+    assert torch.allclose(let_in["objective_sum"], ungated["objective_sum"])
+    assert kept_out["fusion_sum"] == 0 and torch.allclose(kept_out["objective_sum"], kept_out["sft_sum"])
+    assert not torch.allclose(ungated["objective_sum"], kept_out["objective_sum"])
+
     # The candidate gate: where the mapped candidates include the gold next token. The tiny random sources
     # rarely rank it, so every third aligned position is given it as its last candidate.
     src.topk_ids[::3, -1] = batch.labels[src.row[::3], src.pos[::3]]

@@ -1,0 +1,85 @@
+"""Which source does MinCE pick for each record, and does the unit of its CE decide it? Read from an aligned cache.
+
+    python benchmarks/source_choice.py out/repro/cache [--pivot smollm2] [--split train]
+
+For every row of the split, each source's CE on the gold text is computed in two units:
+  per pivot token   its aligned chunks' log-likelihood over the pivot tokens they span (what the trainer's
+                    MinCE / AvgCE use: `fuse_trainer.weighting.record_chunk_ce`)
+  per own token     the mean of its cached gold log-probs, one per token of its OWN tokenizer at the aligned
+                    positions (what they used before session 10)
+and the source with the lowest CE is counted, per domain. A tokenizer with longer tokens spends more nats per own
+token on the same text, so the second unit favours the source with the shorter tokens whatever it knows.
+Prints one JSON line, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache_builder.reader import read_rows  # noqa: E402
+from fuse_trainer.data import discover_sources  # noqa: E402
+from fuse_trainer.losses import chunk_spans  # noqa: E402
+from fuse_trainer.weighting import record_chunk_ce  # noqa: E402
+
+COLUMNS = ["record_id", "domain", "split", "num_tokens", "loss_mask", "aligned_pos", "gold_logprob", "chunk_logprob"]
+UNITS = ("per pivot token", "per own token")
+
+
+def record_costs(num_tokens: int, loss_mask, aligned_pos, gold_logprob, chunk_logprob) -> tuple[float, float]:
+    """One row of an aligned layer -> (CE per pivot token, CE per own token) over its aligned response positions.
+
+    loss_mask (T-1,) of the pivot's positions; aligned_pos / gold_logprob / chunk_logprob (A,).
+    """
+    pos = torch.tensor(np.asarray(aligned_pos), dtype=torch.int64)  # (A,)
+    keep = torch.tensor(np.asarray(loss_mask), dtype=torch.bool)[pos]  # (A,)
+    row = torch.zeros_like(pos)
+    start, end = chunk_spans(row, pos, torch.tensor([num_tokens - 1]), num_tokens - 1)
+    per_pivot = record_chunk_ce(torch.tensor(np.asarray(chunk_logprob)), end - start, row, keep, 1)
+    gold = np.asarray(gold_logprob, dtype=np.float64)[keep.numpy()]
+    return float(per_pivot[0]), float(-gold.mean()) if gold.size else float("inf")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cache", help="cache root with <source>/aligned/<pivot>/")
+    ap.add_argument("--pivot", default="smollm2")
+    ap.add_argument("--split", default="train")
+    a = ap.parse_args()
+    costs: dict[str, dict[str, tuple[float, float]]] = {}  # source -> record_id -> costs
+    domain_of: dict[str, str] = {}
+    for source, folder in discover_sources(a.cache, a.pivot).items():
+        rows = read_rows(folder, COLUMNS)
+        costs[source] = {}
+        for i in np.flatnonzero(rows["split"] == a.split):
+            rid = str(rows["record_id"][i])
+            domain_of[rid] = str(rows["domain"][i])
+            costs[source][rid] = record_costs(int(rows["num_tokens"][i]), rows["loss_mask"].row(i),
+                                              rows["aligned_pos"].row(i), rows["gold_logprob"].row(i),
+                                              rows["chunk_logprob"].row(i))
+    sources = list(costs)
+    picks = {unit: Counter() for unit in UNITS}
+    for rid, domain in domain_of.items():
+        for u, unit in enumerate(UNITS):
+            best = min(sources, key=lambda s: costs[s].get(rid, (float("inf"),) * 2)[u])  # ties: first source
+            picks[unit][(domain, best)] += 1
+    domains = sorted(set(domain_of.values()))
+    result = {unit: {d: {s: picks[unit][(d, s)] for s in sources} for d in domains} for unit in UNITS}
+    print(json.dumps({"split": a.split, "pivot": a.pivot, "records picked": result}))
+    print(f"records of the {a.split} split that MinCE gives to each source")
+    print(f"{'CE unit':16s} {'domain':10s}" + "".join(f"{s:>10s}" for s in sources))
+    for unit in UNITS:
+        for d in domains:
+            print(f"{unit:16s} {d:10s}" + "".join(f"{result[unit][d][s]:10d}" for s in sources))
+
+
+if __name__ == "__main__":
+    main()
