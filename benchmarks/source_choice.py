@@ -14,12 +14,12 @@ Prints one JSON line, then a table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 
@@ -48,18 +48,17 @@ def record_costs(num_tokens: int, loss_mask, aligned_pos, gold_logprob, chunk_lo
     return float(per_pivot[0]), float(-gold.mean()) if gold.size else float("inf")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("cache", help="cache root with <source>/aligned/<pivot>/")
-    ap.add_argument("--pivot", default="smollm2")
-    ap.add_argument("--split", default="train")
-    a = ap.parse_args()
+@click.command(help=__doc__)
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("--pivot", default="smollm2", show_default=True, help="The pivot the sources are aligned to.")
+@click.option("--split", default="train", show_default=True, help="Records of this split are counted.")
+def main(cache: str, pivot: str, split: str) -> None:
     costs: dict[str, dict[str, tuple[float, float]]] = {}  # source -> record_id -> costs
     domain_of: dict[str, str] = {}
-    for source, folder in discover_sources(a.cache, a.pivot).items():
+    for source, folder in discover_sources(cache, pivot).items():
         rows = read_rows(folder, COLUMNS)
         costs[source] = {}
-        for i in np.flatnonzero(rows["split"] == a.split):
+        for i in np.flatnonzero(rows["split"] == split):
             rid = str(rows["record_id"][i])
             domain_of[rid] = str(rows["domain"][i])
             costs[source][rid] = record_costs(int(rows["num_tokens"][i]), rows["loss_mask"].row(i),
@@ -73,8 +72,8 @@ def main() -> None:
             picks[unit][(domain, best)] += 1
     domains = sorted(set(domain_of.values()))
     result = {unit: {d: {s: picks[unit][(d, s)] for s in sources} for d in domains} for unit in UNITS}
-    print(json.dumps({"split": a.split, "pivot": a.pivot, "records picked": result}))
-    print(f"records of the {a.split} split that MinCE gives to each source")
+    print(json.dumps({"split": split, "pivot": pivot, "records picked": result}))
+    print(f"records of the {split} split that MinCE gives to each source")
     print(f"{'CE unit':16s} {'domain':10s}" + "".join(f"{s:>10s}" for s in sources))
     for unit in UNITS:
         for d in domains:
