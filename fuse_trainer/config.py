@@ -49,6 +49,7 @@ class TrainConfig:
     shuffle_window: int = 8  # shard groups whose micro-batches are shuffled together (and held in memory at once)
     grad_accum: int = 1
     dtype: str = "fp32"  # bf16: autocast matmuls to bfloat16, weights and optimizer state stay float32
+    activation_checkpointing: bool = False  # recompute each layer's activations in the backward: less memory, same model
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int | None = None  # torch CPU threads (default: torch's choice, all cores)

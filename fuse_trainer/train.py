@@ -52,7 +52,7 @@ TERMS = ("objective_sum", "sft_sum", "fusion_sum", "n_tokens", "kept_mass_sum", 
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoint"
 # Settings that do not change the trained model: a run may resume, or count as finished, with other values.
-RUN_ONLY_SETTINGS = ("resume", "threads", "device", "save_every", "out", "extra")
+RUN_ONLY_SETTINGS = ("resume", "threads", "device", "save_every", "out", "extra", "activation_checkpointing")
 # Settings added after runs were saved, with the value that matches how those runs were trained.
 SETTINGS_BEFORE_THEY_EXISTED = {"distill_only_splits": [], "shuffle_window": 1}
 
@@ -357,6 +357,8 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     tokenizer = load_tokenizer(pivot)
     resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
     model = load_model(resume_dir if resuming else pivot, dtype=torch.float32, device=device).train()
+    if cfg.activation_checkpointing:
+        model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = MicroBatchStream(data, cfg.batch_tokens, cfg.seed)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * stream.per_epoch) // cfg.grad_accum)

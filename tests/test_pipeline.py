@@ -178,6 +178,31 @@ def test_resume_matches_an_uninterrupted_run(world, tmp_path):
     assert not np.allclose(run_losses(broken), run_losses(straight))  # without --resume: trained again, from scratch
 
 
+def test_activation_checkpointing_trains_the_same_model_and_may_change_on_resume(world, tmp_path, monkeypatch):
+    """Recomputing the activations in the backward pass changes memory, not the model: the same losses step for step,
+    and a run stopped without it resumes with it."""
+    from transformers import PreTrainedModel
+
+    enabled = []
+    turn_on = PreTrainedModel.activation_checkpointing_enable
+
+    def spy(model, *args, **kwargs):
+        turn_on(model, *args, **kwargs)
+        enabled.append(model.is_activation_checkpointing)
+
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", spy)
+    layers = discover_sources(world["cache"], "pivot")
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    train_run(train_config(world, plain), layers, plain, log=lambda *_: None)
+    train_run(train_config(world, recomputed, save_every=2), layers, recomputed, log=lambda *_: None, stop_after=2)
+    assert enabled == []
+    train_run(train_config(world, recomputed, save_every=2, resume=True, activation_checkpointing=True), layers,
+              recomputed, log=lambda *_: None)
+    assert enabled == [True]  # on for the resumed steps 3-6
+    assert len(run_losses(recomputed)) == 6
+    assert np.allclose(run_losses(recomputed), run_losses(plain), rtol=1e-5, atol=1e-6)
+
+
 def test_resume_survives_a_kill_between_the_checkpoint_renames(world, tmp_path):
     layers = discover_sources(world["cache"], "pivot")
     straight, broken = tmp_path / "straight", tmp_path / "broken"
