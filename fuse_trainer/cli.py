@@ -50,7 +50,7 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--shuffle-window", default=DEFAULTS.shuffle_window, type=int, help="Shard groups whose micro-batches are shuffled together, and held in memory at once: a corpus stored in domain order is then not learned one domain after another. 1: shard group after shard group (runs recorded before this option).")
 @click.option("--grad-accum", default=DEFAULTS.grad_accum, type=int, help="Micro-batches per optimizer step (split across DDP ranks).")
 @click.option("--dtype", default=DEFAULTS.dtype, type=click.Choice(["fp32", "bf16"]))
-@click.option("--activation-checkpointing/--no-activation-checkpointing", default=DEFAULTS.activation_checkpointing, help="Recompute each layer's activations in the backward pass instead of keeping them: a smaller memory peak for about a third more compute, and the same model.")
+@click.option("--activation-checkpointing/--no-activation-checkpointing", default=DEFAULTS.activation_checkpointing, help="Recompute each layer's activations in the backward pass instead of keeping them: a lower memory peak for a somewhat slower step, and the same model (benchmarks/train_memory.py).")
 @click.option("--seed", default=DEFAULTS.seed, type=int)
 @click.option("--device", default=DEFAULTS.device, type=click.Choice(["auto", "cpu", "cuda"]), help="auto: cuda when available. Under torchrun each process takes the GPU of its LOCAL_RANK.")
 @click.option("--threads", default=None, type=int, help="CPU threads for torch (default: all cores; use 1 when other jobs share the cores).")
