@@ -369,6 +369,22 @@ def candidate_gate_mask(src_topk_ids: torch.Tensor, piv_gold_ids: torch.Tensor) 
     return ((src_topk_ids >= 0) & (src_topk_ids == piv_gold_ids.unsqueeze(-1))).any(dim=-1)
 
 
+def record_ratio(
+    numerator: torch.Tensor, denominator: torch.Tensor, record_index: torch.Tensor, num_records: int
+) -> torch.Tensor:
+    """(R,) float64, no grad: per record, sum(numerator) / sum(denominator) over its items.
+
+    +inf where a record's denominator sums to 0 (no item, or none counted). numerator, denominator and
+    record_index (in [0, num_records)) are (A,), one entry per item. A mean over positions is
+    record_ratio(value * kept, kept).
+    """
+    record_index = record_index.long()
+    top = torch.zeros(num_records, dtype=torch.float64, device=numerator.device)
+    top = top.index_add_(0, record_index, numerator.detach().double())  # (R,)
+    bottom = torch.zeros_like(top).index_add_(0, record_index, denominator.detach().double())  # (R,)
+    return torch.where(bottom > 0, top / bottom.clamp_min(1e-300), torch.full_like(top, float("inf")))
+
+
 def record_gate_mask(
     src_chunk_logprob: torch.Tensor,
     piv_chunk_logprob: torch.Tensor,
@@ -391,12 +407,8 @@ def record_gate_mask(
         chunk_length: (A,) pivot tokens in each chunk.
         record_index: (A,) int64 in [0, num_records), the record of each chunk.
     """
-    record_index = record_index.long()
-    diff = src_chunk_logprob.detach().double() - piv_chunk_logprob.detach().double()  # (A,)
-    total = torch.zeros(num_records, dtype=diff.dtype, device=diff.device).index_add_(0, record_index, diff)  # (R,)
-    tokens = torch.zeros_like(total).index_add_(0, record_index, chunk_length.double())  # (R,)
-    record_gate = total / tokens.clamp_min(1.0) > margin  # (R,)
-    return record_gate[record_index]
+    gain = record_ratio(src_chunk_logprob - piv_chunk_logprob, chunk_length, record_index, num_records)  # (R,)
+    return (gain > margin)[record_index.long()]
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ from fuse_trainer.losses import (
     gate_mask,
     pivot_uld_stats,
     record_gate_mask,
+    record_ratio,
     sft_loss,
 )
 from fuse_trainer.weighting import record_chunk_ce, source_weights, topk_entropy
@@ -78,10 +79,9 @@ def source_scores(batch: Batch, cfg: TrainConfig) -> torch.Tensor:
     for src in batch.sources.values():
         keep = batch.loss_mask[src.row, src.pos]  # (N,) chunks that start at a response position
         if cfg.weighting == "entropy":
-            value, kept = topk_entropy(src.topk_logits, src.lse), keep.float()  # (N,)
-            total = value.new_zeros(B).index_add_(0, src.row, value * kept)
-            count = value.new_zeros(B).index_add_(0, src.row, kept)
-            scores.append(torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, float("inf"))))
+            kept = keep.float()  # (N,)
+            entropy = topk_entropy(src.topk_logits, src.lse)  # (N,)
+            scores.append(record_ratio(entropy * kept, kept, src.row, B).float())
         else:
             start, end = chunk_spans(src.row, src.pos, batch.num_positions, T)  # (N,) flat pivot spans
             scores.append(record_chunk_ce(src.chunk_logprob, end - start, src.row, keep, B))

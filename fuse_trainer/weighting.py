@@ -23,6 +23,8 @@ from typing import Callable
 
 import torch
 
+from fuse_trainer.losses import record_ratio
+
 
 def _available(score: torch.Tensor) -> torch.Tensor:
     """(S, R) -> (S, R) bool: sources that have a score (finite or -inf) for the record."""
@@ -75,13 +77,8 @@ def record_chunk_ce(
         record_index: (A,) int64 in [0, num_records), the record of each chunk.
         keep: (A,) bool, chunks to count (those that start at a response position).
     """
-    record_index = record_index.long()
     kept = keep.to(torch.float64)  # (A,)
-    nats = torch.zeros(num_records, dtype=torch.float64, device=chunk_logprob.device).index_add_(
-        0, record_index, -chunk_logprob.double() * kept)  # (R,)
-    tokens = torch.zeros_like(nats).index_add_(0, record_index, chunk_length.double() * kept)  # (R,)
-    ce = nats / tokens.clamp_min(1.0)
-    return torch.where(tokens > 0, ce, torch.full_like(ce, float("inf"))).to(torch.float32)
+    return record_ratio(-chunk_logprob * kept, chunk_length * kept, record_index, num_records).to(torch.float32)
 
 
 def topk_entropy(topk_logits: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
