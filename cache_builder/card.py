@@ -77,3 +77,49 @@ def dataset_card(manifest: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+# Licences of the packaged source models, as Hub licence ids (their model cards).
+MODEL_LICENSES = {"smollm2": "apache-2.0", "qwen": "apache-2.0", "gemma3": "gemma"}
+
+
+def hub_header(layers: list[tuple[str, dict, str]], licenses: tuple[str, ...] = ()) -> dict:
+    """The card's YAML metadata: one `datasets` config per layer (name, data_files glob), licences, tags.
+
+    layers: (folder relative to the card, manifest, config name). Licences: the source models' (when known)
+    and the corpus's (`licenses`, as given by the publisher); `other` when none is known."""
+    known = [MODEL_LICENSES[m["source"]["name"]] for _, m, _ in layers if m["source"].get("name") in MODEL_LICENSES]
+    ids = list(dict.fromkeys([*known, *licenses])) or ["other"]
+    sources = sorted({m["source"]["name"] for _, m, _ in layers})
+    return {
+        "license": ids[0] if len(ids) == 1 else ids,
+        "pretty_name": f"Logit cache: {', '.join(sources)}",
+        "tags": ["logit-cache", "knowledge-distillation", "model-fusion", "top-k-logits"],
+        "configs": [{"config_name": name, "data_files": [{"split": "train", "path": f"{folder}/shards/*.parquet".lstrip("/")}]}
+                    for folder, _, name in layers],
+    }
+
+
+def hub_card(layers: list[tuple[str, dict, str]], licenses: tuple[str, ...] = ()) -> str:
+    """The README.md at the root of a pushed cache: YAML metadata that `datasets.load_dataset(REPO, CONFIG)` reads,
+    then one line per layer (and the layer's own card when the root is itself a layer)."""
+    import yaml
+
+    header = hub_header(layers, licenses)
+    lines = ["---", yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "",
+             "# Logit caches: " + ", ".join(sorted({m["source"]["name"] for _, m, _ in layers})), "",
+             "Every layer is a `datasets` config. All its rows are under the `train` split; the `split` column keeps "
+             "the corpus's own split (train / validation / heldout): filter on it.", "",
+             "| config | layer | source | pivot | rows | tokens |", "|---|---|---|---|---|---|"]
+    for folder, m, name in layers:
+        pivot = (m.get("pivot") or {}).get("name", "")
+        lines.append(f"| `{name}` | {m['layer']} | `{m['source']['name']}` | {pivot} | {m['totals']['rows']} | "
+                     f"{m['totals']['tokens']} |")
+    lines += ["", "```python", "from datasets import load_dataset",
+              f"rows = load_dataset(REPO, {layers[0][2]!r}, split='train')", "```", "",
+              "Pull and verify every shard against its manifest: `cache-pull URL DEST` (see docs/sharing.md of "
+              "logit-cache-fusion).", ""]
+    root = next((m for folder, m, _ in layers if folder == ""), None)  # the root is itself a layer
+    if root:
+        lines.append(dataset_card(root))
+    return "\n".join(lines)

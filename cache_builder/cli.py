@@ -1,18 +1,34 @@
 """Thin click commands over the cache_builder library: cache-build, cache-align, cache-info, cache-verify,
-corpus-generate."""
+corpus-generate, cache-push, cache-pull."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
 import click
 
 from cache_builder.corpus import DEFAULT_WINDOW_CHARS, EVALUATION_SPLITS
 
 
 def _fail(message: str) -> None:
-    click.secho(f"error: {message}", fg="red", err=True)
+    from cache_builder.remote import redact
+
+    click.secho(f"error: {redact(message)}", fg="red", err=True)
     sys.exit(2)
+
+
+def _local(path: str, store: str | None, allow_insecure: bool, **selection) -> Path:
+    """A local folder for PATH: itself, or a verified local copy of the cache at a URL."""
+    from cache_builder.remote import is_url, open_location
+    from cache_builder.share import local_copy
+
+    if not is_url(path):
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{path}: no such folder")
+        return Path(path)
+    return local_copy(open_location(path, allow_insecure=allow_insecure), store, **selection)
 
 
 @click.command(context_settings={"show_default": True})
@@ -71,52 +87,76 @@ def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--cache", "cache_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A source-native cache folder, e.g. cache/qwen.")
+@click.option("--cache", "cache_dir", required=True, help="A source-native cache folder, e.g. cache/qwen, or its URL (s3://, gs://, hf://datasets/...): its source layer is pulled and verified first.")
 @click.option("--pivot", required=True, help="Pivot model whose tokenizer the shards are aligned to.")
 @click.option("--vocab-map", default="exact+first-token", help="Vocabulary map strategy (see alignment.vocab).")
-def align(cache_dir, pivot, vocab_map):
+@click.option("--cache-dir", "store", default=None, type=click.Path(file_okay=False), help="Where a remote cache is pulled to (default: the user cache folder, logit-cache-fusion/pulled).")
+@click.option("--allow-insecure", is_flag=True, help="Allow plain http:// locations and S3 endpoints.")
+def align(cache_dir, pivot, vocab_map, store, allow_insecure):
     """Build pivot-aligned shards from a source-native cache, without loading the source model."""
     from cache_builder.align import align_cache
 
     try:
-        align_cache(cache_dir, pivot, strategy=vocab_map)
-    except ValueError as err:
+        folder = _local(cache_dir, store, allow_insecure, layers=("source",))
+        aligned = align_cache(folder, pivot, strategy=vocab_map)
+    except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
+    if folder != Path(cache_dir):
+        click.echo(f"the aligned layer is {aligned}; publish it with `cache-push {folder} {cache_dir}`")
 
 
 @click.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def info(path, as_json):
-    """Summarise a cache (a source folder or a root with several): sources, tokenizers, k, rows, tokens, size, coverage."""
-    from cache_builder.info import cache_summary, format_summary
+@click.option("--allow-insecure", is_flag=True, help="Allow plain http:// locations and S3 endpoints.")
+def info(path, as_json, allow_insecure):
+    """Summarise a cache (a source folder or a root with several, local or a URL): sources, tokenizers, k, rows,
+    tokens, size, coverage. A remote cache is summarised from its manifests alone."""
+    from cache_builder.info import cache_summary, format_summary, remote_summary
+    from cache_builder.manifest import CacheError
+    from cache_builder.remote import is_url, open_location
 
-    rows = cache_summary(path)
+    try:
+        rows = remote_summary(open_location(path, allow_insecure=allow_insecure)) if is_url(path) else cache_summary(path)
+    except (CacheError, FileNotFoundError) as err:
+        _fail(str(err))
     if not rows:
         _fail(f"no cache under {path} (a cache folder has a manifest.json)")
     click.echo(json.dumps(rows, indent=2) if as_json else format_summary(rows))
 
 
 @click.command()
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path")
 @click.option("--rescore", default=0, type=click.IntRange(0), help="Also re-run the source model on N random rows and compare.")
 @click.option("--model", default=None, help="Model to rescore with (default: the one named in the build settings).")
 @click.option("--device", default="cpu", type=click.Choice(["cpu", "cuda"]))
-def verify(path, rescore, model, device):
+@click.option("--cache-dir", "store", default=None, type=click.Path(file_okay=False), help="Where a remote cache is pulled to (default: the user cache folder, logit-cache-fusion/pulled).")
+@click.option("--allow-insecure", is_flag=True, help="Allow plain http:// locations and S3 endpoints.")
+def verify(path, rescore, model, device, store, allow_insecure):
     """Check a cache before trusting it: manifest, paths, checksums, schema, values, agreement across sources.
 
+    PATH is a folder or a URL; a remote cache is pulled (every file checked against its manifest's sha256 as it
+    arrives) into the local store, then checked like a local one.
     Exits 0 when everything checks out, 1 with one line per problem otherwise.
     """
-    from cache_builder.manifest import find_layers, load_manifest
+    from cache_builder.manifest import CacheError, find_layers, load_manifest
     from cache_builder.models import pick_device
+    from cache_builder.remote import RemoteError
     from cache_builder.verify import verify_cache
 
     try:
         device = pick_device(device)
     except ValueError as err:
         _fail(str(err))
-    problems = verify_cache(path)
-    layers = find_layers(path)
+    try:
+        folder = _local(path, store, allow_insecure)
+    except (RemoteError, FileNotFoundError) as err:
+        _fail(str(err))
+    except CacheError as err:
+        click.secho(f"FAIL {err}", fg="red")
+        sys.exit(1)
+    problems = verify_cache(folder)
+    layers = find_layers(folder)
     if rescore and not problems:
         from cache_builder.rescore import rescore_problems
 
@@ -177,3 +217,53 @@ def generate(model, corpus_path, out, split, domains, samples, prompt_chars, max
     else:
         click.echo(f"done: {summary['records']} records ({summary['generated']} this run), "
                    f"{summary['new_tokens']} new tokens, {summary['seconds']:.0f} s -> {out}")
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.argument("url")
+@click.option("--license", "licenses", multiple=True, help="Licence of the corpus as a Hub licence id (e.g. mit, cc-by-4.0); repeat for several. The source models' licences are added when known.")
+@click.option("--workers", default=8, type=click.IntRange(1), help="Files uploaded at once.")
+@click.option("--allow-insecure", is_flag=True, help="Allow plain http:// locations and S3 endpoints.")
+def push(cache, url, licenses, workers, allow_insecure):
+    """Publish a verified cache (a layer or a root with several sources) at URL: hf://datasets/ORG/NAME,
+    s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or a folder.
+
+    Refuses a cache that fails cache-verify. Shards go first, manifests last; a file already there with the same
+    sha256 is not sent again, so a rerun (after a change or a crash) uploads only what differs. The root
+    README.md lists one `datasets` config per layer. Credentials come from the store's own settings.
+    """
+    from cache_builder.manifest import CacheError
+    from cache_builder.remote import open_location
+    from cache_builder.share import push_cache
+
+    try:
+        push_cache(cache, open_location(url, allow_insecure=allow_insecure), licenses=licenses, workers=workers,
+                   log=click.echo)
+    except CacheError as err:
+        _fail(str(err))
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("url")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--sources", default="", help="Comma-separated source names to pull (default: every source).")
+@click.option("--layers", "layer_kinds", multiple=True, help="Layers to pull: `source` or `aligned/PIVOT`; repeat (default: every layer).")
+@click.option("--workers", default=8, type=click.IntRange(1), help="Files downloaded at once.")
+@click.option("--allow-insecure", is_flag=True, help="Allow plain http:// locations and S3 endpoints.")
+def pull(url, dest, sources, layer_kinds, workers, allow_insecure):
+    """Download a cache from URL into DEST, every file checked against its manifest before it gets its name.
+
+    A Hub cache is read at one commit (hf://datasets/ORG/NAME@REVISION, default: the current head, pinned).
+    Resumable: rerun after a crash and verified files are kept. DEST/provenance.json records the origin and
+    revision. Pull only what you need, e.g. `--layers source` to re-align to your own pivot.
+    """
+    from cache_builder.manifest import CacheError
+    from cache_builder.remote import open_location
+    from cache_builder.share import pull_cache
+
+    try:
+        pull_cache(open_location(url, allow_insecure=allow_insecure), dest, workers=workers, log=click.echo,
+                   sources=tuple(s for s in sources.split(",") if s), layers=layer_kinds)
+    except CacheError as err:
+        _fail(str(err))

@@ -9,30 +9,31 @@ from cache_builder.manifest import find_layers, load_manifest
 
 def cache_summary(path: str | Path) -> list[dict]:
     """Figures of every cache layer under `path`, from the manifests only (no shard is read)."""
-    rows = []
-    for layer in find_layers(path):
-        m = load_manifest(layer)
-        totals = m["totals"]
-        pivot = m.get("pivot") or {}
-        alignment = pivot.get("alignment", {})
-        rows.append({
-            "path": str(layer),
-            "layer": m["layer"],
-            "source": m["source"].get("name"),
-            "pivot": pivot.get("name"),
-            "tokenizer": m["source"].get("tokenizer_fingerprint", "")[:12],
-            "vocab": m["source"].get("vocab_size"),
-            "k": m["top_k"],
-            "logits": m["logit_dtype"],
-            "rows": totals["rows"],
-            "tokens": totals["tokens"],
-            "bytes": totals["bytes"],
-            "bytes_per_token": round(totals["bytes"] / max(totals["tokens"], 1), 2),
-            "coverage": round(alignment["coverage"], 4) if "coverage" in alignment else None,
-            "kept_mass": round(alignment["mean_kept_mass"], 4) if "mean_kept_mass" in alignment else None,
-            "bad_records": m["corpus"].get("summary", {}).get("bad_records"),
-        })
-    return rows
+    return [layer_summary(str(layer), load_manifest(layer)) for layer in find_layers(path)]
+
+
+def layer_summary(path: str, m: dict) -> dict:
+    """The figures of one layer, from its manifest; `path` names it (a folder or a URL)."""
+    totals = m["totals"]
+    pivot = m.get("pivot") or {}
+    alignment = pivot.get("alignment", {})
+    return {
+        "path": path,
+        "layer": m["layer"],
+        "source": m["source"].get("name"),
+        "pivot": pivot.get("name"),
+        "tokenizer": m["source"].get("tokenizer_fingerprint", "")[:12],
+        "vocab": m["source"].get("vocab_size"),
+        "k": m["top_k"],
+        "logits": m["logit_dtype"],
+        "rows": totals["rows"],
+        "tokens": totals["tokens"],
+        "bytes": totals["bytes"],
+        "bytes_per_token": round(totals["bytes"] / max(totals["tokens"], 1), 2),
+        "coverage": round(alignment["coverage"], 4) if "coverage" in alignment else None,
+        "kept_mass": round(alignment["mean_kept_mass"], 4) if "mean_kept_mass" in alignment else None,
+        "bad_records": m["corpus"].get("summary", {}).get("bad_records"),
+    }
 
 
 def format_summary(rows: list[dict]) -> str:
@@ -43,3 +44,16 @@ def format_summary(rows: list[dict]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def remote_summary(loc) -> list[dict]:
+    """Figures of every layer at a remote location (cache_builder.remote.Location), from its manifests only."""
+    import tempfile
+
+    from cache_builder.remote import list_layers
+    from cache_builder.share import read_manifests
+
+    layers = list_layers(loc)
+    with tempfile.TemporaryDirectory() as staging:
+        manifests = read_manifests(loc, layers, Path(staging))
+    return [layer_summary(loc.display(layer), manifests[layer]["manifest"]) for layer in layers]

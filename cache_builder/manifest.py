@@ -80,11 +80,13 @@ def load_manifest(folder: str | Path) -> dict:
 
 
 def find_layers(path: str | Path) -> list[Path]:
-    """Cache layers under `path`: itself if it has a manifest, else each source folder and its aligned/*."""
+    """Cache layers under `path`: itself if it has a manifest, else each source folder; then their aligned/*."""
     root = Path(path)
     if (root / MANIFEST).is_file():
-        layers = [root]
+        sources = [root]
     else:
-        layers = sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file()) if root.is_dir() else []
-    aligned = [a for layer in layers for a in sorted((layer / "aligned").glob(f"*/{MANIFEST}"))]
+        sources = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    layers = [p for p in sources if (p / MANIFEST).is_file()]
+    # an aligned layer may be there without its source layer (a pull of `--layers aligned/PIVOT` only)
+    aligned = [a for source in sources for a in sorted((source / "aligned").glob(f"*/{MANIFEST}"))]
     return layers + [a.parent for a in aligned]

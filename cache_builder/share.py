@@ -1,0 +1,367 @@
+"""cache-push and cache-pull: move a verified cache between a local folder and a location (remote.py).
+
+Push: the local cache must pass cache-verify. Data files (shards, the vocabulary) go first, then the cards,
+then the manifests, so a reader never sees a manifest naming a missing file. A file whose remote copy already
+has the same sha256 is skipped, so a rerun (after a change, or after kill -9) uploads only what differs.
+
+Pull: the manifests are read once (from a pinned Hub commit) and validated like any manifest; every file
+downloads to a temporary name while it is hashed and gets its final name only when its sha256 matches the
+manifest; the manifest is written last and the layer then passes every cache-verify check, or it is removed.
+A rerun keeps the verified files. `provenance.json` records where the cache came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from cache_builder.card import hub_card
+from cache_builder.format import ALIGNED_DIR, CARD, MANIFEST, sha256_file, write_text_atomic
+from cache_builder.manifest import CacheError, find_layers, load_manifest
+from cache_builder.remote import Location, RemoteError, confine, explain, git_blob_sha1, list_layers, read_bytes, redact
+from cache_builder.verify import verify_cache, verify_layer
+from cache_builder.vocab_file import VOCAB_FILE
+
+PROVENANCE = "provenance.json"
+PART_SUFFIX = ".part-"
+BLOCK = 1 << 23  # bytes read per request while downloading
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a cache, relative to the cache root, with the checksum it must have."""
+
+    relpath: str
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class TransferSummary:
+    transferred: list[str] = field(default_factory=list)  # paths relative to the cache root
+    bytes: int = 0  # transferred
+    kept: int = 0  # files already there with the right sha256
+    layers: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> int:
+        return len(self.transferred)
+
+
+def join(layer: str, relpath: str) -> str:
+    return f"{layer}/{relpath}" if layer else relpath
+
+
+def layer_files(layer: str, manifest: dict) -> list[FileEntry]:
+    """The files a manifest vouches for (shards and the source vocabulary), relative to the cache root."""
+    entries = [FileEntry(join(layer, s["path"]), s["sha256"], s["bytes"]) for s in manifest["shards"]]
+    vocab = (manifest.get("source") or {}).get("vocab_file") if manifest["layer"] == "source" else None
+    if vocab:
+        if vocab.get("path") != VOCAB_FILE:
+            raise CacheError(f"{layer or '.'}/{MANIFEST}: vocabulary path {vocab.get('path')!r} is not {VOCAB_FILE}")
+        entries.append(FileEntry(join(layer, VOCAB_FILE), vocab["sha256"], -1))
+    return entries
+
+
+def config_name(layer: str, manifest: dict) -> str:
+    """The `datasets` config of a layer: `qwen`, `qwen.aligned.smollm2`."""
+    parts = PurePosixPath(layer).parts if layer else ()
+    if not parts or parts[0] == ALIGNED_DIR:
+        parts = (manifest["source"]["name"], *parts)
+    return ".".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Push
+# ----------------------------------------------------------------------------------------------
+
+
+def _remote_checksum(loc: Location, entry: FileEntry, local: Path) -> bool:
+    """Whether the remote file already holds exactly the local bytes (sha256 recorded at upload)."""
+    path = loc.path(entry.relpath)
+    try:
+        if loc.protocol == "file":
+            return Path(path).is_file() and sha256_file(Path(path)) == entry.sha256
+        if loc.protocol == "s3":
+            return loc.fs.metadata(path).get("sha256") == entry.sha256
+        if loc.protocol == "gs":
+            return (loc.fs.info(path).get("metadata") or {}).get("sha256") == entry.sha256
+    except FileNotFoundError as err:
+        if "bucket" in str(err).lower():
+            raise explain(err, loc, "checking what is already pushed") from None
+        return False
+    except Exception as err:  # noqa: BLE001
+        raise explain(err, loc, "checking what is already pushed") from None
+    raise RemoteError(f"{loc.url}: pushing to {loc.protocol}:// is not supported; push to s3://, gs://, hf:// or a folder")
+
+
+def _hub_present(loc: Location, entries: list[tuple[FileEntry, Path]]) -> set[str]:
+    """Paths whose Hub copy has the local bytes: LFS sha256, or git's blob id for small files."""
+    from huggingface_hub import HfApi
+
+    root = loc.root.split("/", 3)[3] if loc.root.count("/") >= 3 else ""
+    paths = {join(root, e.relpath): (e, local) for e, local in entries}
+    try:
+        infos = HfApi().get_paths_info(loc.repo_id, list(paths), repo_type="dataset", revision=loc.revision)
+    except Exception as err:  # noqa: BLE001
+        raise explain(err, loc, "checking what is already pushed") from None
+    present = set()
+    for info in infos:
+        entry, local = paths[info.path]
+        lfs = getattr(info, "lfs", None)
+        if (lfs and lfs.sha256 == entry.sha256) or (not lfs and getattr(info, "blob_id", None) == git_blob_sha1(local)):
+            present.add(entry.relpath)
+    return present
+
+
+def _upload(loc: Location, local: Path, entry: FileEntry) -> None:
+    """One file to its remote name; the remote name never holds a partial file."""
+    path = loc.path(entry.relpath)
+    try:
+        if loc.protocol == "file":
+            final = Path(path)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.with_name(f".{final.name}{PART_SUFFIX}{os.getpid()}")
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, final)
+        elif loc.protocol == "s3":  # a PUT (or a multipart upload) appears whole or not at all
+            loc.fs.put_file(str(local), path, Metadata={"sha256": entry.sha256})
+        else:
+            loc.fs.put_file(str(local), path, metadata={"sha256": entry.sha256})
+    except Exception as err:  # noqa: BLE001
+        raise explain(err, loc, f"uploading {entry.relpath}") from None
+
+
+def _hub_commit(loc: Location, uploads: list[tuple[FileEntry, Path]], message: str) -> None:
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    root = loc.root.split("/", 3)[3] if loc.root.count("/") >= 3 else ""
+    operations = [CommitOperationAdd(path_in_repo=join(root, e.relpath), path_or_fileobj=str(local)) for e, local in uploads]
+    try:
+        HfApi().create_commit(loc.repo_id, operations, commit_message=message, repo_type="dataset")
+    except Exception as err:  # noqa: BLE001
+        raise explain(err, loc, "committing to the Hub") from None
+
+
+def _send(loc: Location, files: list[tuple[FileEntry, Path]], summary: TransferSummary, message: str, workers: int) -> None:
+    """Upload the files that differ from their remote copies."""
+    if not files:
+        return
+    if loc.protocol == "hf":
+        present = _hub_present(loc, files)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            same = list(pool.map(lambda f: _remote_checksum(loc, f[0], f[1]), files))
+        present = {e.relpath for (e, _), s in zip(files, same) if s}
+    todo = [(e, local) for e, local in files if e.relpath not in present]
+    summary.kept += len(files) - len(todo)
+    summary.transferred += [e.relpath for e, _ in todo]
+    summary.bytes += sum(local.stat().st_size for _, local in todo)
+    if not todo:
+        return
+    if loc.protocol == "hf":
+        _hub_commit(loc, todo, message)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda f: _upload(loc, f[1], f[0]), todo))
+
+
+def push_cache(cache: str | Path, loc: Location, *, licenses: tuple[str, ...] = (), workers: int = 8,
+               log=print) -> TransferSummary:
+    """Upload a verified local cache (a layer or a root with several sources) to `loc`."""
+    cache = Path(cache)
+    problems = verify_cache(cache)
+    if problems:
+        raise CacheError(f"{cache} does not pass cache-verify ({len(problems)} problem(s), the first: {problems[0]}); "
+                         "fix or rebuild it before pushing")
+    layers = {("" if p == cache else p.relative_to(cache).as_posix()): p for p in find_layers(cache)}
+    manifests = {layer: load_manifest(folder) for layer, folder in layers.items()}
+
+    def local_entry(layer: str, name: str) -> tuple[FileEntry, Path]:
+        path = layers[layer] / name
+        return FileEntry(join(layer, name), sha256_file(path), path.stat().st_size), path
+
+    data = [(e, cache / e.relpath) for layer, m in manifests.items() for e in layer_files(layer, m)]
+    cards = [local_entry(layer, CARD) for layer in layers if layer and (layers[layer] / CARD).is_file()]
+    summary = TransferSummary(layers=list(layers))
+    with tempfile.TemporaryDirectory() as tmp:
+        root_card = Path(tmp) / CARD
+        root_card.write_text(hub_card([(layer, m, config_name(layer, m)) for layer, m in manifests.items()], licenses))
+        cards.append((FileEntry(CARD, sha256_file(root_card), root_card.stat().st_size), root_card))
+        _send(loc, data, summary, "Logit cache: shards", workers)
+        _send(loc, cards, summary, "Logit cache: dataset cards", workers)
+        for aligned in (False, True):  # source manifests, then the aligned ones that name them
+            manifests_now = [local_entry(layer, MANIFEST) for layer in layers
+                             if (manifests[layer]["layer"] == "aligned") == aligned]
+            _send(loc, manifests_now, summary, "Logit cache: manifests", workers)
+    log(f"pushed {cache} -> {loc.url}: {summary.files} files ({summary.bytes} bytes) uploaded, "
+        f"{summary.kept} already there, {len(layers)} layer(s)")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Pull
+# ----------------------------------------------------------------------------------------------
+
+
+def select_layers(available: list[str], manifests: dict[str, dict], sources: tuple[str, ...] = (),
+                  layers: tuple[str, ...] = ()) -> list[str]:
+    """The layers a pull wants: --sources (source names) and --layers (`source`, `aligned/PIVOT`)."""
+    chosen = []
+    for layer in available:
+        m = manifests[layer]
+        kind = "source" if m["layer"] == "source" else f"{ALIGNED_DIR}/{PurePosixPath(layer).name}"
+        if sources and m["source"]["name"] not in sources:
+            continue
+        if layers and kind not in layers:
+            continue
+        chosen.append(layer)
+    if not chosen:
+        have = ", ".join(f"{m['source']['name']}:{'source' if m['layer'] == 'source' else 'aligned/' + PurePosixPath(la).name}"
+                         for la, m in manifests.items())
+        raise CacheError(f"nothing matches --sources {list(sources) or 'any'} --layers {list(layers) or 'any'}; "
+                         f"the location holds {have or 'no cache layer'}")
+    return chosen
+
+
+def read_manifests(loc: Location, layers: list[str], staging: Path) -> dict[str, dict]:
+    """Every layer's manifest, read once and validated like a local one (in `staging`), with its raw bytes."""
+    out = {}
+    for layer in layers:
+        raw = read_bytes(loc, join(layer, MANIFEST))
+        folder = staging / (layer or "_root")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / MANIFEST).write_bytes(raw)
+        try:
+            manifest = load_manifest(folder)
+        except CacheError as err:
+            raise CacheError(str(err).replace(str(folder / MANIFEST), loc.display(join(layer, MANIFEST)))) from None
+        for entry in layer_files(layer, manifest):
+            confine(entry.relpath, loc.display(join(layer, MANIFEST)))
+        out[layer] = {"manifest": manifest, "raw": raw}
+    return out
+
+
+def download_verified(loc: Location, entry: FileEntry, final: Path) -> bool:
+    """Download one file to a temporary name, hashing as it arrives; rename it to `final` only if its sha256 is
+    the manifest's. Returns False if `final` already held the right bytes."""
+    if final.is_file() and not final.is_symlink() and sha256_file(final) == entry.sha256:
+        return False
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}{PART_SUFFIX}{os.getpid()}")
+    h, size = hashlib.sha256(), 0
+    limit = entry.bytes if entry.bytes >= 0 else None
+    try:
+        with loc.fs.open(loc.path(entry.relpath), "rb", block_size=BLOCK) as src, open(tmp, "wb") as out:
+            while block := src.read(BLOCK):
+                size += len(block)
+                if limit is not None and size > limit:
+                    break
+                h.update(block)
+                out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+    except Exception as err:  # noqa: BLE001
+        tmp.unlink(missing_ok=True)
+        raise explain(err, loc, f"downloading {entry.relpath}") from None
+    if h.hexdigest() != entry.sha256 or (limit is not None and size != limit):
+        tmp.unlink(missing_ok=True)
+        raise CacheError(f"{loc.display(entry.relpath)}: sha256 or size differs from the manifest (modified or "
+                         "corrupted at the origin); refusing it. Ask the publisher to re-push the cache")
+    if final.exists() or final.is_symlink():
+        final.unlink()
+    os.replace(tmp, final)
+    return True
+
+
+def remove_partials(folder: Path) -> None:
+    """Temporary files left by a pull killed mid-file (never under a final name)."""
+    if folder.is_dir():
+        for path in folder.rglob(f".*{PART_SUFFIX}*"):
+            path.unlink(missing_ok=True)
+
+
+def write_provenance(dest: Path, loc: Location, pulled: dict[str, dict]) -> None:
+    """`provenance.json`: origin (redacted), pinned revision, and each layer's manifest sha256."""
+    path = dest / PROVENANCE
+    layers = {}
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous.get("origin") != loc.url or previous.get("revision") != loc.revision:
+            raise CacheError(f"{dest} holds a cache pulled from {previous.get('origin')} "
+                             f"(revision {previous.get('revision')}); pull {loc.url} into another folder")
+        layers = previous.get("layers", {})
+    for layer, item in pulled.items():
+        layers[layer or "."] = {"manifest_sha256": hashlib.sha256(item["raw"]).hexdigest(),
+                                "source": item["manifest"]["source"]["name"], "layer": item["manifest"]["layer"]}
+    record = {"origin": redact(loc.url), "revision": loc.revision, "protocol": loc.protocol,
+              "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "layers": layers}
+    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def pull_cache(loc: Location, dest: str | Path, *, sources: tuple[str, ...] = (), layers: tuple[str, ...] = (),
+               workers: int = 8, log=print) -> TransferSummary:
+    """Download the chosen layers of the cache at `loc` into `dest`, every file verified before it is named."""
+    dest = Path(dest)
+    available = list_layers(loc)
+    if not available:
+        raise CacheError(f"{loc.url}: no cache there (no {MANIFEST} at the location or one folder below it)")
+    with tempfile.TemporaryDirectory() as staging:
+        found = read_manifests(loc, available, Path(staging))
+    wanted = select_layers(available, {la: f["manifest"] for la, f in found.items()}, sources, layers)
+    summary = TransferSummary(layers=wanted)
+    for layer in wanted:
+        item = found[layer]
+        folder = dest / layer if layer else dest
+        remove_partials(folder)
+        entries = layer_files(layer, item["manifest"])
+        if (folder / MANIFEST).is_file() and (folder / MANIFEST).read_bytes() != item["raw"]:
+            (folder / MANIFEST).unlink()  # another version of the layer: it is a cache again once complete
+        with ThreadPoolExecutor(workers) as pool:
+            fetched = list(pool.map(lambda e: download_verified(loc, e, dest / e.relpath), entries))
+        summary.transferred += [e.relpath for e, f in zip(entries, fetched) if f]
+        summary.bytes += sum((dest / e.relpath).stat().st_size for e, f in zip(entries, fetched) if f)
+        summary.kept += len(entries) - sum(fetched)
+        card = join(layer, CARD)
+        if not (folder / CARD).is_file():
+            try:
+                write_text_atomic(folder / CARD, read_bytes(loc, card).decode("utf-8", errors="replace"))
+            except RemoteError:
+                pass  # a card is documentation; a cache without one is still whole
+        tmp = folder / f".{MANIFEST}{PART_SUFFIX}{os.getpid()}"
+        tmp.write_bytes(item["raw"])
+        os.replace(tmp, folder / MANIFEST)
+    problems = [p for layer in wanted for p in verify_layer(dest / layer if layer else dest)[0]]
+    if problems:
+        for layer in wanted:
+            ((dest / layer if layer else dest) / MANIFEST).unlink(missing_ok=True)
+        raise CacheError(f"{loc.url}: the pulled cache fails cache-verify ({len(problems)} problem(s), the first: "
+                         f"{problems[0]}); it was not kept as a cache")
+    write_provenance(dest, loc, {la: found[la] for la in wanted})
+    log(f"pulled {loc.url}" + (f"@{loc.revision}" if loc.revision else "") + f" -> {dest}: {summary.files} files "
+        f"({summary.bytes} bytes) downloaded, {summary.kept} already there and verified, {len(wanted)} layer(s)")
+    return summary
+
+
+def default_store() -> Path:
+    """Where remote caches are kept locally: `$XDG_CACHE_HOME/logit-cache-fusion` (default ~/.cache/...)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "logit-cache-fusion"
+
+
+def local_copy(loc: Location, cache_dir: str | Path | None = None, *, sources: tuple[str, ...] = (),
+               layers: tuple[str, ...] = (), log=print) -> Path:
+    """A verified local copy of (part of) a remote cache, under `cache_dir/pulled/`, named by the location and
+    its pinned revision; files already there and verified are kept. A local location is returned as is."""
+    if loc.is_local:
+        return Path(loc.root)
+    key = hashlib.sha256(f"{loc.url}@{loc.revision}".encode()).hexdigest()[:16]
+    dest = Path(cache_dir or default_store()) / "pulled" / key
+    pull_cache(loc, dest, sources=sources, layers=layers, log=log)
+    return dest
