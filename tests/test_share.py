@@ -238,3 +238,19 @@ def test_hub_push_pull_and_load_dataset(world, tmp_path):
     rows = datasets.load_dataset(os.environ["LCF_HUB_TEST_REPO"], "srcq.aligned.pivot", split="train",
                                  revision=location.revision, cache_dir=str(tmp_path / "hf-cache"))
     assert rows.num_rows == load_manifest(world["cache"] / "srcq" / "aligned" / "pivot")["totals"]["rows"]
+
+
+def test_cache_align_takes_a_url_and_aligns_a_pulled_source_layer(bucket, world, tmp_path):
+    from cache_builder.cli import align
+
+    url = f"s3://{bucket}/lab-a/srcq"
+    push_cache(world["cache"] / "srcq", open_location(url), **QUIET)
+    result = CliRunner().invoke(align, ["--cache", url, "--pivot", str(world["models"]["pivot"]),
+                                        "--cache-dir", str(tmp_path / "store")])
+    assert result.exit_code == 0, result.output
+    pulled = next((tmp_path / "store" / "pulled").iterdir())
+    assert f"publish it with `cache-push {pulled} {url}`" in result.output
+    assert verify_cache(pulled) == [] and json.loads((pulled / PROVENANCE).read_text())["layers"] == {
+        ".": {"layer": "source", "manifest_sha256": sha256_file(world["cache"] / "srcq" / MANIFEST), "source": "srcq"}}
+    made, original = (load_manifest(p / "aligned" / "pivot")["shards"] for p in (pulled, world["cache"] / "srcq"))
+    assert [s["sha256"] for s in made] == [s["sha256"] for s in original]
