@@ -24,16 +24,18 @@ import torch
 import yaml
 
 from cache_builder.format import write_text_atomic
-from cache_builder.manifest import load_manifest
+from cache_builder.remote import redact
+from cache_builder.store import OpenedLayer
 from fuse_trainer.config import TrainConfig, dump_yaml
 
 STATE_FILE = "trainer_state.pt"
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoint"
 # Settings that do not change the trained model: a run may resume, or count as finished, with other values.
-RUN_ONLY_SETTINGS = ("resume", "threads", "device", "save_every", "out", "extra", "activation_checkpointing")
+RUN_ONLY_SETTINGS = ("resume", "threads", "device", "save_every", "out", "extra", "activation_checkpointing",
+                     "cache_dir", "max_local_gb", "allow_insecure")
 # Settings added after runs were saved, with the value that matches how those runs were trained.
-SETTINGS_BEFORE_THEY_EXISTED = {"distill_only_splits": [], "shuffle_window": 1}
+SETTINGS_BEFORE_THEY_EXISTED = {"distill_only_splits": [], "shuffle_window": 1, "join": "exact"}
 
 
 def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
@@ -101,12 +103,12 @@ def clear_run(out: Path) -> None:
     (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
-def provenance_of(layers: dict[str, Path]) -> dict:
-    """The caches a run was trained on: source identities and fingerprints, from their manifests."""
+def provenance_of(layers: dict[str, OpenedLayer]) -> dict:
+    """The caches a run was trained on: where they were, source identities and fingerprints, from their manifests."""
     out = {}
-    for name, folder in layers.items():
-        m = load_manifest(folder)
-        out[name] = {"source": m["source"].get("identity"), "source_tokenizer": m["source"].get("tokenizer_fingerprint"),
+    for name, layer in layers.items():
+        m = layer.manifest
+        out[name] = {"origin": redact(layer.origin),"source": m["source"].get("identity"), "source_tokenizer": m["source"].get("tokenizer_fingerprint"),
                      "pivot_tokenizer": m["pivot"]["tokenizer_fingerprint"], "corpus": m["corpus"]["fingerprint"],
                      "rows": m["totals"]["rows"], "tokens": m["totals"]["tokens"]}
     return out
@@ -143,9 +145,9 @@ def changed_settings(checkpoint: Path, cfg: TrainConfig, shard_groups: int, log=
     return changed
 
 
-def refuse_other_settings(out: Path, cfg: TrainConfig, layers: dict[str, Path], log=print) -> None:
+def refuse_other_settings(out: Path, cfg: TrainConfig, layers: dict[str, OpenedLayer], log=print) -> None:
     """--resume continues (or finds finished) only a run with the same settings."""
-    shard_groups = len(load_manifest(next(iter(layers.values())))["shards"])  # every source is sharded alike
+    shard_groups = len(next(iter(layers.values())).shard_paths)  # shard groups are the first source's shards
     for folder in (out / FINAL_DIR, out / CHECKPOINT_DIR):
         if (folder / "fusion_config.yaml").exists() and (changed := changed_settings(folder, cfg, shard_groups, log)):
             raise ValueError(f"{folder} was trained with other settings {changed} (saved, now): rerun with the same "

@@ -14,7 +14,9 @@ DEFAULTS = TrainConfig()
 
 
 def _fail(message: str) -> None:
-    click.secho(f"error: {message}", fg="red", err=True)
+    from cache_builder.remote import redact
+
+    click.secho(f"error: {redact(message)}", fg="red", err=True)
     sys.exit(2)
 
 
@@ -26,7 +28,11 @@ def _passed(ctx: click.Context) -> dict:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--config", type=click.Path(exists=True, dir_okay=False), help="YAML file with any of these settings (unknown keys are errors); flags override it.")
-@click.option("--shards", default=DEFAULTS.shards, help="Cache root holding <source>/aligned/<pivot>/ folders.")
+@click.option("--shards", default=DEFAULTS.shards, help="Cache root holding <source>/aligned/<pivot>/ folders, or its URL (s3://, gs://, hf://datasets/ORG/NAME); several joined by ','. A source with no layer aligned to the pivot is aligned first (no source model is loaded).")
+@click.option("--join", default=DEFAULTS.join, type=click.Choice(["exact", "intersect"]), help="exact: the sources must hold the same records; intersect: train on the records every source holds (caches of different corpora).")
+@click.option("--cache-dir", default=DEFAULTS.cache_dir, help="Local store of remote caches: shard files named by sha256, verified before first use (default: ~/.cache/logit-cache-fusion).")
+@click.option("--max-local-gb", default=DEFAULTS.max_local_gb, type=float, help="Bound of the store's shard files; the least recently used are evicted and fetched again when needed (default: no bound).")
+@click.option("--allow-insecure", is_flag=True, default=DEFAULTS.allow_insecure, help="Allow plain http:// locations and S3 endpoints.")
 @click.option("--mode", default=DEFAULTS.mode, type=click.Choice(["unified", "pairwise", "sft"]), help="unified: one run with all sources; pairwise: one run per source then a merge; sft: the SFT-only baseline.")
 @click.option("--pivot", default=DEFAULTS.pivot, help="Pivot model (short name, HF folder or .gguf).")
 @click.option("--sources", default=None, help="Comma-separated source names (default: all aligned to the pivot).")

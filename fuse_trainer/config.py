@@ -14,13 +14,14 @@ GATES = ("none", "token", "chunk", "record", "candidate")  # join with "+": "can
 LIKELIHOOD_GATES = ("token", "chunk", "record")  # the source beats the pivot on the gold text (by gate_margin)
 LAMBDA_SCOPES = ("all", "distilled")
 DEVICES = ("auto", "cpu", "cuda")
+JOINS = ("exact", "intersect")
 
 
 @dataclass
 class TrainConfig:
     """Resolved settings of one fuse-train command; saved with the run and inside every checkpoint."""
 
-    shards: str = "cache"
+    shards: str = "cache"  # a cache root, a source folder or a URL; several joined by ','
     pivot: str = "smollm2"
     mode: str = "unified"  # unified: one run, all sources; pairwise: one run per source + merge; sft: no fusion
     sources: list[str] | None = None  # default: every source aligned to the pivot
@@ -59,6 +60,10 @@ class TrainConfig:
     merge: str = "task-arithmetic"  # pairwise mode: a key of fuse_trainer.merge.MERGE_METHODS
     merge_weights: list[float] | None = None  # default: 1 / number of sources each
     ties_density: float = 0.2
+    join: str = "exact"  # exact: every source holds the same records; intersect: train on the records all share
+    cache_dir: str | None = None  # local store of remote caches (default: the user cache folder, logit-cache-fusion)
+    max_local_gb: float | None = None  # bound of the store's shard files (least recently used evicted); None: no bound
+    allow_insecure: bool = False  # allow plain-http locations and S3 endpoints
     extra: dict = field(default_factory=dict)  # free-form notes kept with the run (e.g. experiment name)
 
     def loss_kwargs(self) -> dict:
@@ -95,6 +100,8 @@ class TrainConfig:
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.grad_accum >= 1 and self.batch_tokens >= 1, "grad_accum and batch_tokens must be positive"),
             (self.shuffle_window >= 1, "shuffle_window must be at least 1 shard group"),
+            (self.join in JOINS, f"join must be one of {JOINS}"),
+            (self.max_local_gb is None or self.max_local_gb > 0, "max_local_gb must be positive"),
             (isinstance(self.train_splits, list) and self.train_splits
              and all(isinstance(s, str) for s in self.train_splits),
              "train_splits must be a list of one or more split names, e.g. [train, generated]"),

@@ -1,33 +1,48 @@
 """Aligned shards of N sources -> training batches of tensors. No source model is ever loaded.
 
-Each source folder under the cache root holds `aligned/<pivot>/`. The sources are checked to describe
-the same corpus and the same records on the same pivot tokenizer, verified (checksums, schema, values),
-then joined by record id. A batch carries the pivot's tokens and, per source, the cached signals at the
+Each source folder under the cache root (a folder or a URL, or several) holds `aligned/<pivot>/`. Each layer is
+opened once (cache_builder.store: manifest read, every shard verified: checksums, schema, values) and the
+opened layers are passed down. The sources are checked to describe the same records (or, with `--join
+intersect`, trained on the records they share) on the same pivot tokenizer, then joined by record id. A batch carries the pivot's tokens and, per source, the cached signals at the
 pivot positions that have a partner in that source.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 
 from cache_builder.format import ALIGNED_DIR, MANIFEST
-from cache_builder.manifest import CacheError, load_manifest
-from cache_builder.reader import Ragged, read_shard
-from cache_builder.verify import cross_source_problems, verify_layer
+from cache_builder.manifest import CacheError
+from cache_builder.reader import Ragged
+from cache_builder.store import OpenedLayer, ShardStore, open_local_layer, open_remote_layer
+from cache_builder.verify import cross_source_problems
 
 SOURCE_FIELDS = ("aligned_pos", "topk_ids", "topk_logits", "native_topk_logits", "logsumexp", "logit_mean", "logit_std", "z_logsumexp",
                  "gold_logprob", "kept_mass", "chunk_logprob")
 
 
-def discover_sources(root: str | Path, pivot: str, sources: list[str] | None = None) -> dict[str, Path]:
-    """{source name: its aligned folder for `pivot`} under the cache root, optionally restricted."""
-    root = Path(root)
-    found = {p.parent.parent.parent.name: p.parent for p in sorted(root.glob(f"*/{ALIGNED_DIR}/{pivot}/{MANIFEST}"))}
+def discover_sources(root: str | Path, pivot: str, sources: list[str] | None = None, *, align_pivot: str | None = None,
+                     store: ShardStore | None = None, allow_insecure: bool = False,
+                     log=print) -> dict[str, OpenedLayer]:
+    """{source name: its aligned layer for `pivot`, opened (verified once)} from one or more cache roots.
+
+    root: a cache root, a source folder or a URL (s3://, gs://, hf://datasets/...), or several joined by ','.
+    A source with no layer aligned to the pivot is aligned here when `align_pivot` (the pivot model) is given:
+    cheap, only the pivot's tokenizer is loaded; a remote source is pulled (its source layer, verified) first.
+    """
+    found: dict[str, OpenedLayer] = {}
+    for spec in [s for s in str(root).split(",") if s]:
+        for name, layer in _sources_at(spec, pivot, align_pivot, store, allow_insecure, log).items():
+            if name in found:
+                raise CacheError(f"source {name!r} is in both {found[name].origin} and {layer.origin}; "
+                                 "keep one of them (--sources, or a different --shards list)")
+            found[name] = layer
     if not found:
         raise CacheError(
             f"no source under {root} is aligned to pivot {pivot!r}; run `cache-align --cache {root}/<source> --pivot {pivot}`"
@@ -40,19 +55,72 @@ def discover_sources(root: str | Path, pivot: str, sources: list[str] | None = N
     return found
 
 
-def check_sources(layers: dict[str, Path]) -> None:
-    """Verify every aligned layer, then that they share corpus, pivot tokenizer and record ids."""
-    problems, id_sets, corpus, pivots = [], {}, {}, {}
-    for name, folder in layers.items():
-        layer_problems, ids = verify_layer(folder)
-        problems += layer_problems
-        if layer_problems:
-            continue
-        manifest = load_manifest(folder)
-        id_sets[folder], corpus[folder] = set(ids), manifest["corpus"]["fingerprint"]
-        pivots[folder] = manifest["pivot"]["tokenizer_fingerprint"]
-    problems += cross_source_problems(id_sets, corpus, pivots)
+def _sources_at(spec: str, pivot: str, align_pivot: str | None, store: ShardStore | None, allow_insecure: bool,
+                log) -> dict[str, OpenedLayer]:
+    """The sources at one location, each opened at its layer aligned to `pivot` (aligned here if needed)."""
+    from cache_builder.align import align_cache
+    from cache_builder.remote import is_url, list_layers, open_location
+    from cache_builder.share import local_copy, read_manifests
+
+    if not is_url(spec):
+        root = Path(spec)
+        sources = [root] if (root / MANIFEST).is_file() else sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        found = {}
+        for folder in sources:
+            aligned = folder / ALIGNED_DIR / pivot
+            if not (aligned / MANIFEST).is_file() and align_pivot and (folder / MANIFEST).is_file():
+                log(f"{folder} has no layer aligned to {pivot}: aligning it now (no source model is loaded)")
+                aligned = align_cache(folder, align_pivot, log=log)
+            if (aligned / MANIFEST).is_file():
+                found[folder.name] = open_local_layer(aligned)
+        return found
+    store = store or ShardStore()
+    loc = open_location(spec, allow_insecure=allow_insecure)
+    layers = list_layers(loc)
+    with tempfile.TemporaryDirectory() as staging:
+        manifests = {la: f["manifest"] for la, f in read_manifests(loc, layers, Path(staging)).items()}
+    found = {}
+    for layer in layers:
+        parts = PurePosixPath(layer).parts
+        name = parts[0] if parts and parts[0] != ALIGNED_DIR else manifests[layer]["source"]["name"]
+        if manifests[layer]["layer"] == "aligned" and parts[-1] == pivot:
+            found[name] = open_remote_layer(loc, layer, store)
+    for layer in layers:
+        parts = PurePosixPath(layer).parts
+        name = parts[0] if parts else manifests[layer]["source"]["name"]
+        if manifests[layer]["layer"] == "source" and name not in found and align_pivot:
+            log(f"{loc.display(layer)} has no layer aligned to {pivot}: pulling its source layer and aligning it "
+                "(no source model is loaded)")
+            copy = local_copy(loc, store.root.parent, sources=(manifests[layer]["source"]["name"],), layers=("source",),
+                              log=log)
+            found[name] = open_local_layer(align_cache(copy / layer if layer else copy, align_pivot, log=log))
+    return found
+
+
+def check_sources(layers: dict[str, OpenedLayer], join: str = "exact") -> None:
+    """Refuse layers that failed verification when opened, or that do not describe the same records (join
+    `exact`) or share none (`intersect`), or were aligned to different pivot tokenizers."""
+    problems = [p for layer in layers.values() for p in layer.problems]
     if problems:
+        raise CacheError("refusing to train on these caches:\n  " + "\n  ".join(problems))
+    keys = {name: Path(layer.origin) for name, layer in layers.items()}
+    ids = {keys[n]: set(layer.record_ids) for n, layer in layers.items()}
+    corpus = {keys[n]: layer.manifest["corpus"]["fingerprint"] for n, layer in layers.items()}
+    pivots = {keys[n]: layer.manifest["pivot"]["tokenizer_fingerprint"] for n, layer in layers.items()}
+    shared = set.intersection(*ids.values())
+    if join == "intersect":
+        problems = cross_source_problems(dict.fromkeys(ids, shared), dict.fromkeys(ids, ""), pivots)
+        if not shared:
+            problems.append(f"{', '.join(layers)} share no record: nothing to train on")
+    else:
+        problems = cross_source_problems(ids, corpus, pivots)
+        if any(len(i) != len(shared) for i in ids.values()):
+            counts = ", ".join(f"{n} {len(layer.record_ids)}" for n, layer in layers.items())
+            problems.append(f"{len(shared)} records are shared by all sources (records: {counts}); "
+                            "--join intersect trains on the shared records only")
+    if problems:
+        for name, layer in layers.items():  # name remote layers by their URLs
+            problems = [p.replace(str(keys[name]), layer.origin) for p in problems]
         raise CacheError("refusing to train on these caches:\n  " + "\n  ".join(problems))
 
 
@@ -79,40 +147,76 @@ class FusionDataset:
 class ShardIndex:
     """What planning an epoch needs from one shard group, without its signals."""
 
-    path: str  # relative shard path, the same in every source (same corpus, same sharding)
-    rows: dict[str, np.ndarray]  # source -> row numbers of the split's records in its shard, in record-id order
+    path: str  # relative path of the first source's shard that defines the group
+    # source -> (shard path, row numbers) pieces whose rows, concatenated, are the group's records in record-id
+    # order: one piece (the shard of the same path) when every source holds the same records in the same shards
+    rows: dict[str, tuple[tuple[str, np.ndarray], ...]]
     num_tokens: np.ndarray  # (R,) pivot tokens per record
     response_tokens: np.ndarray  # (R,) positions that predict a response token
 
 
-def index_shards(layers: dict[str, Path], splits: tuple[str, ...]) -> list[ShardIndex]:
-    """Index every shard group: which rows of each source hold the same records of `splits`."""
-    paths = {name: [s["path"] for s in load_manifest(folder)["shards"]] for name, folder in layers.items()}
+def record_locations(layer: OpenedLayer) -> dict[str, tuple[str, int]]:
+    """record id -> (shard path, row) in a layer, from the ids collected when it was opened (in shard order)."""
+    where, start = {}, 0
+    for shard in layer.manifest["shards"]:
+        for row, record_id in enumerate(layer.record_ids[start : start + shard["rows"]]):
+            where[record_id] = (shard["path"], row)
+        start += shard["rows"]
+    return where
+
+
+def pieces(locations: list[tuple[str, int]]) -> tuple[tuple[str, np.ndarray], ...]:
+    """[(path, row), ...] -> runs of the same shard, in order."""
+    runs: list[tuple[str, list[int]]] = []
+    for path, row in locations:
+        if not runs or runs[-1][0] != path:
+            runs.append((path, []))
+        runs[-1][1].append(row)
+    return tuple((path, np.array(rows, dtype=np.int64)) for path, rows in runs)
+
+
+def index_shards(layers: dict[str, OpenedLayer], splits: tuple[str, ...], join: str = "exact") -> list[ShardIndex]:
+    """Index every shard group: where each source holds the group's records of `splits`.
+
+    join `exact`: every source holds the same records in the same shards. `intersect`: only the records every
+    source holds, wherever each source keeps them (labs that built on different corpora or shardings)."""
     names = list(layers)
-    for name in names[1:]:
-        if paths[name] != paths[names[0]]:
-            raise CacheError(
-                f"{layers[name]} and {layers[names[0]]} are sharded differently; build every source with the same "
-                "--rows-per-shard and --world-size so that their shards hold the same records"
-            )
+    first = layers[names[0]]
+    if join == "exact":
+        for name in names[1:]:
+            if layers[name].shard_paths != first.shard_paths:
+                raise CacheError(
+                    f"{layers[name].origin} and {first.origin} are sharded differently; build every source with the same "
+                    "--rows-per-shard and --world-size so that their shards hold the same records, or train on the "
+                    "shared records with --join intersect"
+                )
+        shared, where = None, {}
+    else:
+        shared = np.array(sorted(set.intersection(*(set(layer.record_ids) for layer in layers.values()))))
+        where = {name: record_locations(layers[name]) for name in names[1:]}
     index, seen = [], set()
-    for path in paths[names[0]]:
-        rows, ids = {}, None
-        for name, folder in layers.items():
-            meta = read_shard(folder, path, ["record_id", "split", "num_tokens", "loss_mask"])
-            keep = np.flatnonzero(np.isin(meta["split"], splits))
-            order = keep[np.argsort(meta["record_id"][keep], kind="stable")]
-            if ids is None:  # the first source; the others must hold the same records
-                seen.update(np.unique(meta["split"]).tolist())
-                ids = meta["record_id"][order]
-                num_tokens = meta["num_tokens"][order].astype(np.int64)
-                counted = np.concatenate([[0], np.cumsum(meta["loss_mask"].values, dtype=np.int64)])
-                response = (counted[meta["loss_mask"].offsets[1:]] - counted[meta["loss_mask"].offsets[:-1]])[order]
-            elif not np.array_equal(meta["record_id"][order], ids):
-                raise CacheError(f"{folder / path}: its {'/'.join(splits)} records differ from {layers[names[0]] / path}")
-            rows[name] = order
+    for path in first.shard_paths:
+        meta = first.read(path, ["record_id", "split", "num_tokens", "loss_mask"])
+        seen.update(np.unique(meta["split"]).tolist())
+        keep = np.flatnonzero(np.isin(meta["split"], splits) & (True if shared is None else np.isin(meta["record_id"], shared)))
+        order = keep[np.argsort(meta["record_id"][keep], kind="stable")]
+        ids = meta["record_id"][order]
+        rows = {names[0]: ((path, order),)}
+        for name in names[1:]:
+            if join == "exact":  # the same records in the shard of the same path
+                other = layers[name].read(path, ["record_id", "split"])
+                keep_other = np.flatnonzero(np.isin(other["split"], splits))
+                other_order = keep_other[np.argsort(other["record_id"][keep_other], kind="stable")]
+                if not np.array_equal(other["record_id"][other_order], ids):
+                    raise CacheError(f"{layers[name].origin}/{path}: its {'/'.join(splits)} records differ from "
+                                     f"{first.origin}/{path}")
+                rows[name] = ((path, other_order),)
+            else:
+                rows[name] = pieces([where[name][record_id] for record_id in ids])
+        counted = np.concatenate([[0], np.cumsum(meta["loss_mask"].values, dtype=np.int64)])
+        response = (counted[meta["loss_mask"].offsets[1:]] - counted[meta["loss_mask"].offsets[:-1]])[order]
         if len(ids):
-            index.append(ShardIndex(path, rows, num_tokens, response.astype(np.int64)))
+            index.append(ShardIndex(path, rows, meta["num_tokens"][order].astype(np.int64), response.astype(np.int64)))
     missing = [s for s in splits if s not in seen]
     if missing:  # a misspelled split would otherwise train on the others alone, silently
         raise CacheError(f"no records of split {' or '.join(map(repr, missing))} in the caches; "
@@ -130,12 +234,12 @@ class FusionData:
     pivot wrote itself) are marked as having no gold text to learn.
     """
 
-    def __init__(self, layers: dict[str, Path], splits: tuple[str, ...] = ("train",), window: int = 1,
-                 distill_only: tuple[str, ...] = ()):
+    def __init__(self, layers: dict[str, OpenedLayer], splits: tuple[str, ...] = ("train",), window: int = 1,
+                 distill_only: tuple[str, ...] = (), join: str = "exact"):
         if window < 1:
             raise ValueError(f"the shuffle window must hold at least one shard group, got {window}")
         self.layers, self.window, self.distill_only = layers, window, distill_only
-        self.index = index_shards(layers, splits)
+        self.index = index_shards(layers, splits, join)
         self._loaded: OrderedDict[int, FusionDataset] = OrderedDict()  # the last `window` groups used
 
     def __len__(self) -> int:
@@ -145,12 +249,12 @@ class FusionData:
         """Shard group i, joined across sources."""
         if i not in self._loaded:
             entry = self.index[i]
-            sources, first = {}, None
-            for name, folder in self.layers.items():
-                data, rows = read_shard(folder, entry.path), entry.rows[name]
-                first = first or (data, rows)
-                sources[name] = {f: take_rows(data[f], rows) for f in SOURCE_FIELDS}
-            data, rows = first
+            first = next(iter(self.layers))
+            (_, rows), = entry.rows[first]  # the first source: one piece, the group's own shard
+            data = self.layers[first].read(entry.path)
+            sources = {first: {f: take_rows(data[f], rows) for f in SOURCE_FIELDS}}
+            for name, layer in list(self.layers.items())[1:]:
+                sources[name] = gather_rows(layer, entry.rows[name], SOURCE_FIELDS)
             self._loaded[i] = FusionDataset(list(data["record_id"][rows]), list(data["domain"][rows]),
                                             ~np.isin(data["split"][rows], self.distill_only),
                                             take_rows(data["token_ids"], rows), take_rows(data["loss_mask"], rows),
@@ -175,6 +279,25 @@ class FusionData:
                 batches = [batches[j] for j in rng.permutation(len(batches))]
             plan += batches
         return plan
+
+
+def gather_rows(layer: OpenedLayer, parts: tuple[tuple[str, np.ndarray], ...], names: tuple[str, ...]) -> dict[str, Ragged]:
+    """The given columns of the rows named by (shard path, rows) pieces, concatenated in order."""
+    taken = []
+    for path, rows in parts:
+        data = layer.read(path, list(names))
+        taken.append({f: take_rows(data[f], rows) for f in names})
+    if len(taken) == 1:
+        return taken[0]
+    return {f: concat_rows([t[f] for t in taken]) for f in names}
+
+
+def concat_rows(columns: list[Ragged]) -> Ragged:
+    """Ragged columns one after another."""
+    lengths = np.concatenate([c.lengths for c in columns])
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return Ragged(np.concatenate([c.values for c in columns]), offsets)
 
 
 def take_rows(column: Ragged, rows: np.ndarray) -> Ragged:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from cache_builder.format import write_text_atomic
 from cache_builder.models import load_model, load_tokenizer, pick_device, resolve_model
+from cache_builder.store import OpenedLayer, ShardStore
 from fuse_trainer.checkpoint import (
     CHECKPOINT_DIR,
     FINAL_DIR,
@@ -170,7 +171,7 @@ def distributed() -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, stop_after: int | None = None) -> Path | None:
+def train_run(cfg: TrainConfig, layers: dict[str, OpenedLayer], out: Path, log=print, stop_after: int | None = None) -> Path | None:
     """Train the pivot on the given sources' aligned caches; returns the final checkpoint folder.
 
     stop_after: save a resumable checkpoint after this many steps and return None (a job that must end
@@ -194,8 +195,8 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             log(f"{out}: already trained with these settings, nothing to do ({out / FINAL_DIR})")
             return out / FINAL_DIR
     torch.manual_seed(cfg.seed)
-    check_sources(layers)
-    data = FusionData(layers, tuple(cfg.train_splits), cfg.shuffle_window, tuple(cfg.distill_only_splits))
+    check_sources(layers, cfg.join)
+    data = FusionData(layers, tuple(cfg.train_splits), cfg.shuffle_window, tuple(cfg.distill_only_splits), cfg.join)
     provenance = provenance_of(layers)
     pivot = resolve_model(cfg.pivot)
     tokenizer = load_tokenizer(pivot)
@@ -284,7 +285,10 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
 
 def fuse_train(cfg: TrainConfig, log=print) -> Path:
     """The whole command: unified or SFT (one run), or pairwise (one run per source, then a merge)."""
-    layers = discover_sources(cfg.shards, resolve_model(cfg.pivot).name, cfg.sources)
+    max_bytes = int(cfg.max_local_gb * 1e9) if cfg.max_local_gb else None
+    store = ShardStore(Path(cfg.cache_dir) / "shards" if cfg.cache_dir else None, max_bytes)
+    layers = discover_sources(cfg.shards, resolve_model(cfg.pivot).name, cfg.sources, align_pivot=cfg.pivot,
+                              store=store, allow_insecure=cfg.allow_insecure, log=log)
     out = Path(cfg.out)
     log(f"sources: {', '.join(layers)} -> pivot {cfg.pivot}, mode {cfg.mode}, loss {cfg.loss}, lambda {cfg.lam}")
     if cfg.mode != "pairwise":

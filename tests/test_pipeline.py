@@ -264,7 +264,6 @@ def test_micro_batches_pass_over_every_record_once_per_epoch():
 def test_a_shuffle_window_mixes_the_batches_of_its_shard_groups_and_reads_each_once(world, monkeypatch):
     """Window 1 is the shard-block order of runs recorded before the option; a window of W groups shuffles
     their micro-batches together, reads each group once per epoch and holds at most W in memory."""
-    import fuse_trainer.data as data_module
     from fuse_trainer.data import FusionData, token_batches
 
     layers = discover_sources(world["cache"], "pivot")
@@ -293,7 +292,9 @@ def test_a_shuffle_window_mixes_the_batches_of_its_shard_groups_and_reads_each_o
         reads.append(path)
         return read_shard(folder, path, *args)
 
-    monkeypatch.setattr(data_module, "read_shard", counting_read)
+    import cache_builder.store as store_module
+
+    monkeypatch.setattr(store_module, "read_shard", counting_read)  # every shard read of an opened layer
     for g, _ in two.plan(0, 64, seed=0):
         two.shard(g)
         assert len(two._loaded) <= 2

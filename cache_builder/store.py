@@ -1,0 +1,135 @@
+"""Opened cache layers, local or remote, and the local shard store that remote shards stream through.
+
+A layer is opened ONCE: its manifest is read, every shard is verified (sha256, schema, row and token counts,
+values: cache-verify's checks) and its record ids are collected. Whoever trains on it then asks the opened layer
+for a shard by relative path and never reads the manifest again. A local layer answers with the file in its
+folder. A remote layer answers with a file of the shard store: local files named by their sha256, fetched on
+demand, hashed before first use, and evicted least recently used first when the store would pass its bound, so
+a cache larger than the local disk still trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cache_builder.format import MANIFEST, sha256_file
+from cache_builder.manifest import load_manifest
+from cache_builder.reader import Ragged, read_shard
+from cache_builder.remote import Location
+from cache_builder.share import FileEntry, default_store, download_verified, join, read_manifests
+from cache_builder.verify import verify_layer
+
+
+class ShardStore:
+    """Files addressed by sha256 under `root`, at most `max_bytes` of them (None: unbounded)."""
+
+    def __init__(self, root: str | Path | None = None, max_bytes: int | None = None):
+        self.root = Path(root or default_store() / "shards")
+        self.max_bytes = max_bytes
+        self._checked: set[str] = set()  # sha256 of the files hashed by this process
+        self.fetched = 0  # files downloaded by this process
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256
+
+    def fetch(self, loc: Location, entry: FileEntry) -> Path:
+        """The local file holding `entry`'s bytes: downloaded if absent, hashed once per process, marked used."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.path(entry.sha256)
+        if path.is_file() and (entry.sha256 in self._checked or sha256_file(path) == entry.sha256):
+            os.utime(path)  # most recently used
+        else:
+            self._make_room(entry.bytes)
+            download_verified(loc, entry, path)
+            self.fetched += 1
+        self._checked.add(entry.sha256)
+        return path
+
+    def _make_room(self, incoming: int) -> None:
+        """Evict the least recently used files until `incoming` more bytes fit under the bound."""
+        if self.max_bytes is None:
+            return
+        files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.root.iterdir()
+                 if p.is_file() and not p.name.startswith(".")]
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total + incoming <= self.max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            self._checked.discard(path.name)
+            total -= size
+
+
+@dataclass
+class OpenedLayer:
+    """One cache layer after opening: where it is, its manifest, what verification found, its record ids."""
+
+    origin: str  # the layer's folder, or its redacted URL
+    manifest: dict | None  # None when the manifest itself is unusable (see problems)
+    problems: list[str]  # cache-verify's findings at opening; [] = verified
+    record_ids: list[str]
+    folder: Path | None = None  # a local layer
+    location: Location | None = None  # a remote layer: its location, its folder there, the store it streams through
+    prefix: str = ""
+    store: ShardStore | None = None
+    entries: dict[str, FileEntry] = field(default_factory=dict)
+
+    def shard_file(self, relpath: str) -> Path:
+        """A local, verified file with the bytes of shard `relpath` (as the manifest names it)."""
+        if self.folder is not None:
+            return self.folder / relpath
+        return self.store.fetch(self.location, self.entries[relpath])
+
+    def read(self, relpath: str, columns: list[str] | None = None) -> dict[str, np.ndarray | Ragged]:
+        """One whole shard as numpy arrays (cache_builder.reader.read_shard)."""
+        path = self.shard_file(relpath)
+        return read_shard(path.parent, path.name, columns)
+
+    @property
+    def shard_paths(self) -> list[str]:
+        return [s["path"] for s in self.manifest["shards"]]
+
+
+def open_local_layer(folder: str | Path) -> OpenedLayer:
+    """Open a local layer: cache-verify's checks, once."""
+    folder = Path(folder)
+    problems, ids = verify_layer(folder)
+    manifest = load_manifest(folder) if not problems else None
+    return OpenedLayer(str(folder), manifest, problems, ids, folder=folder)
+
+
+def open_remote_layer(loc: Location, prefix: str, store: ShardStore) -> OpenedLayer:
+    """Open a remote layer: its manifest read once (validated like a local one), every shard fetched into the store
+    (sha256-checked as it arrives) and checked like cache-verify checks a local shard; the store may evict it later
+    and fetch the same bytes again on demand."""
+    origin = loc.display(prefix)
+    store.root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=store.root, prefix=".open-") as tmp:
+        manifest = read_manifests(loc, [prefix], Path(tmp))[prefix]["manifest"]
+        entries = {s["path"]: FileEntry(join(prefix, s["path"]), s["sha256"], s["bytes"]) for s in manifest["shards"]}
+        problems, ids = [], []
+        for shard in manifest["shards"]:
+            shard_problems, shard_ids = _verify_one_shard(store.fetch(loc, entries[shard["path"]]), shard, manifest,
+                                                          Path(tmp) / "view")
+            problems += [p.replace(str(Path(tmp) / "view"), origin) for p in shard_problems]
+            ids += shard_ids
+    duplicates = len(ids) - len(set(ids))
+    if duplicates:
+        problems.append(f"{origin}: {duplicates} duplicate record ids")
+    return OpenedLayer(origin, manifest, problems, ids, location=loc, prefix=prefix, store=store, entries=entries)
+
+
+def _verify_one_shard(path: Path, shard: dict, manifest: dict, view: Path) -> tuple[list[str], list[str]]:
+    """cache-verify's checks of one shard, on a one-shard copy of the layer (a hard link to the stored file)."""
+    shutil.rmtree(view, ignore_errors=True)
+    (view / shard["path"]).parent.mkdir(parents=True)
+    os.link(path, view / shard["path"])
+    (view / MANIFEST).write_text(json.dumps({**manifest, "shards": [shard]}))
+    return verify_layer(view)
