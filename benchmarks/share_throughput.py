@@ -1,14 +1,15 @@
 """Sharing costs against a real S3-compatible server on localhost (moto's server mode), ratios in one run.
 
-    python benchmarks/share_throughput.py [--shards 24] [--rows-per-shard 64] [--repeats 3] [--train-steps 6]
+    python benchmarks/share_throughput.py [--shards 16] [--rows-per-shard 64] [--repeats 3] [--train-steps 20]
 
 1. pull: `cache-pull` (every file hashed as it arrives, renamed only when its sha256 matches the manifest) against a
    plain fsspec copy of the same files (`fs.get`, s3fs's concurrent download), same server, alternating, best of
    `--repeats`; target: throughput ratio >= 0.9.
 2. re-push after one shard changed: bytes uploaded against that shard's size (target: that shard only, plus the
    manifest and the card).
-3. fuse-train from `s3://` against the local folder (`--train-steps` steps of the tiny test models, when
-   `--train-steps` > 0): tokens/s ratio, target >= 0.95.
+3. fuse-train from `s3://` against the local folder (`--train-steps` steps of the tiny test models, the store
+   bounded below the caches' size so that shards are evicted and fetched again during training): median step
+   tokens/s ratio, target >= 0.95.
 
 The cache is synthetic (random but valid signals, written by the real writer; tests/fake_cache.py). Prints one
 line per measurement and a JSON line.
@@ -26,11 +27,10 @@ from pathlib import Path
 
 import click
 
-from cache_builder.format import new_manifest, source_table, write_manifest, write_shard
 from cache_builder.manifest import load_manifest
 from cache_builder.remote import open_location
 from cache_builder.share import layer_files, pull_cache, push_cache
-from tests.fake_cache import fake_rows, write_fake_cache
+from tests.fake_cache import rewrite_shard, write_fake_cache
 
 QUIET = dict(log=lambda *_: None)
 
@@ -76,32 +76,72 @@ def time_pull(url: str, cache: Path, work: Path, repeats: int) -> dict:
 
 
 def repush_one_changed_shard(url: str, cache: Path) -> dict:
-    """Rewrite one shard (other rows), update the manifest, push again: what is uploaded."""
-    manifest = load_manifest(cache)
-    target = manifest["shards"][len(manifest["shards"]) // 2]
-    rows = fake_rows(target["rows"], k=manifest["top_k"], seed=12345)
-    changed = write_shard(source_table(rows, manifest["top_k"], manifest["logit_dtype"]), cache, target["path"])
-    shards = [changed if s["path"] == changed.path else type(changed)(**s) for s in manifest["shards"]]
-    write_manifest(cache, new_manifest("source", top_k=manifest["top_k"], logit_dtype=manifest["logit_dtype"],
-                                       source=manifest["source"], corpus=manifest["corpus"], build={}, shards=shards))
+    """Rewrite one shard (the same records, other values) and its manifest entry, push again: what is uploaded."""
+    changed = rewrite_shard(cache, len(load_manifest(cache)["shards"]) // 2)
     summary = push_cache(cache, open_location(url), **QUIET)
     shards_sent = [p for p in summary.transferred if p.endswith(".parquet")]
     return {"changed_shard_bytes": changed.bytes, "uploaded_bytes": summary.bytes, "uploaded_files": summary.transferred,
             "shards_uploaded": shards_sent, "only_that_shard": shards_sent == [changed.path],
-            "cache_bytes": sum(s.bytes for s in shards)}
+            "cache_bytes": load_manifest(cache)["totals"]["bytes"]}
+
+
+def train_tokens_per_s(work: Path, steps: int, bound_mb: float | None) -> dict:
+    """fuse-train on the tiny test models: median step tokens/s from the local folder and from s3:// (the same
+    caches, pushed), interleaved twice; and the seconds to open (fetch and verify) the remote caches."""
+    import statistics
+
+    from fuse_trainer.train import fuse_train
+    from tests.conftest import write_corpus
+    from tests.runs import train_config
+    from tests.tiny import make_tiny_model
+    from cache_builder.align import align_cache
+    from cache_builder.build import BuildSettings, build_cache
+
+    models = {"pivot": make_tiny_model(work / "models" / "pivot", arch="llama", seed=0),
+              "srcq": make_tiny_model(work / "models" / "srcq", arch="qwen2", vocab=300, seed=1),
+              "srcg": make_tiny_model(work / "models" / "srcg", arch="gemma3", seed=2)}
+    corpus = write_corpus(work / "corpus")
+    for name in ("srcq", "srcg"):
+        build_cache(corpus, BuildSettings(model=str(models[name]), top_k=4, rows_per_shard=5, batch_tokens=256,
+                                          position_chunk=16), work / "tcache", log=lambda *_: None)
+        align_cache(work / "tcache" / name, str(models["pivot"]), log=lambda *_: None)
+    push_cache(work / "tcache", open_location("s3://bench/train"), **QUIET)
+    world = {"cache": work / "tcache", "models": models}
+    rates: dict[str, list[float]] = {"local": [], "s3": []}
+    open_seconds = []
+    for repeat in range(2):
+        for kind in ("local", "s3"):
+            out = work / f"run-{kind}-{repeat}"
+            remote = dict(shards="s3://bench/train", cache_dir=str(work / f"store-{repeat}"),
+                          max_local_gb=bound_mb / 1e3 if bound_mb else None) if kind == "s3" else {}
+            start = time.perf_counter()
+            fuse_train(train_config(world, out, max_steps=steps, batch_tokens=256, **remote), **QUIET)
+            seconds = time.perf_counter() - start
+            lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            rates[kind] += [line["tokens_per_s"] for line in lines[1:]]  # the first step warms up
+            if kind == "s3":
+                open_seconds.append(seconds)
+    local, s3 = statistics.median(rates["local"]), statistics.median(rates["s3"])
+    return {"local_tokens_per_s": local, "s3_tokens_per_s": s3, "ratio": s3 / local, "steps": steps,
+            "bound_mb": bound_mb, "s3_run_seconds": min(open_seconds)}
 
 
 @click.command()
-@click.option("--shards", default=24, help="Shards in the synthetic cache.")
+@click.option("--shards", default=16, help="Shards in the synthetic cache.")
 @click.option("--rows-per-shard", default=64)
 @click.option("--repeats", default=3, help="Pulls of each kind; the best is kept.")
-def main(shards, rows_per_shard, repeats):
+@click.option("--train-steps", default=20, help="fuse-train steps per run (0: skip the training comparison).")
+@click.option("--bound-mb", default=0.05, type=float, help="--max-local-gb of the s3:// training run, in MB: below the "
+              "caches' size, so shards are evicted and fetched again while training (0: no bound).")
+def main(shards, rows_per_shard, repeats, train_steps, bound_mb):
+    os.environ["TQDM_DISABLE"] = "1"  # the progress bars of cache-build and fuse-train
     server, endpoint = start_server()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             cache = work / "cache"
-            write_fake_cache(cache, n_rows=shards * rows_per_shard, rows_per_shard=rows_per_shard)
+            write_fake_cache(cache, n_rows=shards * rows_per_shard, rows_per_shard=rows_per_shard, k=16,
+                             chars=(1500, 3000), max_tokens=600)  # shards of a few MB
             loc = open_location("s3://bench/cache")
             loc.fs.mkdir("bench")
             push_cache(cache, loc, **QUIET)
@@ -112,8 +152,13 @@ def main(shards, rows_per_shard, repeats):
             print(f"re-push after one shard changed: {repush['uploaded_bytes']} bytes uploaded for a "
                   f"{repush['changed_shard_bytes']}-byte shard of a {repush['cache_bytes']}-byte cache; shards sent: "
                   f"{repush['shards_uploaded']}")
+            train = train_tokens_per_s(work, train_steps, bound_mb or None) if train_steps else None
+            if train:
+                print(f"fuse-train: {train['s3_tokens_per_s']:.0f} tokens/s from s3:// (store bound "
+                      f"{train['bound_mb']} MB) vs {train['local_tokens_per_s']:.0f} from the local folder: ratio "
+                      f"{train['ratio']:.2f} (target >= 0.95)")
             print(json.dumps({"benchmark": "share_throughput", "endpoint": endpoint, "shards": shards,
-                              "rows_per_shard": rows_per_shard, "pull": pull, "repush": repush}))
+                              "rows_per_shard": rows_per_shard, "pull": pull, "repush": repush, "train": train}))
     finally:
         server.stop()
 

@@ -3,6 +3,7 @@
 No model is involved, so format, verify and reader tests run in milliseconds.
 """
 
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,13 +15,15 @@ from cache_builder.format import STAT_COLUMNS, SourceRow, new_manifest, source_t
 VOCAB = 100
 
 
-def fake_rows(n_rows: int, k: int = 4, seed: int = 0, vocab: int = VOCAB) -> list[SourceRow]:
+def fake_rows(n_rows: int, k: int = 4, seed: int = 0, vocab: int = VOCAB, chars: tuple[int, int] = (3, 30),
+              max_tokens: int = 6) -> list[SourceRow]:
+    """Rows of `chars` (low, high) characters of filler and up to `max_tokens` tokens each."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_rows):
-        text = f"record {i} " + "x" * int(rng.integers(3, 30))
+        text = f"record {i} " + "x" * int(rng.integers(*chars))
         n = len(text.encode())
-        ends = np.unique(np.concatenate([rng.integers(1, n, size=min(5, n - 1)), [n]])).astype(np.int32)
+        ends = np.unique(np.concatenate([rng.integers(1, n, size=min(max_tokens - 1, n - 1)), [n]])).astype(np.int32)
         t = len(ends)
         logits = -np.sort(-rng.normal(size=(t - 1, k)).astype(np.float32), axis=1)
         scored = SimpleNamespace(
@@ -35,8 +38,8 @@ def fake_rows(n_rows: int, k: int = 4, seed: int = 0, vocab: int = VOCAB) -> lis
 
 
 def write_fake_cache(folder: Path, n_rows: int = 10, rows_per_shard: int = 4, k: int = 4,
-                     logit_dtype: str = "float32", seed: int = 0) -> dict:
-    rows = fake_rows(n_rows, k, seed)
+                     logit_dtype: str = "float32", seed: int = 0, **row_options) -> dict:
+    rows = fake_rows(n_rows, k, seed, **row_options)
     shards = [
         write_shard(source_table(rows[i : i + rows_per_shard], k, logit_dtype), folder,
                     f"shards/part-r00000-{i // rows_per_shard:05d}.parquet")
@@ -49,3 +52,23 @@ def write_fake_cache(folder: Path, n_rows: int = 10, rows_per_shard: int = 4, k:
     )
     write_manifest(folder, manifest)
     return manifest
+
+
+def rewrite_shard(folder: Path, index: int):
+    """Change one shard of a cache (the same records, another mean_nll) and its manifest entry, as a rebuild
+    of that shard would; returns the new ShardInfo."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entry = manifest["shards"][index]
+    table = pq.read_table(folder / entry["path"])
+    column = table.schema.get_field_index("mean_nll")
+    shifted = pa.array(table.column("mean_nll").to_numpy() + 0.5, pa.float32())
+    info = write_shard(table.set_column(column, table.schema.field("mean_nll"), shifted), folder, entry["path"])
+    manifest["shards"][index] = asdict(info)
+    manifest["totals"]["bytes"] = sum(s["bytes"] for s in manifest["shards"])
+    write_manifest(folder, manifest)
+    return info
