@@ -288,28 +288,34 @@ def remove_partials(folder: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def pulled_before(dest: Path, loc: Location) -> dict:
+    """The layers recorded in `dest/provenance.json`; CacheError if `dest` holds a pull of another origin or revision."""
+    path = dest / PROVENANCE
+    if not path.is_file():
+        return {}
+    previous = json.loads(path.read_text())
+    if previous.get("origin") != loc.url or previous.get("revision") != loc.revision:
+        raise CacheError(f"{dest} holds a cache pulled from {previous.get('origin')} "
+                         f"(revision {previous.get('revision')}); pull {loc.url} into another folder")
+    return previous.get("layers", {})
+
+
 def write_provenance(dest: Path, loc: Location, pulled: dict[str, dict]) -> None:
     """`provenance.json`: origin (redacted), pinned revision, and each layer's manifest sha256."""
-    path = dest / PROVENANCE
-    layers = {}
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous.get("origin") != loc.url or previous.get("revision") != loc.revision:
-            raise CacheError(f"{dest} holds a cache pulled from {previous.get('origin')} "
-                             f"(revision {previous.get('revision')}); pull {loc.url} into another folder")
-        layers = previous.get("layers", {})
+    layers = pulled_before(dest, loc)
     for layer, item in pulled.items():
         layers[layer or "."] = {"manifest_sha256": hashlib.sha256(item["raw"]).hexdigest(),
                                 "source": item["manifest"]["source"]["name"], "layer": item["manifest"]["layer"]}
     record = {"origin": redact(loc.url), "revision": loc.revision, "protocol": loc.protocol,
               "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "layers": layers}
-    write_text_atomic(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(dest / PROVENANCE, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def pull_cache(loc: Location, dest: str | Path, *, sources: tuple[str, ...] = (), layers: tuple[str, ...] = (),
                workers: int = 8, log=print) -> TransferSummary:
     """Download the chosen layers of the cache at `loc` into `dest`, every file verified before it is named."""
     dest = Path(dest)
+    pulled_before(dest, loc)
     available = list_layers(loc)
     if not available:
         raise CacheError(f"{loc.url}: no cache there (no {MANIFEST} at the location or one folder below it)")

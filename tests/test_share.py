@@ -51,6 +51,9 @@ def test_push_then_pull_gives_the_same_bytes_and_verifies(bucket, tmp_path):
     assert provenance["layers"]["srcA"]["manifest_sha256"] == sha256_file(cache / "srcA" / MANIFEST)
     again = pull_cache(open_location(url), tmp_path / "dest", **QUIET)
     assert again.files == 0 and again.kept == 6
+    push_cache(cache, open_location(f"s3://{bucket}/lab-b"), **QUIET)
+    with pytest.raises(CacheError, match=f"holds a cache pulled from {url} .*; pull s3://{bucket}/lab-b into another"):
+        pull_cache(open_location(f"s3://{bucket}/lab-b"), tmp_path / "dest", **QUIET)
 
 
 def test_repush_uploads_only_the_changed_shard(bucket, tmp_path):
