@@ -131,6 +131,8 @@ def test_pushed_layout_loads_in_datasets_and_duckdb(world, tmp_path):
     push_cache(world["cache"], open_location((tmp_path / "published").as_uri()), licenses=("mit",), **QUIET)
     card = (tmp_path / "published" / "README.md").read_text()
     assert card.startswith("---\nlicense: mit\n")
+    pull_cache(open_location((tmp_path / "published").as_uri()), tmp_path / "pulled", **QUIET)
+    assert cache_files(tmp_path / "pulled") == cache_files(world["cache"])
     for config, layer in [("srcq", "srcq"), ("srcq.aligned.pivot", "srcq/aligned/pivot"), ("srcg", "srcg")]:
         rows = datasets.load_dataset(str(tmp_path / "published"), config, split="train",
                                      cache_dir=str(tmp_path / "hf-cache"))
