@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,22 +37,32 @@ class ShardStore:
         self.max_bytes = max_bytes
         self._checked: set[str] = set()  # sha256 of the files hashed by this process
         self.fetched = 0  # files downloaded by this process
+        self._lock = threading.Lock()  # one fetch at a time: the trainer's and the prefetcher's
+        self._background: ThreadPoolExecutor | None = None
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256
 
     def fetch(self, loc: Location, entry: FileEntry) -> Path:
         """The local file holding `entry`'s bytes: downloaded if absent, hashed once per process, marked used."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.path(entry.sha256)
-        if path.is_file() and (entry.sha256 in self._checked or sha256_file(path) == entry.sha256):
-            os.utime(path)  # most recently used
-        else:
-            self._make_room(entry.bytes)
-            download_verified(loc, entry, path)
-            self.fetched += 1
-        self._checked.add(entry.sha256)
-        return path
+        with self._lock:
+            self.root.mkdir(parents=True, exist_ok=True)
+            path = self.path(entry.sha256)
+            if path.is_file() and (entry.sha256 in self._checked or sha256_file(path) == entry.sha256):
+                os.utime(path)  # most recently used
+            else:
+                self._make_room(entry.bytes)
+                download_verified(loc, entry, path)
+                self.fetched += 1
+            self._checked.add(entry.sha256)
+            return path
+
+    def fetch_later(self, loc: Location, entry: FileEntry) -> None:
+        """Fetch `entry` in a background thread (a shard the run reads next); a failure there is raised again by
+        the `fetch` that needs the file."""
+        if self._background is None:
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
+        self._background.submit(self.fetch, loc, entry)
 
     def _make_room(self, incoming: int) -> None:
         """Evict the least recently used files until `incoming` more bytes fit under the bound."""
@@ -86,6 +98,11 @@ class OpenedLayer:
         if self.folder is not None:
             return self.folder / relpath
         return self.store.fetch(self.location, self.entries[relpath])
+
+    def prefetch(self, relpath: str) -> None:
+        """Start fetching a remote shard the caller reads soon; nothing to do for a local layer."""
+        if self.folder is None:
+            self.store.fetch_later(self.location, self.entries[relpath])
 
     def read(self, relpath: str, columns: list[str] | None = None) -> dict[str, np.ndarray | Ragged]:
         """One whole shard as numpy arrays (cache_builder.reader.read_shard)."""

@@ -245,6 +245,13 @@ class FusionData:
     def __len__(self) -> int:
         return sum(len(s.num_tokens) for s in self.index)
 
+    def prefetch(self, i: int) -> None:
+        """Start fetching the remote shards of group i, unless it is in memory: they arrive while a step trains."""
+        if i not in self._loaded:
+            for name, layer in self.layers.items():
+                for path, _ in self.index[i].rows[name]:
+                    layer.prefetch(path)
+
     def shard(self, i: int) -> FusionDataset:
         """Shard group i, joined across sources."""
         if i not in self._loaded:

@@ -227,6 +227,9 @@ def train_run(cfg: TrainConfig, layers: dict[str, OpenedLayer], out: Path, log=p
     for step in bar:
         t0 = time.time()
         group = [stream[step * cfg.grad_accum + i] for i in range(cfg.grad_accum)]
+        if step + 1 < total_steps:  # the next step's remote shards arrive while this step trains
+            for shard, _ in [stream[(step + 1) * cfg.grad_accum + i] for i in range(cfg.grad_accum)][rank::world]:
+                data.prefetch(shard)
         n_response = sum(stream.response_tokens(mb) for mb in group)  # the whole step, all ranks
         sums = dict.fromkeys(TERMS, 0.0)
         for shard, rows in group[rank::world]:
