@@ -80,7 +80,7 @@ class ShardStore:
 
 
 @dataclass
-class OpenedLayer:
+class VerifiedLayer:
     """One cache layer after opening: where it is, its manifest, what verification found, its record ids."""
 
     origin: str  # the layer's folder, or its redacted URL
@@ -114,15 +114,15 @@ class OpenedLayer:
         return [s["path"] for s in self.manifest["shards"]]
 
 
-def open_local_layer(folder: str | Path) -> OpenedLayer:
+def open_local_layer(folder: str | Path) -> VerifiedLayer:
     """Open a local layer: cache-verify's checks, once."""
     folder = Path(folder)
     problems, ids = verify_layer(folder)
     manifest = load_manifest(folder) if not problems else None
-    return OpenedLayer(str(folder), manifest, problems, ids, folder=folder)
+    return VerifiedLayer(str(folder), manifest, problems, ids, folder=folder)
 
 
-def open_remote_layer(loc: Location, prefix: str, store: ShardStore) -> OpenedLayer:
+def open_remote_layer(loc: Location, prefix: str, store: ShardStore) -> VerifiedLayer:
     """Open a remote layer: its manifest read once (validated like a local one), every shard fetched into the store
     (sha256-checked as it arrives) and checked like cache-verify checks a local shard; the store may evict it later
     and fetch the same bytes again on demand."""
@@ -140,7 +140,7 @@ def open_remote_layer(loc: Location, prefix: str, store: ShardStore) -> OpenedLa
     duplicates = len(ids) - len(set(ids))
     if duplicates:
         problems.append(f"{origin}: {duplicates} duplicate record ids")
-    return OpenedLayer(origin, manifest, problems, ids, location=loc, prefix=prefix, store=store, entries=entries)
+    return VerifiedLayer(origin, manifest, problems, ids, location=loc, prefix=prefix, store=store, entries=entries)
 
 
 def _verify_one_shard(path: Path, shard: dict, manifest: dict, view: Path) -> tuple[list[str], list[str]]:

@@ -25,7 +25,7 @@ import yaml
 
 from cache_builder.format import write_text_atomic
 from cache_builder.remote import redact
-from cache_builder.store import OpenedLayer
+from cache_builder.store import VerifiedLayer
 from fuse_trainer.config import TrainConfig, dump_yaml
 
 STATE_FILE = "trainer_state.pt"
@@ -103,7 +103,7 @@ def clear_run(out: Path) -> None:
     (out / "metrics.jsonl").unlink(missing_ok=True)
 
 
-def provenance_of(layers: dict[str, OpenedLayer]) -> dict:
+def provenance_of(layers: dict[str, VerifiedLayer]) -> dict:
     """The caches a run was trained on: where they were, source identities and fingerprints, from their manifests."""
     out = {}
     for name, layer in layers.items():
@@ -145,7 +145,7 @@ def changed_settings(checkpoint: Path, cfg: TrainConfig, shard_groups: int, log=
     return changed
 
 
-def refuse_other_settings(out: Path, cfg: TrainConfig, layers: dict[str, OpenedLayer], log=print) -> None:
+def refuse_other_settings(out: Path, cfg: TrainConfig, layers: dict[str, VerifiedLayer], log=print) -> None:
     """--resume continues (or finds finished) only a run with the same settings."""
     shard_groups = len(next(iter(layers.values())).shard_paths)  # shard groups are the first source's shards
     for folder in (out / FINAL_DIR, out / CHECKPOINT_DIR):

@@ -20,7 +20,7 @@ import torch
 from cache_builder.format import ALIGNED_DIR, MANIFEST
 from cache_builder.manifest import CacheError
 from cache_builder.reader import Ragged
-from cache_builder.store import OpenedLayer, ShardStore, open_local_layer, open_remote_layer
+from cache_builder.store import VerifiedLayer, ShardStore, open_local_layer, open_remote_layer
 from cache_builder.verify import cross_source_problems
 
 SOURCE_FIELDS = ("aligned_pos", "topk_ids", "topk_logits", "native_topk_logits", "logsumexp", "logit_mean", "logit_std", "z_logsumexp",
@@ -29,14 +29,14 @@ SOURCE_FIELDS = ("aligned_pos", "topk_ids", "topk_logits", "native_topk_logits",
 
 def discover_sources(root: str | Path, pivot: str, sources: list[str] | None = None, *, align_pivot: str | None = None,
                      store: ShardStore | None = None, allow_insecure: bool = False,
-                     log=print) -> dict[str, OpenedLayer]:
+                     log=print) -> dict[str, VerifiedLayer]:
     """{source name: its aligned layer for `pivot`, opened (verified once)} from one or more cache roots.
 
     root: a cache root, a source folder or a URL (s3://, gs://, hf://datasets/...), or several joined by ','.
     A source with no layer aligned to the pivot is aligned here when `align_pivot` (the pivot model) is given:
     cheap, only the pivot's tokenizer is loaded; a remote source is pulled (its source layer, verified) first.
     """
-    found: dict[str, OpenedLayer] = {}
+    found: dict[str, VerifiedLayer] = {}
     for spec in [s for s in str(root).split(",") if s]:
         for name, layer in _sources_at(spec, pivot, align_pivot, store, allow_insecure, log).items():
             if name in found:
@@ -56,7 +56,7 @@ def discover_sources(root: str | Path, pivot: str, sources: list[str] | None = N
 
 
 def _sources_at(spec: str, pivot: str, align_pivot: str | None, store: ShardStore | None, allow_insecure: bool,
-                log) -> dict[str, OpenedLayer]:
+                log) -> dict[str, VerifiedLayer]:
     """The sources at one location, each opened at its layer aligned to `pivot` (aligned here if needed)."""
     from cache_builder.align import align_cache
     from cache_builder.remote import is_url, list_layers, open_location
@@ -97,7 +97,7 @@ def _sources_at(spec: str, pivot: str, align_pivot: str | None, store: ShardStor
     return found
 
 
-def check_sources(layers: dict[str, OpenedLayer], join: str = "exact") -> None:
+def check_sources(layers: dict[str, VerifiedLayer], join: str = "exact") -> None:
     """Refuse layers that failed verification when opened, or that do not describe the same records (join
     `exact`) or share none (`intersect`), or were aligned to different pivot tokenizers."""
     problems = [p for layer in layers.values() for p in layer.problems]
@@ -155,7 +155,7 @@ class ShardIndex:
     response_tokens: np.ndarray  # (R,) positions that predict a response token
 
 
-def record_locations(layer: OpenedLayer) -> dict[str, tuple[str, int]]:
+def record_locations(layer: VerifiedLayer) -> dict[str, tuple[str, int]]:
     """record id -> (shard path, row) in a layer, from the ids collected when it was opened (in shard order)."""
     where, start = {}, 0
     for shard in layer.manifest["shards"]:
@@ -175,7 +175,7 @@ def pieces(locations: list[tuple[str, int]]) -> tuple[tuple[str, np.ndarray], ..
     return tuple((path, np.array(rows, dtype=np.int64)) for path, rows in runs)
 
 
-def index_shards(layers: dict[str, OpenedLayer], splits: tuple[str, ...], join: str = "exact") -> list[ShardIndex]:
+def index_shards(layers: dict[str, VerifiedLayer], splits: tuple[str, ...], join: str = "exact") -> list[ShardIndex]:
     """Index every shard group: where each source holds the group's records of `splits`.
 
     join `exact`: every source holds the same records in the same shards. `intersect`: only the records every
@@ -234,7 +234,7 @@ class FusionData:
     pivot wrote itself) are marked as having no gold text to learn.
     """
 
-    def __init__(self, layers: dict[str, OpenedLayer], splits: tuple[str, ...] = ("train",), window: int = 1,
+    def __init__(self, layers: dict[str, VerifiedLayer], splits: tuple[str, ...] = ("train",), window: int = 1,
                  distill_only: tuple[str, ...] = (), join: str = "exact"):
         if window < 1:
             raise ValueError(f"the shuffle window must hold at least one shard group, got {window}")
@@ -288,7 +288,7 @@ class FusionData:
         return plan
 
 
-def gather_rows(layer: OpenedLayer, parts: tuple[tuple[str, np.ndarray], ...], names: tuple[str, ...]) -> dict[str, Ragged]:
+def gather_rows(layer: VerifiedLayer, parts: tuple[tuple[str, np.ndarray], ...], names: tuple[str, ...]) -> dict[str, Ragged]:
     """The given columns of the rows named by (shard path, rows) pieces, concatenated in order."""
     taken = []
     for path, rows in parts:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from cache_builder.format import write_text_atomic
 from cache_builder.models import load_model, load_tokenizer, pick_device, resolve_model
-from cache_builder.store import OpenedLayer, ShardStore
+from cache_builder.store import VerifiedLayer, ShardStore
 from fuse_trainer.checkpoint import (
     CHECKPOINT_DIR,
     FINAL_DIR,
@@ -171,7 +171,7 @@ def distributed() -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def train_run(cfg: TrainConfig, layers: dict[str, OpenedLayer], out: Path, log=print, stop_after: int | None = None) -> Path | None:
+def train_run(cfg: TrainConfig, layers: dict[str, VerifiedLayer], out: Path, log=print, stop_after: int | None = None) -> Path | None:
     """Train the pivot on the given sources' aligned caches; returns the final checkpoint folder.
 
     stop_after: save a resumable checkpoint after this many steps and return None (a job that must end
