@@ -88,6 +88,11 @@ class Location:
         """The fsspec path of a file below the root (relpath must be confined)."""
         return f"{self.root}/{relpath}" if relpath else self.root
 
+    def in_repo(self, relpath: str) -> str:
+        """A file's path inside the Hub repository (the root is datasets/ORG/NAME@COMMIT[/PREFIX])."""
+        prefix = self.root.split("/", 3)[3] if self.root.count("/") >= 3 else ""
+        return f"{prefix}/{relpath}" if prefix else relpath
+
     def display(self, relpath: str = "") -> str:
         """A printable name of a file below the root."""
         base = self.url.rstrip("/")

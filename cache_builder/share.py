@@ -106,8 +106,7 @@ def _hub_present(loc: Location, entries: list[tuple[FileEntry, Path]]) -> set[st
     """Paths whose Hub copy has the local bytes: LFS sha256, or git's blob id for small files."""
     from huggingface_hub import HfApi
 
-    root = loc.root.split("/", 3)[3] if loc.root.count("/") >= 3 else ""
-    paths = {join(root, e.relpath): (e, local) for e, local in entries}
+    paths = {loc.in_repo(e.relpath): (e, local) for e, local in entries}
     try:
         infos = HfApi().get_paths_info(loc.repo_id, list(paths), repo_type="dataset", revision=loc.revision)
     except Exception as err:  # noqa: BLE001
@@ -142,8 +141,7 @@ def _upload(loc: Location, local: Path, entry: FileEntry) -> None:
 def _hub_commit(loc: Location, uploads: list[tuple[FileEntry, Path]], message: str) -> None:
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    root = loc.root.split("/", 3)[3] if loc.root.count("/") >= 3 else ""
-    operations = [CommitOperationAdd(path_in_repo=join(root, e.relpath), path_or_fileobj=str(local)) for e, local in uploads]
+    operations = [CommitOperationAdd(path_in_repo=loc.in_repo(e.relpath), path_or_fileobj=str(local)) for e, local in uploads]
     try:
         HfApi().create_commit(loc.repo_id, operations, commit_message=message, repo_type="dataset")
     except Exception as err:  # noqa: BLE001
