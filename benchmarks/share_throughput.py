@@ -10,6 +10,7 @@
 3. fuse-train from `s3://` against the local folder (`--train-steps` steps of the tiny test models): median step
    tokens/s ratio, target >= 0.95, with an unbounded store (every shard fetched and verified when the caches are
    opened) and with a store bounded below the caches' size (shards evicted and fetched again during training).
+   A warm-up run comes first and the order of the runs alternates.
 
 The cache is synthetic (random but valid signals, written by the real writer; tests/fake_cache.py). Prints one
 line per measurement and a JSON line.
@@ -109,8 +110,9 @@ def train_tokens_per_s(work: Path, steps: int, bound_mb: float | None) -> dict:
     world = {"cache": work / "tcache", "models": models}
     bounds = {"local": None, "s3": None, "s3-bounded": bound_mb}
     rates: dict[str, list[float]] = {kind: [] for kind in bounds}
+    fuse_train(train_config(world, work / "warm-up", max_steps=steps, batch_tokens=256), **QUIET)
     for repeat in range(2):
-        for kind, bound in bounds.items():
+        for kind, bound in (bounds.items() if repeat % 2 == 0 else reversed(bounds.items())):
             out = work / f"run-{kind}-{repeat}"
             remote = dict(shards="s3://bench/train", cache_dir=str(work / f"store-{kind}-{repeat}"),
                           max_local_gb=bound / 1e3 if bound else None) if kind != "local" else {}
