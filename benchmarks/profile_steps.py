@@ -75,7 +75,7 @@ def train(cache, pivot, loss, device, batch_tokens, trace):
     stream = MicroBatchStream(data, batch_tokens, seed=0)
     batches = [collate(data.shard(s), rows).to(torch.device(device)) for s, rows in (stream[i] for i in range(3))]
     model = load_model(pivot, device=device).train()
-    cfg = TrainConfig(mode="unified", loss=loss, lam=0.5, gate="token", dtype="bf16", top_k=10,
+    cfg = TrainConfig(mode="unified", loss=loss, lam=0.5, gate="token", dtype="bf16", uld_top_k=10,
                       standardize=True).validate()
 
     def step(batch):

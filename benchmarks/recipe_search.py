@@ -45,10 +45,10 @@ CONFIGS: dict[str, str] = {
     "kl-l0.3-gtok": "--mode unified --loss topk-kl --lambda 0.3 --gate token --lr {LR}",
     "fusellm-l0.3-gtok": "--mode unified --loss fusellm --lambda 0.3 --gate token --lr {LR}",
     "infi-raw-l0.3": "--mode unified --loss infifusion --raw --lambda 0.3 --lr {LR}",
-    "infi-z-t0.1-l0.3": "--mode unified --loss infifusion --standardize --temperature 0.1 --normalize topk "
+    "infi-z-t0.1-l0.3": "--mode unified --loss infifusion --standardize --fusion-temperature 0.1 --normalize topk "
                         "--lambda 0.3 --lr {LR}",
-    "alm-t1-l0.3": "--mode unified --loss alm --temperature 1 --lambda 0.3 --lr {LR}",
-    "alm-t0.1-l0.3": "--mode unified --loss alm --temperature 0.1 --lambda 0.3 --lr {LR}",
+    "alm-t1-l0.3": "--mode unified --loss alm --alm-temperature 1 --lambda 0.3 --lr {LR}",
+    "alm-t0.1-l0.3": "--mode unified --loss alm --alm-temperature 0.1 --lambda 0.3 --lr {LR}",
     # follow-up: the best unified recipe above with its lr scaled by 1/(1-λ) (same SFT step size as SFT 2e-4)
     "infi-raw-l0.3-lr3e-4": "--mode unified --loss infifusion --raw --lambda 0.3 --lr 3e-4",
     "infi-raw-l0.3-seed1": "--mode unified --loss infifusion --raw --lambda 0.3 --lr 2e-4 --seed 1",
@@ -58,7 +58,7 @@ CONFIGS: dict[str, str] = {
     # session 1, after the search: the chunk gate (source and pivot compared on the same text span)
     "kl-l0.3-gchunk": "--mode unified --loss topk-kl --lambda 0.3 --gate chunk --lr {LR}",
     "infi-raw-l0.3-gchunk": "--mode unified --loss infifusion --raw --lambda 0.3 --gate chunk --lr {LR}",
-    "alm-t1-l0.3-gchunk": "--mode unified --loss alm --temperature 1 --lambda 0.3 --gate chunk --lr {LR}",
+    "alm-t1-l0.3-gchunk": "--mode unified --loss alm --alm-temperature 1 --lambda 0.3 --gate chunk --lr {LR}",
     # session 2: four times the steps (48, about 3.4 epochs of the train split), where SFT starts to overfit
     "sft-48-lr1e-4": "--mode sft --lr 1e-4 --max-steps 48",
     "sft-48-lr2e-4": "--mode sft --lr 2e-4 --max-steps 48",

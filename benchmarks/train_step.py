@@ -87,7 +87,7 @@ def main(cache, pivot, loss, repeats, batch_tokens, dtype, device, online, sourc
         sequences = source_sequences(layers, data, micro_batches)
     model = load_model(pivot, device=device).train()
     sft = TrainConfig(mode="sft", dtype=dtype).validate()
-    fused = TrainConfig(mode="unified", loss=loss, lam=0.5, gate="token", dtype=dtype, top_k=10).validate()
+    fused = TrainConfig(mode="unified", loss=loss, lam=0.5, gate="token", dtype=dtype, uld_top_k=10).validate()
     times = {"sft": [], "fusion": []} | ({"online": []} if online else {})
     timed_step(model, batches[0], sft)  # warm-up
     for _ in range(repeats):

@@ -100,7 +100,7 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
     fusion_objective = logits.new_zeros(())
     weights = source_weights(source_scores(batch, cfg), cfg.weighting, cfg.weighting_temperature)
     distilled = torch.zeros_like(batch.loss_mask, dtype=logits.dtype)  # (B, T) summed source weight distilled there
-    uld_stats = (pivot_uld_stats(logits, cfg.top_k, cfg.standardize, cfg.normalize == "full")  # once for every source
+    uld_stats = (pivot_uld_stats(logits, cfg.uld_top_k, cfg.standardize, cfg.normalize == "full")  # once for every source
                  if cfg.loss == "infifusion" else None)
     for s, src in enumerate(batch.sources.values()):
         keep = batch.loss_mask[src.row, src.pos]  # (N,) response positions only

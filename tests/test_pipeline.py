@@ -152,6 +152,23 @@ def test_pairwise_trains_one_pivot_per_source_and_merges(world, tmp_path):
     assert torch.allclose(model.state_dict()[name], expected, atol=1e-6)
 
 
+def test_fuse_train_with_no_recipe_flag_trains_the_recommended_recipe(world, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from fuse_trainer.cli import train
+    from fuse_trainer.config import RECIPES, load_yaml
+
+    out = tmp_path / "default"
+    result = CliRunner().invoke(train, ["--shards", str(world["cache"]), "--mode", "pairwise", "--pivot",
+                                        str(world["models"]["pivot"]), "--max-steps", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((out / "pairwise-srcq" / "config.yaml").read_text())
+    recommended = load_yaml(RECIPES / "recommended.yaml")
+    assert saved["recipe"] == "recommended" and {k: saved[k] for k in recommended} == recommended
+    assert yaml.safe_load((out / "merged" / "fusion_config.yaml").read_text())["gate"] == "candidate+chunk"
+
+
 def test_pairwise_ties_uses_the_configured_density_and_weights_must_match_the_sources(world, tmp_path):
     cfg = train_config(world, tmp_path / "ties", mode="pairwise", max_steps=2, merge="ties", ties_density=0.5)
     merged = fuse_train(cfg, log=lambda *_: None)
@@ -512,7 +529,7 @@ def test_a_micro_batch_on_the_gpu_equals_the_cpu(world, loss):
     data = FusionData(discover_sources(world["cache"], "pivot"))
     shard, rows = data.plan(0, 256, seed=0)[0]
     batch = collate(data.shard(shard), rows)
-    cfg = TrainConfig(mode="unified", loss=loss, gate="token", weighting="mince", top_k=4).validate()
+    cfg = TrainConfig(mode="unified", loss=loss, gate="token", weighting="mince", uld_top_k=4).validate()
     model = AutoModelForCausalLM.from_pretrained(world["models"]["pivot"]).eval()
     cpu = micro_batch_terms(model, batch, cfg)
     gpu = micro_batch_terms(model.cuda(), batch.to(torch.device("cuda")), cfg)
