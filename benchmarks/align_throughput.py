@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignment import align_positions, token_byte_ends, token_surface  # noqa: E402
-from cache_builder.build import tokenize  # noqa: E402
-from cache_builder.corpus import load_corpus  # noqa: E402
-from cache_builder.models import load_tokenizer, resolve_model  # noqa: E402
+from alignment import align_positions, token_byte_ends, token_surface
+from cache_builder.build import tokenize
+from cache_builder.corpus import load_corpus
+from cache_builder.models import load_tokenizer, resolve_model
 
 PIVOT = "smollm2"
 SOURCES = ("qwen", "gemma3")

@@ -15,17 +15,14 @@ from __future__ import annotations
 import inspect
 import json
 import json.decoder
-import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignment import align_positions, build_vocab_map, token_byte_ends, token_surface  # noqa: E402
-from cache_builder.models import load_tokenizer  # noqa: E402
+from alignment import align_positions, build_vocab_map, token_byte_ends, token_surface
+from cache_builder.models import load_tokenizer
 
 PROSE = [
     "The city council voted 7-2 on Tuesday to approve a $48 million plan to rebuild the harbour bridge, ending "

@@ -1,4 +1,4 @@
-"""Bytes per token of a cache's top-k columns under other encodings (issue 5, cache size at large k).
+"""Bytes per token of a cache's top-k columns under other encodings (cache size at large k).
 
     python benchmarks/cache_encoding.py out/k64/qwen
 

@@ -92,7 +92,7 @@ for loss in topk-kl infifusion; do
 done
 
 echo "== 5/6 fuse-train unified ($STEPS steps) and fuse-eval on $DEVICE"
-cli fuse-train --shards "$WORK/cache" --pivot "$PIVOT" --mode unified --loss infifusion --raw --lambda 0.3 \
+cli fuse-train --shards "$WORK/cache" --pivot "$PIVOT" --mode unified --recipe uld-raw \
   --max-steps "$STEPS" --batch-tokens 8192 --dtype bf16 --device "$DEVICE" --save-every 0 --out "$WORK/runs/unified"
 tail -n 1 "$WORK/runs/unified/metrics.jsonl"
 cli fuse-eval --model "pivot=$PIVOT" --model "fused=$WORK/runs/unified/final" --data "$WORK/corpus.jsonl" \

@@ -11,14 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignment import VOCAB_STRATEGIES, build_vocab_map, token_surface  # noqa: E402
-from cache_builder.models import load_tokenizer  # noqa: E402
+from alignment import VOCAB_STRATEGIES, build_vocab_map, token_surface
+from cache_builder.models import load_tokenizer
 
 
 def main() -> None:
