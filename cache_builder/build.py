@@ -242,6 +242,9 @@ def build_cache(
         log(f"  skipped {bad.origin}: {bad.reason}")
     if len(corpus.bad) > 10:
         log(f"  ... and {len(corpus.bad) - 10} more (all are listed in the manifest's corpus.bad_records)")
+    if not corpus.records:
+        raise BuildError(f"{corpus_path}: no usable record ({len(corpus.bad)} bad, listed above): fix them, or point "
+                         "--corpus at a .jsonl, .jsonl.zst, .parquet or .txt corpus with text records")
     if strict and corpus.bad:
         raise BuildError(f"--strict: {len(corpus.bad)} bad records in the corpus, first at {corpus.bad[0].origin}: "
                          f"{corpus.bad[0].reason}")

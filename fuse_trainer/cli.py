@@ -129,7 +129,10 @@ def merge(base, models, weights, method, density, out):
     from fuse_trainer.merge import merge_checkpoints
     from fuse_trainer.train import load_model_dir
 
-    base_dir = Path(base) if Path(base).is_dir() else load_model_dir(base)
+    try:
+        base_dir = Path(base) if Path(base).is_dir() else load_model_dir(base)
+    except (ValueError, OSError) as err:
+        _fail(f"--base {base}: {err}")
     w = [float(x) for x in weights.split(",")] if weights else [1.0 / len(models)] * len(models)
     if len(w) != len(models):
         _fail(f"{len(w)} weights for {len(models)} models")
@@ -163,8 +166,11 @@ def evaluate(models, data, split, limit, dtype, device, json_out):
     results = []
     for spec in models:
         label, _, name = spec.rpartition("=")
-        results += evaluate_model(name, records, label=label or name, device=device,
-                                  dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+        try:
+            results += evaluate_model(name, records, label=label or name, device=device,
+                                      dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+        except (ValueError, OSError) as err:  # an unknown model name, a folder that is not a model
+            _fail(f"--model {spec}: {err}")
     click.echo(results_table(results, split))
     if json_out:
         Path(json_out).write_text(json.dumps([dict(r.__dict__, bits_per_byte=r.bits_per_byte) for r in results], indent=2))

@@ -27,6 +27,9 @@ SOURCE_FIELDS = ("aligned_pos", "topk_ids", "topk_logits", "native_topk_logits",
 def discover_sources(root: str | Path, pivot: str, sources: list[str] | None = None) -> dict[str, Path]:
     """{source name: its aligned folder for `pivot`} under the cache root, optionally restricted."""
     root = Path(root)
+    if not root.is_dir():
+        raise CacheError(f"cache root {root} does not exist: build one with `cache-build --model <source> --corpus <corpus> "
+                         f"--pivot {pivot} --out {root}`, or pass --shards the folder that holds <source>/aligned/{pivot}/")
     found = {p.parent.parent.parent.name: p.parent for p in sorted(root.glob(f"*/{ALIGNED_DIR}/{pivot}/{MANIFEST}"))}
     if not found:
         raise CacheError(
