@@ -1,6 +1,6 @@
 """Peak resident memory and speed of fuse-train, with and without activation checkpointing.
 
-    python benchmarks/train_memory.py --shards out/repro/cache [--steps 8] [--batch-tokens 1536] [--threads 2]
+    python -m benchmarks.train_memory --shards out/repro/cache [--steps 8] [--batch-tokens 1536] [--threads 2]
 
 Each configuration runs in a fresh child process: `train_run` for --steps optimizer steps from the untrained pivot
 (bf16 autocast, the reproduction's batch size), then the child reads its peak resident size (VmHWM, model loading
@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 
 import click
+
+from benchmarks.report import json_line
 
 CHILD = """
 import json, statistics, sys
@@ -66,7 +68,7 @@ def main(shards: str, steps: int, batch_tokens: int, threads: int) -> None:
         print(f"{plain['recipe']:8s} {plain['peak_mib']:9d} {recomputed['peak_mib']:9d} "
               f"{recomputed['peak_mib'] / plain['peak_mib']:6.2f} {plain['tokens_per_s']:7.1f} "
               f"{recomputed['tokens_per_s']:9.1f} {recomputed['tokens_per_s'] / plain['tokens_per_s']:6.2f}")
-    print(json.dumps({"steps": steps, "batch_tokens": batch_tokens, "threads": threads, "runs": rows}))
+    print(json_line("train_memory", steps=steps, batch_tokens=batch_tokens, threads=threads, runs=rows))
 
 
 if __name__ == "__main__":
