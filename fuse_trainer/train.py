@@ -292,6 +292,9 @@ def fuse_train(cfg: TrainConfig, log=print) -> Path:
     if cfg.merge_weights and len(cfg.merge_weights) != len(layers):
         raise ValueError(f"--merge-weights gives {len(cfg.merge_weights)} weights for {len(layers)} sources "
                          f"({', '.join(layers)}): give one per source, in that order")
+    if int(os.environ.get("RANK", 0)) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", dump_yaml(cfg))  # the whole run's settings, as each pairwise run's
     finals = [train_run(cfg, {name: folder}, out / f"pairwise-{name}", log) for name, folder in layers.items()]
     if int(os.environ.get("RANK", 0)) != 0:
         return out / "merged"

@@ -162,7 +162,8 @@ def test_fuse_train_with_no_recipe_flag_trains_the_recommended_recipe(world, tmp
     result = CliRunner().invoke(train, ["--shards", str(world["cache"]), "--mode", "pairwise", "--pivot",
                                         str(world["models"]["pivot"]), "--max-steps", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    saved = yaml.safe_load((out / "pairwise-srcq" / "config.yaml").read_text())
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved == yaml.safe_load((out / "pairwise-srcq" / "config.yaml").read_text())
     recommended = load_yaml(RECIPES / "recommended.yaml")
     assert saved["recipe"] == "recommended" and {k: saved[k] for k in recommended} == recommended
     assert yaml.safe_load((out / "merged" / "fusion_config.yaml").read_text())["gate"] == "candidate+chunk"
