@@ -120,10 +120,13 @@ def train(ctx, recipe, **_):
 @click.command(context_settings={"show_default": True})
 @click.option("--base", required=True, help="The pivot before training (name or HF folder).")
 @click.option("--model", "models", multiple=True, required=True, type=click.Path(exists=True, file_okay=False), help="A fine-tuned pivot (repeat).")
-@click.option("--weights", default=None, help="Comma-separated weights, one per --model (default: equal, summing to 1).")
-@click.option("--method", default="task-arithmetic", type=click.Choice(sorted(MERGE_METHODS)))
-@click.option("--density", default=0.2, type=float, help="TIES: share of each task vector kept.")
+@click.option("--merge-weights", "weights", default=None, help="Comma-separated weights, one per --model (default: equal, summing to 1).")
+@click.option("--merge", "method", default=DEFAULTS.merge, type=click.Choice(sorted(MERGE_METHODS)), help="How the pivots are merged (fuse-train --merge).")
+@click.option("--ties-density", "density", default=DEFAULTS.ties_density, type=float, help="TIES: share of each task vector kept.")
 @click.option("--out", required=True, type=click.Path(), help="Folder for the merged checkpoint.")
+@_renamed("--method", "--merge (the name fuse-train and recipes use)")
+@_renamed("--density", "--ties-density (the name recipes use)")
+@_renamed("--weights", "--merge-weights (the name recipes use)")
 def merge(base, models, weights, method, density, out):
     """Merge fine-tuned pivots in weight space (task arithmetic or TIES) into one checkpoint."""
     from fuse_trainer.merge import merge_checkpoints

@@ -48,3 +48,10 @@ def test_fuse_train_over_a_missing_cache_root_says_how_to_build_one(tmp_path):
 def test_fuse_train_refuses_bad_settings_before_reading_anything(tmp_path, args, line):
     code, output = run(train, ["--shards", str(tmp_path), *args])
     assert code == 2 and line in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("old, new", [("--method", "--merge"), ("--density", "--ties-density"),
+                                      ("--weights", "--merge-weights")])
+def test_fuse_merge_refuses_its_old_option_names_with_the_recipe_names(tmp_path, old, new):
+    code, output = run(merge, ["--base", "smollm2", "--model", str(tmp_path), "--out", str(tmp_path / "m"), old, "1"])
+    assert code == 2 and f"{old} is now {new}" in output
