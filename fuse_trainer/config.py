@@ -77,14 +77,10 @@ class TrainConfig:
     recipe: str | None = None  # the recipe the run started from (a name under recipes/ or a file)
 
     def loss_kwargs(self) -> dict:
-        """Keyword arguments of the chosen fusion loss."""
-        return {
-            "infifusion": {"top_k": self.uld_top_k, "temperature": self.fusion_temperature,
-                           "standardize": self.standardize, "normalize": self.normalize},
-            "fusellm": {"temperature": self.fusion_temperature},
-            "topk-kl": {},
-            "alm": {"temperature": self.alm_temperature, "distance": self.alm_distance},
-        }[self.loss]
+        """Keyword arguments of the chosen fusion loss, from the settings its registry entry names."""
+        from fuse_trainer.losses import LOSS_SETTINGS
+
+        return {argument: getattr(self, setting) for argument, setting in LOSS_SETTINGS[self.loss].items()}
 
     @property
     def gates(self) -> tuple[str, ...]:

@@ -444,6 +444,11 @@ def test_registry_calls_every_loss():
         FUSION_LOSSES["alm"](x)
 
 
-# ---------------------------------------------------------------- source weighting
+def test_every_loss_gets_its_keyword_arguments_from_the_settings_its_registry_entry_names():
+    from fuse_trainer.config import TrainConfig
+    from fuse_trainer.losses import LOSS_SETTINGS
 
-
+    assert set(LOSS_SETTINGS) == set(FUSION_LOSSES)
+    cfg = TrainConfig(loss="infifusion", uld_top_k=7, fusion_temperature=0.5, alm_temperature=9.0).validate()
+    assert cfg.loss_kwargs() == {"top_k": 7, "temperature": 0.5, "standardize": True, "normalize": "topk"}
+    assert TrainConfig(loss="alm", alm_temperature=9.0).validate().loss_kwargs() == {"temperature": 9.0, "distance": "kl"}
