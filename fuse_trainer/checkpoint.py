@@ -32,6 +32,10 @@ FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoint"
 # Settings that do not change the trained model: a run may resume, or count as finished, with other values.
 RUN_ONLY_SETTINGS = ("resume", "threads", "device", "save_every", "out", "extra", "activation_checkpointing", "recipe")
+# Settings of the fusion term and the pairwise merge: an SFT run (mode sft) is the same model whatever they say.
+FUSION_ONLY_SETTINGS = ("loss", "lam", "lambda_scope", "fusion_temperature", "alm_temperature", "uld_top_k",
+                        "standardize", "normalize", "alm_distance", "weighting", "weighting_temperature", "gate",
+                        "gate_margin", "distill_only_splits", "merge", "merge_weights", "ties_density")
 # Settings added after runs were saved, with the value that matches how those runs were trained (a temperature of
 # a loss the run did not use changes nothing).
 SETTINGS_BEFORE_THEY_EXISTED = {"distill_only_splits": [], "shuffle_window": 1, "fusion_temperature": 1.0,
@@ -141,7 +145,8 @@ def changed_settings(checkpoint: Path, cfg: TrainConfig, shard_groups: int, log=
 
     The compatibility rules, each logged when it applies: settings renamed since (`renamed_settings`) are read
     in today's names; settings the saved run predates (SETTINGS_BEFORE_THEY_EXISTED) are read as the value that
-    run was trained with; settings that do not change the model (RUN_ONLY_SETTINGS) may differ. Two shuffle windows that each hold all `shard_groups` of the cache
+    run was trained with; settings that do not change the model (RUN_ONLY_SETTINGS, and FUSION_ONLY_SETTINGS
+    for an SFT run) may differ. Two shuffle windows that each hold all `shard_groups` of the cache
     give the same batch order, so they are no change either."""
     saved = renamed_settings(yaml.safe_load((checkpoint / "fusion_config.yaml").read_text()), checkpoint, log)
     now = asdict(cfg)
@@ -153,6 +158,10 @@ def changed_settings(checkpoint: Path, cfg: TrainConfig, shard_groups: int, log=
     if run_only:
         log(f"{checkpoint}: {', '.join(run_only)} differ from the saved run but do not change the model")
     changed = {k: (saved.get(k), now[k]) for k in now if k not in RUN_ONLY_SETTINGS and saved.get(k) != now[k]}
+    ignored = [k for k in FUSION_ONLY_SETTINGS if k in changed] if saved.get("mode") == now["mode"] == "sft" else []
+    if ignored:
+        log(f"{checkpoint}: an SFT run; {', '.join(ignored)} differ from the saved run but do not change the model")
+        changed = {k: v for k, v in changed.items() if k not in ignored}
     if "shuffle_window" in changed and min(changed["shuffle_window"]) >= shard_groups:
         log(f"{checkpoint}: shuffle windows {changed['shuffle_window']} both hold all {shard_groups} shard groups: "
             "the same batch order")

@@ -122,3 +122,20 @@ def test_a_run_saved_with_the_old_setting_names_is_read_in_the_new_ones_and_says
     with pytest.raises(ValueError, match="other settings.*'alm_temperature': \\(0.5, 2.0\\)"):
         train_run(train_config(world, run, max_steps=2, loss="alm", alm_temperature=2.0, resume=True), layers, run,
                   log=messages.append)
+
+
+def test_an_sft_run_resumes_whatever_its_fusion_settings_say_and_says_so(world, tmp_path):
+    """recipes/sft.yaml keeps the recommended recipe's gate and loss, which an SFT run ignores: a run saved with the
+    base values counts as the same model, and the rule is logged; a setting SFT uses (lr) still counts."""
+    layers = discover_sources(world["cache"], "pivot")
+    run = tmp_path / "sft"
+    train_run(train_config(world, run, mode="sft", max_steps=2), layers, run, log=lambda *_: None)
+    messages = []
+    fused_settings = dict(gate="candidate+chunk", gate_margin=-2.0, weighting="mince", lambda_scope="distilled")
+    train_run(train_config(world, run, mode="sft", max_steps=2, resume=True, **fused_settings), layers, run,
+              log=messages.append)
+    assert "already trained" in messages[-1]
+    assert any("an SFT run; lambda_scope, weighting, gate, gate_margin differ" in m for m in messages), messages
+    with pytest.raises(ValueError, match="other settings.*'lr'"):
+        train_run(train_config(world, run, mode="sft", max_steps=2, resume=True, lr=1e-4), layers, run,
+                  log=messages.append)
