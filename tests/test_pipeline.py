@@ -23,6 +23,7 @@ from cache_builder.build import BuildError, build_cache
 from cache_builder.info import cache_summary
 from cache_builder.reader import read_rows
 from cache_builder.verify import verify_cache
+from fuse_trainer.config import dump_yaml
 from fuse_trainer.train import fuse_train, train_run
 from fuse_trainer.data import discover_sources
 from tests.runs import build_command, run_losses, train_config
@@ -198,14 +199,14 @@ def test_ddp_two_processes_match_one(world, tmp_path):
     cfg = train_config(world, single, grad_accum=2, max_steps=3)
     train_run(cfg, discover_sources(world["cache"], "pivot"), single, log=lambda *_: None)
     ddp = tmp_path / "ddp"
+    recipe = tmp_path / "recipe.yaml"  # the single process's settings, as a recipe
+    recipe.write_text(dump_yaml(cfg))
     script = (
         "import sys; from fuse_trainer.cli import train; sys.argv[0] = 'fuse-train'; train()"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "--no-python", sys.executable, "-c", script, "--shards", cfg.shards, "--pivot", cfg.pivot,
-           "--lr", str(cfg.lr), "--batch-tokens", "256", "--grad-accum", "2", "--max-steps", "3", "--out", str(ddp),
-           "--save-every", "0", "--lambda", "0.5", "--loss", "topk-kl"]
+           "--no-python", sys.executable, "-c", script, "--recipe", str(recipe), "--out", str(ddp)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = load_file(single / "final" / "model.safetensors"), load_file(ddp / "final" / "model.safetensors")
