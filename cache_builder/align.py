@@ -51,9 +51,9 @@ from cache_builder.format import (
 from cache_builder.manifest import CacheError, load_manifest
 from cache_builder.models import load_tokenizer, resolve_model
 from cache_builder.reader import Ragged, iter_shard_batches
-from cache_builder.vocab_file import read_vocab, surface_fingerprint
 from cache_builder.untrusted import shown
 from cache_builder.verify import verify_layer
+from cache_builder.vocab_file import read_vocab
 
 VOCAB_MAP_FILE = "vocab_map.npz"
 DEFAULT_VOCAB_STRATEGY = "exact+first-token"
@@ -147,6 +147,8 @@ def align_cache(cache: str | Path, pivot: str, *, strategy: str = DEFAULT_VOCAB_
     parent = cache / ALIGNED_DIR
     parent.mkdir(exist_ok=True)
     with exclusive_lock(parent / f".{piv_source.name}.lock"):
+        for stale in [*parent.glob(f".{piv_source.name}.new-*"), *parent.glob(f".{piv_source.name}.old-*")]:
+            shutil.rmtree(stale)  # left by a killed run (the tree holds no symlink: verified above)
         work = Path(tempfile.mkdtemp(dir=parent, prefix=f".{piv_source.name}.new-"))
         try:
             settings = {"source_manifest_sha256": sha256_file(cache / MANIFEST), "vocab_map": strategy}

@@ -9,13 +9,14 @@ once, and the format version is checked to be one this code understands.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from cache_builder.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SHARD_DIR
 from cache_builder.schema import MAX_MANIFEST_BYTES, SHARD_PATH, check_manifest
-from cache_builder.untrusted import CacheError, load_json, shown
+from cache_builder.untrusted import CacheError, load_json, refuse_unsafe_tree, shown
 
-__all__ = ["CacheError", "check_shard_path", "find_layers", "load_manifest"]
+__all__ = ["CacheError", "OpenedLayer", "check_shard_path", "find_layers", "load_manifest", "open_layer"]
 
 
 def check_shard_path(folder: Path, relpath: object) -> Path:
@@ -61,6 +62,24 @@ def load_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+@dataclass(frozen=True)
+class OpenedLayer:
+    """One cache layer opened once: its folder, its validated manifest and the checked path of every shard
+    (in manifest order). What readers take instead of a bare folder: nothing here needs checking again."""
+
+    folder: Path
+    manifest: dict
+    shard_paths: tuple[Path, ...]
+
+
+def open_layer(folder: str | Path) -> OpenedLayer:
+    """Open a cache layer: refuse a tree with a symlink or special file, load and validate the manifest."""
+    folder = Path(folder)
+    refuse_unsafe_tree(folder)
+    manifest = load_manifest(folder)
+    return OpenedLayer(folder, manifest, tuple(folder / s["path"] for s in manifest["shards"]))
+
+
 def find_layers(path: str | Path) -> list[Path]:
     """Cache layers under `path`: itself if it has a manifest, else each source folder and its aligned/*."""
     root = Path(path)
@@ -68,5 +87,5 @@ def find_layers(path: str | Path) -> list[Path]:
         layers = [root]
     else:
         layers = sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file()) if root.is_dir() else []
-    aligned = [a for layer in layers for a in sorted((layer / "aligned").glob(f"*/{MANIFEST}"))]
+    aligned = [a for layer in layers for a in sorted((layer / "aligned").glob(f"[!.]*/{MANIFEST}"))]
     return layers + [a.parent for a in aligned]

@@ -95,11 +95,6 @@ def sha256_regular(path: Path, max_bytes: int) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def create_exclusive(path: Path) -> int:
-    """A new file at `path`, created exclusively (never through an existing name or a symlink): its fd."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-
-
 def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     value: dict = {}
     for key, item in pairs:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cache_builder.format import ALIGNED_DIR, MANIFEST, expected_schema, sha256_file
-from cache_builder.manifest import CacheError, check_shard_path, find_layers, load_manifest
+from cache_builder.manifest import CacheError, find_layers, load_manifest, open_layer
 from cache_builder.reader import column_to_numpy, declared_values, open_shard, row_groups
 from cache_builder.schema import MAX_SHARD_BYTES, MAX_VOCAB_PADDING
 from cache_builder.untrusted import refuse_unsafe_tree, sha256_regular, shown
@@ -58,9 +58,9 @@ def vocabulary_size(folder: Path, manifest: dict) -> int:
     return declared
 
 
-def verify_shard(folder: Path, shard: dict, manifest: dict, vocab: int, deep: bool) -> tuple[list[str], list[str]]:
-    """(problems, record ids) of one shard: bytes, footer, schema, counts, and with `deep` every value."""
-    path = check_shard_path(folder, shard["path"])
+def verify_shard(path: Path, shard: dict, manifest: dict, vocab: int, deep: bool) -> tuple[list[str], list[str]]:
+    """(problems, record ids) of one shard (its manifest entry `shard`, its checked `path`): bytes, footer,
+    schema, counts, and with `deep` every value."""
     where = shown(path)
     if not path.exists() and not path.is_symlink():
         return [f"{where}: shard listed in the manifest is missing"], []
@@ -95,16 +95,16 @@ def verify_layer(folder: Path, *, deep: bool = True) -> tuple[list[str], list[st
     """(problems, record ids) of one cache layer. No problem means the layer is safe to use."""
     folder = Path(folder)
     try:
-        refuse_unsafe_tree(folder)
-        manifest = load_manifest(folder)
-        vocab = vocabulary_size(folder, manifest)
+        opened = open_layer(folder)
+        vocab = vocabulary_size(folder, opened.manifest)
     except CacheError as err:
         return [str(err)], []
+    manifest = opened.manifest
     problems: list[str] = stale_alignment(folder, manifest)
     ids: list[str] = []
-    for shard in manifest["shards"]:
+    for shard, path in zip(manifest["shards"], opened.shard_paths):
         try:
-            shard_problems, shard_ids = verify_shard(folder, shard, manifest, vocab, deep)
+            shard_problems, shard_ids = verify_shard(path, shard, manifest, vocab, deep)
         except CacheError as err:
             shard_problems, shard_ids = [str(err)], []
         problems += shard_problems

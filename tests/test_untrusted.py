@@ -471,3 +471,12 @@ def test_the_footer_value_counts_must_match_the_manifest_before_decoding(setup):
     edit_manifest(setup["source"], inflate)
     code, output = run(verify, [setup["source"]])
     assert code == 1 and "the footer declares" in output and "tokens in the manifest" in output
+
+
+def test_an_interrupted_alignment_leaves_nothing_behind_after_the_next(setup):
+    """Work folders of a killed cache-align (hidden, beside the layer) are not layers and are removed."""
+    leftover = setup["source"] / "aligned" / ".pivot.new-abc123"
+    shutil.copytree(setup["aligned"], leftover)
+    assert run(verify, [setup["root"]]) == (0, f"OK 4 cache layer(s) under {setup['root']} verified\n")
+    align_cache(setup["source"], setup["pivot"], **QUIET)
+    assert sorted(p.name for p in (setup["source"] / "aligned").iterdir()) == [".pivot.lock", "pivot"]
