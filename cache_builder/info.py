@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from cache_builder.manifest import find_layers, load_manifest
-from cache_builder.untrusted import shown
+from cache_builder.untrusted import refuse_unsafe_tree, shown
 
 
 def cache_summary(path: str | Path) -> list[dict]:
     """Figures of every cache layer under `path`, from the manifests only (no shard is read)."""
+    refuse_unsafe_tree(Path(path))
     rows = []
     for layer in find_layers(path):
         m = load_manifest(layer)

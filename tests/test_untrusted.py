@@ -107,6 +107,8 @@ def test_a_symlink_planted_in_the_aligned_layer_is_refused_and_its_target_untouc
     assert code == 2 and "is a symlink" in one_line_error(output)
     code, output = run(verify, [setup["root"]])
     assert code == 1 and "FAIL" in output and "is a symlink" in output
+    code, output = run(info, [setup["root"]])
+    assert code == 2 and "is a symlink" in one_line_error(output)
 
 
 def test_an_aligned_folder_symlinked_elsewhere_is_never_written_or_deleted(setup):
