@@ -43,6 +43,21 @@ def _fail(where: str, message: str) -> None:
     raise CacheError(f"{where}: {message}")
 
 
+TYPE_NAMES = {int: "an integer", str: "a string", list: "a list", dict: "an object"}
+
+
+def _expect(value: object, kind: type, where: str) -> None:
+    """Exactly `kind` (bool is no integer, an integer no float)."""
+    if type(value) is not kind:
+        _fail(where, f"expected {TYPE_NAMES[kind]}, got {shown(type(value).__name__)}")
+
+
+def _at_most(value: list | str, limit: int, where: str) -> None:
+    if len(value) > limit:
+        what = f"a string of {len(value)} characters" if isinstance(value, str) else f"a list of {len(value)} items"
+        _fail(where, f"{what}, more than {limit}")
+
+
 def _child(where: str, key: str) -> str:
     """The location of `key` inside `where` ("manifest.json: " + "source" -> "manifest.json: source")."""
     return f"{where}{key}" if where.endswith(": ") else f"{where}.{key}"
@@ -54,8 +69,7 @@ class Int(Spec):
     high: int
 
     def check(self, value, where):
-        if type(value) is not int:  # bool is an int subclass: refused
-            _fail(where, f"expected an integer, got {shown(type(value).__name__)}")
+        _expect(value, int, where)
         if not self.low <= value <= self.high:
             _fail(where, f"{value} is outside [{self.low}, {self.high}]")
 
@@ -78,10 +92,8 @@ class Str(Spec):
     max_len: int = MAX_STRING
 
     def check(self, value, where):
-        if type(value) is not str:
-            _fail(where, f"expected a string, got {shown(type(value).__name__)}")
-        if len(value) > self.max_len:
-            _fail(where, f"a string of {len(value)} characters, more than {self.max_len}")
+        _expect(value, str, where)
+        _at_most(value, self.max_len, where)
         if self.pattern is not None and not re.fullmatch(self.pattern, value):
             _fail(where, f"'{shown(value, 80)}' does not match {self.pattern}")
 
@@ -122,8 +134,7 @@ class Free(Spec):
             if isinstance(item, dict):
                 pending += [(v, _child(at, shown(k, 40))) for k, v in item.items()]
             elif isinstance(item, list):
-                if len(item) > MAX_LIST:
-                    _fail(at, f"a list of {len(item)} items, more than {MAX_LIST}")
+                _at_most(item, MAX_LIST, at)
                 pending += [(v, f"{at}[{i}]") for i, v in enumerate(item)]
             elif isinstance(item, str):
                 Str().check(item, at)
@@ -137,10 +148,8 @@ class List(Spec):
     max_len: int = MAX_LIST
 
     def check(self, value, where):
-        if type(value) is not list:
-            _fail(where, f"expected a list, got {shown(type(value).__name__)}")
-        if len(value) > self.max_len:
-            _fail(where, f"a list of {len(value)} items, more than {self.max_len}")
+        _expect(value, list, where)
+        _at_most(value, self.max_len, where)
         for i, item in enumerate(value):
             self.item.check(item, f"{where}[{i}]")
 
@@ -154,8 +163,7 @@ class Obj(Spec):
     extra: bool = False
 
     def check(self, value, where):
-        if type(value) is not dict:
-            _fail(where, f"expected an object, got {shown(type(value).__name__)}")
+        _expect(value, dict, where)
         missing = [k for k in self.required if k not in value]
         if missing:
             _fail(where, f"missing keys {missing}")
