@@ -6,7 +6,7 @@ list where an object belongs would raise a traceback. `check_manifest` walks the
 names the first field that breaks it (`manifest.json: source.vocab_size: ...`). Unknown keys are refused
 where the format defines every key, and bounded where it allows free-form settings (`build`, identities,
 corpus summaries). No third-party validator: the specification is small and these checks need no
-dependency (types, ranges, lengths, patterns, one cross-field rule).
+dependency (types, ranges, lengths, patterns and a few cross-field rules in `check_manifest`).
 """
 
 from __future__ import annotations
