@@ -47,7 +47,10 @@ def _renamed(old: str, new: str):
 
 
 def _fail(message: str) -> None:
-    click.secho(f"error: {message}", fg="red", err=True)
+    """One line on stderr (control characters escaped: no terminal sequence from a cache reaches the screen)."""
+    from cache_builder.untrusted import shown
+
+    click.secho(f"error: {shown(message, 4000)}", fg="red", err=True)
     sys.exit(2)
 
 

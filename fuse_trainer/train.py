@@ -40,8 +40,9 @@ from fuse_trainer.checkpoint import (
     save_final,
 )
 from fuse_trainer.config import TrainConfig, dump_yaml
-from fuse_trainer.data import Batch, FusionData, check_sources, collate, discover_sources
+from fuse_trainer.data import Batch, FusionData, check_pivot, check_sources, collate, discover_sources
 from fuse_trainer.gates import teacher_gate
+from fuse_trainer.guard import stop_if_not_finite
 from fuse_trainer.losses import FUSION_LOSSES, FusionInputs, chunk_spans, pivot_uld_stats, record_ratio, sft_loss
 from fuse_trainer.stream import MicroBatchStream
 from fuse_trainer.weighting import record_chunk_ce, source_weights, topk_entropy
@@ -201,6 +202,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     tokenizer = load_tokenizer(pivot)
     resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
     model = load_model(resume_dir if resuming else pivot, dtype=torch.float32, device=device).train()
+    check_pivot(layers, tokenizer, model.get_input_embeddings().num_embeddings)
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -243,6 +245,8 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             dist.all_reduce(packed)
             sums = dict(zip(TERMS, packed.tolist()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        stop_if_not_finite(step + 1, sums["objective_sum"], float(grad_norm), layers,
+                           lambda: [data.shard(shard).record_ids[r] for shard, rows in group[rank::world] for r in rows])
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()

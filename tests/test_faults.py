@@ -88,8 +88,7 @@ def test_disk_full_leaves_no_partial_shard_and_the_rerun_completes(world, refere
     def full_disk(table, where, **options):
         calls["n"] += 1
         if calls["n"] == 3:
-            with open(where, "wb") as f:
-                f.write(b"PAR1 half a shard")
+            where.write(b"PAR1 half a shard")  # the writer's temporary file, opened exclusively
             raise OSError(28, "No space left on device")
         return real_write(table, where, **options)
 
@@ -171,6 +170,7 @@ def _tamper(cache, how: str):
         manifest["pivot"]["tokenizer_fingerprint"] = "0" * 64
     elif how == "missing records":
         manifest["shards"] = manifest["shards"][1:]
+        manifest["totals"] = {key: sum(s[key] for s in manifest["shards"]) for key in ("rows", "tokens", "bytes")}
     elif how == "source rebuilt":  # the source-native cache changed after its aligned layer was made
         native = cache / "srcg" / "manifest.json"
         native.write_text(native.read_text().replace('"top_k"', '"rebuilt": true, "top_k"', 1))
