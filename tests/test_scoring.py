@@ -259,3 +259,24 @@ def test_bf16_head_on_cuda_equals_its_float32_copy(tmp_path, arch):
         np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
         for name in FIELDS[1:]:
             np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-4, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2", "qwen", "gemma3"])
+def test_real_model_closed_form_moments_equal_direct_float64(name):
+    """The three real sources (Qwen2.5's 151,936 rows include padding past its tokenizer): closed-form mean and
+    std against the float64 logits of the same float32 head, within MOMENTS_RTOL."""
+    from cache_builder.models import load_model, load_tokenizer, resolve_model
+
+    source = resolve_model(name)
+    model = load_model(source, torch.float32)
+    head = output_head(model)
+    assert head.moments is not None  # none of the three caps its logits
+    text = "def fibonacci(n):\n    a, b = 0, 1\n    return a\nShall I compare thee to a summer's day?"
+    ids = torch.tensor(load_tokenizer(source)(text)["input_ids"])[None]  # (1, T)
+    with torch.no_grad():
+        hidden = trunk_hidden(model, ids, torch.ones_like(ids))[0]  # (T, D)
+    mean, std = head.moments.mean_std(hidden)
+    expected_mean, expected_std = direct_moments_float64(head, hidden)
+    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=MOMENTS_RTOL, atol=MOMENTS_RTOL)
+    np.testing.assert_allclose(std.numpy(), expected_std, rtol=MOMENTS_RTOL)
