@@ -81,6 +81,14 @@ def direct_moments_float64(head, hidden: torch.Tensor) -> tuple[np.ndarray, np.n
 MOMENTS_RTOL = 1e-10  # closed form vs the direct computation, both float64: only summation order differs
 
 
+def assert_moments_match(head, hidden: torch.Tensor) -> None:
+    """The head's closed-form mean and std of hidden's logits equal the direct float64 ones within MOMENTS_RTOL."""
+    mean, std = head.moments.mean_std(hidden)
+    expected_mean, expected_std = direct_moments_float64(head, hidden)
+    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=MOMENTS_RTOL, atol=MOMENTS_RTOL)
+    np.testing.assert_allclose(std.numpy(), expected_std, rtol=MOMENTS_RTOL)
+
+
 @pytest.mark.parametrize("arch, overrides", [
     ("llama", {}),  # tied embeddings
     ("qwen2", {}),  # untied
@@ -93,10 +101,7 @@ def test_closed_form_moments_equal_direct_float64(tmp_path, arch, overrides):
     ids = torch.tensor(random_sequences(model.config.vocab_size, [20])[0])[None]
     with torch.no_grad():
         hidden = trunk_hidden(model, ids, torch.ones_like(ids))[0]  # (T, D)
-    mean, std = head.moments.mean_std(hidden)
-    expected_mean, expected_std = direct_moments_float64(head, hidden)
-    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=MOMENTS_RTOL, atol=MOMENTS_RTOL)
-    np.testing.assert_allclose(std.numpy(), expected_std, rtol=MOMENTS_RTOL)
+    assert_moments_match(head, hidden)
 
 
 def test_closed_form_moments_with_bias_scale_and_large_offset():
@@ -276,7 +281,4 @@ def test_real_model_closed_form_moments_equal_direct_float64(name):
     ids = torch.tensor(load_tokenizer(source)(text)["input_ids"])[None]  # (1, T)
     with torch.no_grad():
         hidden = trunk_hidden(model, ids, torch.ones_like(ids))[0]  # (T, D)
-    mean, std = head.moments.mean_std(hidden)
-    expected_mean, expected_std = direct_moments_float64(head, hidden)
-    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=MOMENTS_RTOL, atol=MOMENTS_RTOL)
-    np.testing.assert_allclose(std.numpy(), expected_std, rtol=MOMENTS_RTOL)
+    assert_moments_match(head, hidden)
