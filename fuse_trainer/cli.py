@@ -56,6 +56,9 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--threads", default=None, type=int, help="CPU threads for torch (default: all cores; use 1 when other jobs share the cores).")
 @click.option("--merge", default=DEFAULTS.merge, type=click.Choice(["task-arithmetic", "ties"]), help="Pairwise mode: how the per-source pivots are merged.")
 @click.option("--save-every", default=DEFAULTS.save_every, type=int, help="Steps between resumable checkpoints.")
+@click.option("--eval-split", default=DEFAULTS.eval_split, help="Corpus split scored during training (bits per byte per domain, as fuse-eval scores it), from the records the cache holds; never one of --train-splits.")
+@click.option("--eval-every", default=DEFAULTS.eval_every, type=int, help="Steps between scorings of --eval-split (0: none); the last step is always scored. Logged to metrics.jsonl (val_bpb), the progress bar and the curves plot; pairwise mode also scores the merged model (merged/validation.json).")
+@click.option("--keep-best", is_flag=False, flag_value="all", default=None, help="final/ holds the scored step with the lowest --eval-split bits per byte, pooled (--keep-best) or on one domain (--keep-best code), instead of the last step; needs --eval-every. Pairwise mode: per source, before the merge.")
 @click.option("--out", default=DEFAULTS.out, help="Run folder (metrics.jsonl, config.yaml, checkpoints).")
 @click.option("--resume", is_flag=True, help="Continue from the run folder's last checkpoint.")
 @click.pass_context
