@@ -5,6 +5,10 @@ The fixture's corpus has train and heldout records; these runs score the heldout
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -74,6 +78,29 @@ def test_resume_keeps_the_best(world, tmp_path):
     kept = json.loads((broken / "final" / "best.json").read_text())
     assert kept == json.loads((straight / "final" / "best.json").read_text()) == kept_before  # a step before the stop
     assert [r.get("val_bpb") for r in logged(broken)] == [r.get("val_bpb") for r in logged(straight)]
+
+
+def test_kill_9_and_resume_keep_the_best(world, tmp_path):
+    straight = tmp_path / "straight"
+    train_run(train_config(world, straight, keep_best="code", **SCORED), discover_sources(world["cache"], "pivot"),
+              straight, **QUIET)
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-c", "from fuse_trainer.cli import train; train()", "--shards", str(world["cache"]),
+               "--pivot", str(world["models"]["pivot"]), "--lr", "0.1", "--batch-tokens", "256", "--max-steps", "8",
+               "--save-every", "4", "--top-k", "4", "--eval-split", "heldout", "--eval-every", "1", "--keep-best",
+               "code", "--out", str(killed)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoint" / "trainer_state.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists() and (killed / "best" / "best.json").exists()  # killed past a best and a checkpoint
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    kept, expected = (json.loads((run / "final" / "best.json").read_text()) for run in (killed, straight))
+    assert kept["step"] == expected["step"] <= 4  # scored by the killed process only: the resumed one starts at 4
+    assert kept["val_bpb"] == pytest.approx(expected["val_bpb"], rel=1e-5)
 
 
 def test_pairwise_keeps_each_sources_best_and_scores_the_merged_model(world, tmp_path):
