@@ -13,6 +13,8 @@
 #    passes over the training split. The table lands in $OUT/results.txt; rerunning resumes.
 # 3. The check that SFT was not simply overtrained: SFT with EPOCHS/2, and every arm on the validation split
 #    ($OUT/validation.txt).
+# 4. Every arm on the held-out split and, beside it, on the out-of-distribution set data-ood/ood.jsonl (another
+#    author's prose, click's code, mathgenerator's math: sources the corpus never draws on) ($OUT/ood.txt).
 # GENERATE_SAMPLES=N (default 0: off) adds sequence-level distillation before step 2: Qwen2.5-Coder writes N
 # continuations of every code train record (corpus-generate, split "generated"), both sources cache them with
 # the gold records, and the fused arms train on train + generated while SFT-only keeps the gold records alone.
@@ -57,3 +59,9 @@ echo "== 6 (after the 5 steps of the demo): was SFT past its best? SFT with half
   --model sft=$OUT/runs/sft/final --model sft-half-epochs=$OUT/runs/sft-half/final \
   --model unified=$OUT/runs/unified/final --model pairwise+merge=$OUT/runs/pairwise/merged \
   --json-out "$OUT/validation.json" | tee "$OUT/validation.txt"
+
+echo "== 7: every arm on the HELD-OUT split and on the OUT-OF-DISTRIBUTION set (data-ood/, sources the corpus never draws on)"
+.venv/bin/fuse-eval --data "$OUT/corpus.jsonl" --data data-ood/ood.jsonl --split heldout,ood \
+  --model pivot=smollm2 --model sft=$OUT/runs/sft/final --model unified=$OUT/runs/unified/final \
+  --model pairwise+merge=$OUT/runs/pairwise/merged --model qwen=qwen --model gemma3=gemma3 \
+  --json-out "$OUT/ood.json" | tee "$OUT/ood.txt"

@@ -5,6 +5,7 @@
       metrics.jsonl        one line per optimizer step
       checkpoint/          the last resumable checkpoint (HF model + trainer_state.pt), gone once final/ exists
       final/               the trained model (HF format) with fusion_config.yaml and fusion_provenance.json
+      best/                with --keep-best, the evaluated step best on validation so far (+ best.json); final/ at the end
 
 Every folder is written under a temporary name and renamed into place (`write_folder`), so a run killed at any
 instant leaves a complete folder or none. `--resume` continues a run only with the settings it was trained
@@ -30,6 +31,7 @@ from fuse_trainer.config import TrainConfig, dump_yaml
 STATE_FILE = "trainer_state.pt"
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoint"
+BEST_DIR = "best"
 # Settings that do not change the trained model: a run may resume, or count as finished, with other values.
 RUN_ONLY_SETTINGS = ("resume", "threads", "device", "save_every", "out", "extra", "activation_checkpointing", "recipe")
 # Settings of the fusion term and the pairwise merge: an SFT run (mode sft) is the same model whatever they say.
@@ -39,7 +41,8 @@ FUSION_ONLY_SETTINGS = ("loss", "lam", "lambda_scope", "fusion_temperature", "al
 # Settings added after runs were saved, with the value that matches how those runs were trained (a temperature of
 # a loss the run did not use changes nothing).
 SETTINGS_BEFORE_THEY_EXISTED = {"distill_only_splits": [], "shuffle_window": 1, "fusion_temperature": 1.0,
-                                "alm_temperature": 1.0}
+                                "alm_temperature": 1.0, "eval_split": "validation", "eval_every": 0,
+                                "keep_best": None}
 
 
 def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
@@ -101,7 +104,7 @@ def recover_checkpoint(out: Path) -> Path:
 
 def clear_run(out: Path) -> None:
     """Remove what an earlier run left in `out` (models, checkpoints, metrics): a fresh run starts clean."""
-    for name in (FINAL_DIR, CHECKPOINT_DIR):
+    for name in (FINAL_DIR, CHECKPOINT_DIR, BEST_DIR):
         for folder in (name, f".{name}.old", f".{name}.tmp"):
             shutil.rmtree(out / folder, ignore_errors=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)

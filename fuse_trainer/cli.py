@@ -98,6 +98,9 @@ def _passed(ctx: click.Context) -> dict:
 @_renamed("--top-k", "--uld-top-k (ULD's K; the cache's K is cache-build --top-k)")
 @_renamed("--temperature", "--fusion-temperature (ULD, FuseLLM) or --alm-temperature (ALM)")
 @_renamed("--config", "--recipe FILE (flags still override it)")
+@click.option("--eval-split", default=DEFAULTS.eval_split, help="Corpus split scored during training (bits per byte per domain, as fuse-eval scores it), from the records the cache holds; never one of --train-splits.")
+@click.option("--eval-every", default=DEFAULTS.eval_every, type=int, help="Steps between scorings of --eval-split (0: none); the last step is always scored. Logged to metrics.jsonl (val_bpb), the progress bar and the curves plot; pairwise mode also scores the merged model (merged/validation.json).")
+@click.option("--keep-best", is_flag=False, flag_value="all", default=None, help="final/ holds the scored step with the lowest --eval-split bits per byte, pooled (--keep-best) or on one domain (--keep-best code), instead of the last step; needs --eval-every. Pairwise mode: per source, before the merge.")
 @click.pass_context
 def train(ctx, recipe, **_):
     """Train the pivot from cached source signals (never loads a source model).
@@ -148,12 +151,12 @@ def merge(base, models, weights, method, density, out):
 
 @click.command(context_settings={"show_default": True})
 @click.option("--model", "models", multiple=True, required=True, help="Model to evaluate (name, HF folder or .gguf), optionally LABEL=MODEL; repeat to compare.")
-@click.option("--data", required=True, type=click.Path(exists=True), help="Corpus (same formats as cache-build).")
-@click.option("--split", default="heldout", help="Records of this split are evaluated.")
-@click.option("--limit", default=None, type=int, help="Evaluate only the first N records of the split.")
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(exists=True), help="Corpus (same formats as cache-build); repeat to add another, e.g. --data data/ --data data-ood/ood.jsonl.")
+@click.option("--split", default="heldout", help="Records of this split are evaluated; comma-separated for one table per split, e.g. heldout,ood (the out-of-distribution set of data-ood/).")
+@click.option("--limit", default=None, type=int, help="Evaluate only the first N records of each split.")
 @click.option("--dtype", default="fp32", type=click.Choice(DTYPES))
 @click.option("--device", default="auto", type=click.Choice(DEVICES), help="auto: cuda when available.")
-@click.option("--json-out", default=None, type=click.Path(), help="Also write the results as JSON.")
+@click.option("--json-out", default=None, type=click.Path(), help="Also write the results as JSON (one entry per model, split and domain).")
 def evaluate(models, data, split, limit, dtype, device, json_out):
     """Held-out loss and bits per byte per domain, several models side by side."""
     import torch
@@ -166,17 +169,24 @@ def evaluate(models, data, split, limit, dtype, device, json_out):
         device = pick_device(device)
     except ValueError as err:
         _fail(str(err))
-    records = [r for r in load_corpus(data).records if r.split == split][:limit]
-    if not records:
-        _fail(f"no records of split {split!r} in {data}")
-    results = []
-    for spec in models:
-        label, _, name = spec.rpartition("=")
-        try:
-            results += evaluate_model(name, records, label=label or name, device=device,
-                                      dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-        except (ValueError, OSError) as err:  # an unknown model name, a folder that is not a model
-            _fail(f"--model {spec}: {err}")
-    click.echo(results_table(results, split))
+    corpus = [r for path in data for r in load_corpus(path).records]
+    splits = [s for s in split.split(",") if s]
+    by_split = {s: [r for r in corpus if r.split == s][:limit] for s in splits}
+    empty = [s for s, records in by_split.items() if not records]
+    if empty:
+        _fail(f"no records of split {', '.join(map(repr, empty))} in {', '.join(data)}")
+    tables, rows = [], []
+    for name, records in by_split.items():
+        results = []
+        for spec in models:
+            label, _, model = spec.rpartition("=")
+            try:
+                results += evaluate_model(model, records, label=label or model, device=device,
+                                          dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+            except (ValueError, OSError) as err:  # an unknown model name, a folder that is not a model
+                _fail(f"--model {spec}: {err}")
+        tables.append(results_table(results, name))
+        rows += [dict(r.__dict__, split=name, bits_per_byte=r.bits_per_byte) for r in results]
+    click.echo("\n\n".join(tables))
     if json_out:
-        Path(json_out).write_text(json.dumps([dict(r.__dict__, bits_per_byte=r.bits_per_byte) for r in results], indent=2))
+        Path(json_out).write_text(json.dumps(rows, indent=2))

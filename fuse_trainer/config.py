@@ -70,6 +70,9 @@ class TrainConfig:
     out: str = "runs/fuse"
     resume: bool = False
     save_every: int = 50
+    eval_split: str = "validation"  # the split evaluated during training: bits per byte per domain, never trained on
+    eval_every: int = 0  # steps between evaluations of eval_split (0: none); the last step is always evaluated
+    keep_best: str | None = None  # "all" (pooled) or a domain: final/ holds the evaluated step best on it
     merge: str = "task-arithmetic"  # pairwise mode: a key of fuse_trainer.merge.MERGE_METHODS
     merge_weights: list[float] | None = None  # default: 1 / number of sources each
     ties_density: float = 0.2
@@ -115,6 +118,11 @@ class TrainConfig:
              "distill_only_splits must be a list of splits that train_splits also names"),
             (self.gate_margin == 0.0 or set(self.gates) & set(LIKELIHOOD_GATES),
              f"gate_margin compares likelihoods; only the {'/'.join(LIKELIHOOD_GATES)} gates do: drop gate_margin"),
+            (self.eval_every >= 0, "eval_every must be 0 (no evaluation during training) or a number of steps"),
+            (self.eval_split not in self.train_splits,
+             f"eval_split {self.eval_split!r} is trained on (train_splits): evaluate on a split the run does not learn"),
+            (self.keep_best is None or self.eval_every > 0,
+             "keep_best picks among the evaluated steps: give eval_every too (e.g. --eval-every 10)"),
             (self.mode != "sft" or not self.distill_only_splits,
              "mode sft learns the gold text only: drop distill_only_splits (and those splits from train_splits)"),
         ]

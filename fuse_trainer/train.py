@@ -7,7 +7,8 @@ One run, top to bottom:
      world_size-th), computes (1-λ)·SFT + λ·fusion normalised by the step's response tokens (with
      `lambda_scope: distilled`, λ only where a source is distilled: elsewhere SFT keeps weight 1; records of a
      `distill_only_splits` split, text the pivot wrote itself, get the fusion term alone at weight 1), all-reduces
-     the gradients, clips and steps; metrics go to metrics.jsonl and the progress bar;
+     the gradients, clips and steps; metrics go to metrics.jsonl and the progress bar; every `eval_every` steps the
+     pivot is scored on the `eval_split` records (fuse_trainer/validation.py), and `keep_best` keeps the best step;
   4. saves a Hugging Face checkpoint with the resolved config and the caches' fingerprints.
 Pairwise mode runs 1-4 once per source, then merges the pivots in weight space.
 """
@@ -38,6 +39,7 @@ from fuse_trainer.checkpoint import (
     refuse_other_settings,
     save_checkpoint,
     save_final,
+    save_hf,
 )
 from fuse_trainer.config import TrainConfig, dump_yaml
 from fuse_trainer.data import Batch, FusionData, check_pivot, check_sources, collate, discover_sources
@@ -45,6 +47,7 @@ from fuse_trainer.gates import teacher_gate
 from fuse_trainer.guard import stop_if_not_finite
 from fuse_trainer.losses import FUSION_LOSSES, FusionInputs, chunk_spans, pivot_uld_stats, record_ratio, sft_loss
 from fuse_trainer.stream import MicroBatchStream
+from fuse_trainer.validation import Validator, cache_records, evaluate_merged
 from fuse_trainer.weighting import record_chunk_ce, source_weights, topk_entropy
 
 # summed per step; objective_sum is the loss before the division by the step's response tokens
@@ -223,6 +226,8 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
         out.mkdir(parents=True, exist_ok=True)
         clear_run(out)
         (out / "config.yaml").write_text(dump_yaml(cfg))
+    validator = (Validator(cache_records(layers, cfg.eval_split), tokenizer, pivot.add_bos, cfg.eval_split, cfg.keep_best,
+                           out, cfg.batch_tokens) if cfg.eval_every and rank == 0 else None)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(range(start, total_steps), desc=f"fuse-train {out.name}", disable=rank != 0, dynamic_ncols=True)
     for step in bar:
@@ -263,10 +268,14 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             "tokens": n_response,
             "tokens_per_s": sum(stream.tokens(mb) for mb in group) / (time.time() - t0),
         }
+        if validator and validator.due(step + 1, cfg.eval_every, total_steps):
+            record.update(validator.evaluate(model, step + 1, lambda folder: save_hf(folder, model, tokenizer, cfg,
+                                                                                     provenance)))
         if metrics:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-        bar.set_postfix(loss=f"{record['loss']:.3f}", sft=f"{record['sft']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{record['loss']:.3f}", sft=f"{record['sft']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                        **(validator.postfix() if validator else {}))
         stopping = stop_after is not None and step + 1 == stop_after and step + 1 < total_steps
         periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
         if rank == 0 and (stopping or periodic) and step + 1 < total_steps:
@@ -278,7 +287,10 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             return None
     final = out / FINAL_DIR
     if rank == 0:
-        save_final(out, model, tokenizer, cfg, provenance)
+        if cfg.keep_best:
+            validator.promote_best(log)
+        else:
+            save_final(out, model, tokenizer, cfg, provenance)
         metrics.close()
         shutil.rmtree(resume_dir, ignore_errors=True)  # the final model supersedes the last resumable checkpoint
     if world > 1:
@@ -314,6 +326,8 @@ def fuse_train(cfg: TrainConfig, log=print) -> Path:
         {"merged_from": [str(f) for f in finals], "weights": weights, "method": cfg.merge,
          "caches": provenance_of(layers)}, indent=2, sort_keys=True) + "\n")
     log(f"merged {len(finals)} pairwise pivots with {cfg.merge} -> {merged}")
+    if cfg.eval_every:
+        evaluate_merged(merged, cache_records(layers, cfg.eval_split), cfg.eval_split, pick_device(cfg.device), log)
     return merged
 
 
