@@ -3,6 +3,7 @@ corpus-generate, cache-push, cache-pull."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -12,11 +13,28 @@ import click
 from cache_builder.corpus import DEFAULT_WINDOW_CHARS, EVALUATION_SPLITS
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
+    """One line on stderr (untrusted text escaped, so no terminal sequence reaches the screen), then exit."""
     from cache_builder.remote import redact
+    from cache_builder.untrusted import shown
 
-    click.secho(f"error: {redact(message)}", fg="red", err=True)
-    sys.exit(2)
+    click.secho(f"error: {shown(redact(message), 4000)}", fg="red", err=True)
+    sys.exit(code)
+
+
+def one_line_errors(command):
+    """Every failure of `command` ends as one line and exit code 2 (1 for an unforeseen error), never a traceback."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, OSError, RuntimeError) as err:  # CacheError, BuildError, GenerateError among them
+            _fail(str(err))
+        except Exception as err:  # noqa: BLE001 - the edge of the program: a bug still ends in one line
+            _fail(f"unexpected {type(err).__name__}: {err} (please report this with the command that caused it)", 1)
+
+    return run
 
 
 def _local(path: str, store: str | None, allow_insecure: bool, **selection) -> Path:
@@ -50,6 +68,7 @@ def _local(path: str, store: str | None, allow_insecure: bool, **selection) -> P
 @click.option("--world-size", default=None, type=click.IntRange(1), help="Number of ranks (default: $WORLD_SIZE, else 1).")
 @click.option("--overwrite", is_flag=True, help="Delete a cache built with other settings instead of refusing.")
 @click.option("--strict", is_flag=True, help="Refuse to start when the corpus has bad records (default: skip and report them).")
+@one_line_errors
 def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch_tokens, position_chunk, dtype,
           logit_dtype, rows_per_shard, device, limit, rank, world_size, overwrite, strict):
     """Run ONE source model once over a corpus and write its sparse top-k signals to Parquet shards.
@@ -92,15 +111,13 @@ def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch
 @click.option("--vocab-map", default="exact+first-token", help="Vocabulary map strategy (see alignment.vocab).")
 @click.option("--cache-dir", "store", default=None, type=click.Path(file_okay=False), help="Where a remote cache is pulled to (default: the user cache folder, logit-cache-fusion/pulled).")
 @click.option("--allow-insecure", is_flag=True, help="Allow plain http:// locations and S3 endpoints.")
+@one_line_errors
 def align(cache_dir, pivot, vocab_map, store, allow_insecure):
     """Build pivot-aligned shards from a source-native cache, without loading the source model."""
     from cache_builder.align import align_cache
 
-    try:
-        folder = _local(cache_dir, store, allow_insecure, layers=("source",))
-        aligned = align_cache(folder, pivot, strategy=vocab_map)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+    folder = _local(cache_dir, store, allow_insecure, layers=("source",))
+    aligned = align_cache(folder, pivot, strategy=vocab_map)
     if folder != Path(cache_dir):
         click.echo(f"the aligned layer is {aligned}; publish it with `cache-push {folder} {cache_dir}`")
 
@@ -109,66 +126,73 @@ def align(cache_dir, pivot, vocab_map, store, allow_insecure):
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--allow-insecure", is_flag=True, help="Allow plain http:// locations and S3 endpoints.")
+@one_line_errors
 def info(path, as_json, allow_insecure):
     """Summarise a cache (a source folder or a root with several, local or a URL): sources, tokenizers, k, rows,
     tokens, size, coverage. A remote cache is summarised from its manifests alone."""
     from cache_builder.info import cache_summary, format_summary, remote_summary
-    from cache_builder.manifest import CacheError
     from cache_builder.remote import is_url, open_location
 
-    try:
-        rows = remote_summary(open_location(path, allow_insecure=allow_insecure)) if is_url(path) else cache_summary(path)
-    except (CacheError, FileNotFoundError) as err:
-        _fail(str(err))
+    rows = remote_summary(open_location(path, allow_insecure=allow_insecure)) if is_url(path) else cache_summary(path)
     if not rows:
         _fail(f"no cache under {path} (a cache folder has a manifest.json)")
-    click.echo(json.dumps(rows, indent=2) if as_json else format_summary(rows))
+    click.echo(json.dumps(rows, indent=2, ensure_ascii=True) if as_json else format_summary(rows))
 
 
 @click.command()
 @click.argument("path")
 @click.option("--rescore", default=0, type=click.IntRange(0), help="Also re-run the source model on N random rows and compare.")
-@click.option("--model", default=None, help="Model to rescore with (default: the one named in the build settings).")
+@click.option("--model", default=None, help="Model to rescore with (default: the packaged model the source identity names, if its file sha256 matches; a path written in a cache is never loaded).")
+@click.option("--deep", default=0, is_flag=False, flag_value=8, type=click.IntRange(0), help="Also align N random rows (8 when no N is given) of each aligned layer again from the source layer beside it and compare.")
+@click.option("--pivot", default=None, help="Pivot model for --deep (default: the packaged model the pivot identity names, if its sha256 matches).")
 @click.option("--device", default="cpu", type=click.Choice(["cpu", "cuda"]))
 @click.option("--cache-dir", "store", default=None, type=click.Path(file_okay=False), help="Where a remote cache is pulled to (default: the user cache folder, logit-cache-fusion/pulled).")
 @click.option("--allow-insecure", is_flag=True, help="Allow plain http:// locations and S3 endpoints.")
-def verify(path, rescore, model, device, store, allow_insecure):
-    """Check a cache before trusting it: manifest, paths, checksums, schema, values, agreement across sources.
+@one_line_errors
+def verify(path, rescore, model, deep, pivot, device, store, allow_insecure):
+    """Check a cache before trusting it: tree, manifest, paths, checksums, footers, schema, values, agreement
+    across sources; optionally rescore source rows with the model and re-derive aligned rows.
 
     PATH is a folder or a URL; a remote cache is pulled (every file checked against its manifest's sha256 as it
     arrives) into the local store, then checked like a local one.
-    Exits 0 when everything checks out, 1 with one line per problem otherwise.
+    Exits 0 when everything checks out, 1 with one line per problem otherwise, 2 when it cannot check.
     """
     from cache_builder.manifest import CacheError, find_layers, load_manifest
-    from cache_builder.models import pick_device
+    from cache_builder.models import model_from_identity, pick_device, resolve_model
     from cache_builder.remote import RemoteError
+    from cache_builder.untrusted import shown
     from cache_builder.verify import verify_cache
 
-    try:
-        device = pick_device(device)
-    except ValueError as err:
-        _fail(str(err))
+    device = pick_device(device)
     try:
         folder = _local(path, store, allow_insecure)
-    except (RemoteError, FileNotFoundError) as err:
-        _fail(str(err))
-    except CacheError as err:
-        click.secho(f"FAIL {err}", fg="red")
+    except RemoteError:  # the location cannot be read: one line, exit 2
+        raise
+    except CacheError as err:  # a file of the remote cache differs from its manifest
+        click.secho(f"FAIL {shown(str(err), 4000)}", fg="red")
         sys.exit(1)
     problems = verify_cache(folder)
-    layers = find_layers(folder)
+    layers = find_layers(folder) if not problems else []
+    manifests = {layer: load_manifest(layer) for layer in layers}
     if rescore and not problems:
         from cache_builder.rescore import rescore_problems
 
-        for layer in layers:
-            if load_manifest(layer)["layer"] == "source":
+        for layer, manifest in manifests.items():
+            if manifest["layer"] == "source":
                 problems += rescore_problems(layer, rescore, device=device, model_name=model)
+    if deep and not problems:
+        from cache_builder.rederive import rederive_problems
+
+        for layer, manifest in manifests.items():
+            if manifest["layer"] == "aligned":
+                source = resolve_model(pivot) if pivot else model_from_identity(manifest["pivot"].get("identity"), layer)
+                problems += rederive_problems(layer, deep, source)
     for problem in problems:
-        click.secho(f"FAIL {problem}", fg="red")
+        click.secho(f"FAIL {shown(problem, 4000)}", fg="red")
     if problems:
         sys.exit(1)
-    click.secho(f"OK {len(layers)} cache layer(s) under {path} verified" + (f", {rescore} rows rescored per source" if rescore else ""), fg="green")
-
+    checked = (f", {rescore} rows rescored per source" if rescore else "") + (f", {deep} aligned rows re-derived per layer" if deep else "")
+    click.secho(f"OK {len(layers)} cache layer(s) under {shown(path)} verified{checked}", fg="green")
 
 
 @click.command(context_settings={"show_default": True})
@@ -187,6 +211,7 @@ def verify(path, rescore, model, device, store, allow_insecure):
 @click.option("--dtype", default="bf16", type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option("--out-split", default="generated", help="Split of the generated records; train on them with fuse-train --train-splits train,generated.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@one_line_errors
 def generate(model, corpus_path, out, split, domains, samples, prompt_chars, max_new_tokens, temperature, top_p,
              seed, batch_size, dtype, out_split, device):
     """Let ONE source model write continuations of corpus records: sequence-level distillation data.
@@ -225,6 +250,7 @@ def generate(model, corpus_path, out, split, domains, samples, prompt_chars, max
 @click.option("--license", "licenses", multiple=True, help="Licence of the corpus as a Hub licence id (e.g. mit, cc-by-4.0); repeat for several. The source models' licences are added when known.")
 @click.option("--workers", default=8, type=click.IntRange(1), help="Files uploaded at once.")
 @click.option("--allow-insecure", is_flag=True, help="Allow plain http:// locations and S3 endpoints.")
+@one_line_errors
 def push(cache, url, licenses, workers, allow_insecure):
     """Publish a verified cache (a layer or a root with several sources) at URL: hf://datasets/ORG/NAME,
     s3://BUCKET/PREFIX, gs://BUCKET/PREFIX or a folder.
@@ -233,15 +259,11 @@ def push(cache, url, licenses, workers, allow_insecure):
     sha256 is not sent again, so a rerun (after a change or a crash) uploads only what differs. The root
     README.md lists one `datasets` config per layer. Credentials come from the store's own settings.
     """
-    from cache_builder.manifest import CacheError
     from cache_builder.remote import open_location
     from cache_builder.share import push_cache
 
-    try:
-        push_cache(cache, open_location(url, allow_insecure=allow_insecure), licenses=licenses, workers=workers,
-                   log=click.echo)
-    except CacheError as err:
-        _fail(str(err))
+    push_cache(cache, open_location(url, allow_insecure=allow_insecure), licenses=licenses, workers=workers,
+               log=click.echo)
 
 
 @click.command(context_settings={"show_default": True})
@@ -251,6 +273,7 @@ def push(cache, url, licenses, workers, allow_insecure):
 @click.option("--layers", "layer_kinds", multiple=True, help="Layers to pull: `source` or `aligned/PIVOT`; repeat (default: every layer).")
 @click.option("--workers", default=8, type=click.IntRange(1), help="Files downloaded at once.")
 @click.option("--allow-insecure", is_flag=True, help="Allow plain http:// locations and S3 endpoints.")
+@one_line_errors
 def pull(url, dest, sources, layer_kinds, workers, allow_insecure):
     """Download a cache from URL into DEST, every file checked against its manifest before it gets its name.
 
@@ -258,12 +281,8 @@ def pull(url, dest, sources, layer_kinds, workers, allow_insecure):
     Resumable: rerun after a crash and verified files are kept. DEST/provenance.json records the origin and
     revision. Pull only what you need, e.g. `--layers source` to re-align to your own pivot.
     """
-    from cache_builder.manifest import CacheError
     from cache_builder.remote import open_location
     from cache_builder.share import pull_cache
 
-    try:
-        pull_cache(open_location(url, allow_insecure=allow_insecure), dest, workers=workers, log=click.echo,
-                   sources=tuple(s for s in sources.split(",") if s), layers=layer_kinds)
-    except CacheError as err:
-        _fail(str(err))
+    pull_cache(open_location(url, allow_insecure=allow_insecure), dest, workers=workers, log=click.echo,
+               sources=tuple(s for s in sources.split(",") if s), layers=layer_kinds)

@@ -148,5 +148,6 @@ def _verify_one_shard(path: Path, shard: dict, manifest: dict, view: Path) -> tu
     shutil.rmtree(view, ignore_errors=True)
     (view / shard["path"]).parent.mkdir(parents=True)
     os.link(path, view / shard["path"])
-    (view / MANIFEST).write_text(json.dumps({**manifest, "shards": [shard]}))
+    totals = {key: shard[key] for key in ("rows", "tokens", "bytes")}
+    (view / MANIFEST).write_text(json.dumps({**manifest, "shards": [shard], "totals": totals}))
     return verify_layer(view)

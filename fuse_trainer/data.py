@@ -22,6 +22,7 @@ from cache_builder.manifest import CacheError
 from cache_builder.reader import Ragged
 from cache_builder.store import VerifiedLayer, ShardStore, open_local_layer, open_remote_layer
 from cache_builder.verify import cross_source_problems
+from cache_builder.untrusted import shown
 
 SOURCE_FIELDS = ("aligned_pos", "topk_ids", "topk_logits", "native_topk_logits", "logsumexp", "logit_mean", "logit_std", "z_logsumexp",
                  "gold_logprob", "kept_mass", "chunk_logprob")
@@ -64,6 +65,9 @@ def _sources_at(spec: str, pivot: str, align_pivot: str | None, store: ShardStor
 
     if not is_url(spec):
         root = Path(spec)
+        if not root.is_dir():
+            raise CacheError(f"cache root {root} does not exist: build one with `cache-build --model <source> --corpus "
+                             f"<corpus> --out {root}`, or pass --shards the folder that holds <source>/aligned/{pivot}/")
         sources = [root] if (root / MANIFEST).is_file() else sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         found = {}
         for folder in sources:
@@ -102,7 +106,7 @@ def check_sources(layers: dict[str, VerifiedLayer], join: str = "exact") -> None
     `exact`) or share none (`intersect`), or were aligned to different pivot tokenizers."""
     problems = [p for layer in layers.values() for p in layer.problems]
     if problems:
-        raise CacheError("refusing to train on these caches:\n  " + "\n  ".join(problems))
+        raise CacheError("refusing to train on these caches: " + "; ".join(problems))
     keys = {name: Path(layer.origin) for name, layer in layers.items()}
     ids = {keys[n]: set(layer.record_ids) for n, layer in layers.items()}
     corpus = {keys[n]: layer.manifest["corpus"]["fingerprint"] for n, layer in layers.items()}
@@ -121,7 +125,25 @@ def check_sources(layers: dict[str, VerifiedLayer], join: str = "exact") -> None
     if problems:
         for name, layer in layers.items():  # name remote layers by their URLs
             problems = [p.replace(str(keys[name]), layer.origin) for p in problems]
-        raise CacheError("refusing to train on these caches:\n  " + "\n  ".join(problems))
+        raise CacheError("refusing to train on these caches: " + "; ".join(problems))
+
+
+def check_pivot(layers: dict[str, VerifiedLayer], tokenizer, embedding_rows: int) -> None:
+    """The aligned layers were made for the pivot being trained: the tokenizer fingerprint of each layer is
+    the loaded tokenizer's, and its vocabulary (which bounds every id, see cache_builder.values) fits the
+    model's embedding rows. A manifest alone is never trusted for either."""
+    from alignment import tokenizer_fingerprint
+
+    loaded = tokenizer_fingerprint(tokenizer)
+    for layer in layers.values():
+        pivot = layer.manifest["pivot"]
+        if pivot["tokenizer_fingerprint"] != loaded:
+            raise CacheError(f"{shown(layer.origin)}: aligned to another pivot tokenizer (fingerprint "
+                             f"{pivot['tokenizer_fingerprint'][:12]}) than the pivot loaded ({loaded[:12]}); rerun "
+                             f"`cache-align --cache {shown(layer.origin.rsplit('/', 2)[0])} --pivot <this pivot>`")
+        if pivot["vocab_size"] > embedding_rows:
+            raise CacheError(f"{shown(layer.origin)}: pivot vocab_size {pivot['vocab_size']} is more than the "
+                             f"{embedding_rows} token rows of the pivot loaded; the layer was made for another pivot")
 
 
 @dataclass
