@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The larger reproduction of the miniature InfiFusion result (issue 7), one command:
+# The larger reproduction of the miniature InfiFusion result, one command:
 #
 #   bash examples/reproduce.sh            # about an hour on 2 CPU cores; minutes on a GPU (taken automatically)
 #
@@ -35,10 +35,10 @@ if [ ! -f "$OUT/corpus.jsonl" ]; then
   mv "$OUT/corpus.jsonl.tmp" "$OUT/corpus.jsonl"
 fi
 CORPUS=$OUT/corpus.jsonl
-# The fused arms' recipe (docs/recipe_search.md, session 9): top-k KL from the per-record best source, only where
-# its mapped candidates name the pivot's gold token and it is not worse than the pivot on the chunk by over 2 nats.
-# Session 8's: "--gate candidate" alone; session 7's: "--loss infifusion --raw --lambda 0.3".
-FUSION_FLAGS=${FUSION_FLAGS:-"--loss topk-kl --lambda 0.7 --gate candidate+chunk --gate-margin -2 --lambda-scope distilled --weighting mince"}
+# The fused arms train RECIPE (default: recipes/recommended.yaml, whose header says how it was chosen); the
+# SFT-only arm recipes/sft.yaml. FUSION_FLAGS adds flags to the fused arms only.
+RECIPE=${RECIPE:-recommended}
+FUSION_FLAGS=${FUSION_FLAGS:-}
 if [ "$GENERATE_SAMPLES" -gt 0 ]; then
   echo "== 0 (before the demo's 5 steps): Qwen2.5-Coder writes $GENERATE_SAMPLES continuations per code train record"
   mkdir -p "$OUT/corpus_gen"
@@ -48,11 +48,12 @@ if [ "$GENERATE_SAMPLES" -gt 0 ]; then
   CORPUS=$OUT/corpus_gen
   FUSION_FLAGS="$FUSION_FLAGS --train-splits train,generated"
 fi
-TRAIN_FLAGS="--lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 10"
-OUT=$OUT CORPUS=$CORPUS FUSION_FLAGS="$FUSION_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS --epochs $EPOCHS" bash scripts/demo.sh
+TRAIN_FLAGS="--save-every 10"
+OUT=$OUT CORPUS=$CORPUS RECIPE=$RECIPE FUSION_FLAGS="$FUSION_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS --epochs $EPOCHS" \
+  bash scripts/demo.sh
 
 echo "== 6 (after the 5 steps of the demo): was SFT past its best? SFT with half the epochs, every arm on VALIDATION"
-.venv/bin/fuse-train --shards "$OUT/cache" --mode sft $TRAIN_FLAGS --epochs "$(awk "BEGIN {print $EPOCHS / 2}")" \
+.venv/bin/fuse-train --shards "$OUT/cache" --recipe sft $TRAIN_FLAGS --epochs "$(awk "BEGIN {print $EPOCHS / 2}")" \
   --out "$OUT/runs/sft-half" --resume
 .venv/bin/fuse-eval --data "$OUT/corpus.jsonl" --split validation \
   --model sft=$OUT/runs/sft/final --model sft-half-epochs=$OUT/runs/sft-half/final \

@@ -42,8 +42,9 @@ from fuse_trainer.checkpoint import (
     save_hf,
 )
 from fuse_trainer.config import TrainConfig, dump_yaml
-from fuse_trainer.data import Batch, FusionData, check_sources, collate, discover_sources
+from fuse_trainer.data import Batch, FusionData, check_pivot, check_sources, collate, discover_sources
 from fuse_trainer.gates import teacher_gate
+from fuse_trainer.guard import stop_if_not_finite
 from fuse_trainer.losses import FUSION_LOSSES, FusionInputs, chunk_spans, pivot_uld_stats, record_ratio, sft_loss
 from fuse_trainer.stream import MicroBatchStream
 from fuse_trainer.validation import Validator, cache_records, evaluate_merged
@@ -103,7 +104,7 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
     fusion_objective = logits.new_zeros(())
     weights = source_weights(source_scores(batch, cfg), cfg.weighting, cfg.weighting_temperature)
     distilled = torch.zeros_like(batch.loss_mask, dtype=logits.dtype)  # (B, T) summed source weight distilled there
-    uld_stats = (pivot_uld_stats(logits, cfg.top_k, cfg.standardize, cfg.normalize == "full")  # once for every source
+    uld_stats = (pivot_uld_stats(logits, cfg.uld_top_k, cfg.standardize, cfg.normalize == "full")  # once for every source
                  if cfg.loss == "infifusion" else None)
     for s, src in enumerate(batch.sources.values()):
         keep = batch.loss_mask[src.row, src.pos]  # (N,) response positions only
@@ -204,6 +205,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     tokenizer = load_tokenizer(pivot)
     resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
     model = load_model(resume_dir if resuming else pivot, dtype=torch.float32, device=device).train()
+    check_pivot(layers, tokenizer, model.get_input_embeddings().num_embeddings)
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -248,6 +250,8 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             dist.all_reduce(packed)
             sums = dict(zip(TERMS, packed.tolist()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        stop_if_not_finite(step + 1, sums["objective_sum"], float(grad_norm), layers,
+                           lambda: [data.shard(shard).record_ids[r] for shard, rows in group[rank::world] for r in rows])
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
@@ -304,6 +308,9 @@ def fuse_train(cfg: TrainConfig, log=print) -> Path:
     if cfg.merge_weights and len(cfg.merge_weights) != len(layers):
         raise ValueError(f"--merge-weights gives {len(cfg.merge_weights)} weights for {len(layers)} sources "
                          f"({', '.join(layers)}): give one per source, in that order")
+    if int(os.environ.get("RANK", 0)) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", dump_yaml(cfg))  # the whole run's settings, as each pairwise run's
     finals = [train_run(cfg, {name: folder}, out / f"pairwise-{name}", log) for name, folder in layers.items()]
     if int(os.environ.get("RANK", 0)) != 0:
         return out / "merged"
