@@ -5,10 +5,8 @@ The fixture's corpus has train and heldout records; these runs score the heldout
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -19,7 +17,7 @@ from fuse_trainer.evaluate import evaluate_model
 from fuse_trainer.plot import plot_runs
 from fuse_trainer.train import fuse_train, train_run
 from fuse_trainer.validation import cache_records
-from tests.runs import run_losses, train_config
+from tests.runs import kill_9_when, run_losses, train_config
 
 QUIET = dict(log=lambda *_: None)
 # a high rate: the heldout code figure passes its minimum at step 3 and rises after it (the pooled one keeps falling)
@@ -88,12 +86,7 @@ def test_kill_9_and_resume_keep_the_best(world, tmp_path):
     recipe = tmp_path / "recipe.yaml"  # the straight run's settings, as a recipe
     recipe.write_text(dump_yaml(train_config(world, killed, keep_best="code", save_every=4, **SCORED)))
     command = [sys.executable, "-c", "from fuse_trainer.cli import train; train()", "--recipe", str(recipe)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "checkpoint" / "trainer_state.pt").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_9_when(command, killed / "checkpoint" / "trainer_state.pt")
     assert not (killed / "final").exists() and (killed / "best" / "best.json").exists()  # killed past a best and a checkpoint
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
