@@ -21,7 +21,8 @@ from cache_builder.models import load_model, load_tokenizer, resolve_model
 from cache_builder.scoring import length_buckets, score_batch
 from fuse_trainer.config import TrainConfig
 from fuse_trainer.data import FusionData, collate, discover_sources
-from fuse_trainer.train import MicroBatchStream, micro_batch_terms
+from fuse_trainer.stream import MicroBatchStream
+from fuse_trainer.train import micro_batch_terms
 
 
 def report(prof, device: str, trace: str | None) -> None:

@@ -27,7 +27,8 @@ from cache_builder.reader import read_rows
 from cache_builder.scoring import score_batch
 from fuse_trainer.config import TrainConfig
 from fuse_trainer.data import FusionData, collate, discover_sources
-from fuse_trainer.train import MicroBatchStream, micro_batch_terms
+from fuse_trainer.stream import MicroBatchStream
+from fuse_trainer.train import micro_batch_terms
 
 
 def timed_step(model, batch, cfg: TrainConfig) -> float:

@@ -9,19 +9,17 @@ from fuse_trainer.losses import (
     FUSION_LOSSES,
     FusionInputs,
     alm_loss,
-    candidate_gate_mask,
     chunk_logprob_sum,
     chunk_spans,
-    gate_mask,
     log1mexp,
     pivot_uld_stats,
-    record_gate_mask,
     sft_loss,
     soft_ce_loss,
     topk_kl_loss,
     uld_loss,
     valid_positions,
 )
+from fuse_trainer.gates import candidate_gate_mask, gate_mask, record_gate_mask
 from fuse_trainer.weighting import SOURCE_WEIGHTINGS, record_chunk_ce, source_weights, topk_entropy
 
 EPS = 1e-6

@@ -23,7 +23,8 @@ from cache_builder.build import BuildError, build_cache
 from cache_builder.info import cache_summary
 from cache_builder.reader import read_rows
 from cache_builder.verify import verify_cache
-from fuse_trainer.train import MicroBatchStream, fuse_train, train_run
+from fuse_trainer.stream import MicroBatchStream
+from fuse_trainer.train import fuse_train, train_run
 from fuse_trainer.data import discover_sources
 from tests.runs import build_command, run_losses, train_config
 
