@@ -70,8 +70,8 @@ def placement_units(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     The layers are the `layers` list of `model.get_decoder()`; every module beside the path to it is kept."""
     layers = getattr(model.get_decoder(), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"{type(model).__name__}: no list of decoder layers at get_decoder().layers, so it cannot be "
-                         "spread over devices; run it without --device-map")
+        raise ValueError(f"{type(model).__name__}: no list of decoder layers at get_decoder().layers to place or shard "
+                         "layer by layer; run it without --device-map and --fsdp")
     path = next(name for name, module in model.named_modules() if module is layers).split(".")
     kept = []
     for depth, step in enumerate(path):

@@ -50,6 +50,7 @@ class TrainConfig:
     grad_accum: int = 1
     dtype: str = "fp32"  # bf16: autocast matmuls to bfloat16, weights and optimizer state stay float32
     activation_checkpointing: bool = False  # recompute each layer's activations in the backward: less memory, same model
+    fsdp: bool = False  # shard weights, gradients and AdamW state across the torchrun ranks (fuse_trainer.sharding)
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int | None = None  # torch CPU threads (default: torch's choice, all cores)

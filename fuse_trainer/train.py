@@ -9,6 +9,8 @@ One run, top to bottom:
      `distill_only_splits` split, text the pivot wrote itself, get the fusion term alone at weight 1), all-reduces
      the gradients, clips and steps; metrics go to metrics.jsonl and the progress bar;
   4. saves a Hugging Face checkpoint with the resolved config and the caches' fingerprints.
+With --fsdp each rank holds a shard of the pivot, its gradients and AdamW state instead of a full copy
+(fuse_trainer.sharding): same steps, sharded checkpoints, and the final model gathered into one folder.
 Pairwise mode runs 1-4 once per source, then merges the pivots in weight space.
 """
 
@@ -43,6 +45,14 @@ from fuse_trainer.config import TrainConfig, dump_yaml
 from fuse_trainer.data import Batch, FusionData, check_sources, collate, discover_sources
 from fuse_trainer.gates import teacher_gate
 from fuse_trainer.losses import FUSION_LOSSES, FusionInputs, chunk_spans, pivot_uld_stats, record_ratio, sft_loss
+from fuse_trainer.sharding import (
+    check_checkpoint_kind,
+    consolidated_state_dict,
+    full_value,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+    shard_model,
+)
 from fuse_trainer.stream import MicroBatchStream
 from fuse_trainer.weighting import record_chunk_ce, source_weights, topk_entropy
 
@@ -180,6 +190,9 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the process group: NCCL binds each rank to its GPU
     rank, world = distributed()
+    if cfg.fsdp and world == 1:
+        raise ValueError("--fsdp shards the pivot across processes: launch with torchrun --nproc-per-node N (N >= 2), "
+                         "or leave out --fsdp")
     if cfg.grad_accum % world:
         raise ValueError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes: the micro-batches "
                          "of each optimizer step are split between them")
@@ -200,9 +213,16 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     pivot = resolve_model(cfg.pivot)
     tokenizer = load_tokenizer(pivot)
     resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
-    model = load_model(resume_dir if resuming else pivot, dtype=torch.float32, device=device).train()
+    if resuming:
+        check_checkpoint_kind(resume_dir, cfg.fsdp)
+    if cfg.fsdp:  # the full pivot on the CPU; sharding moves each rank's shards onto its device, layer by layer
+        model = load_model(pivot, dtype=torch.float32, device="cpu").train()
+    else:
+        model = load_model(resume_dir if resuming else pivot, dtype=torch.float32, device=device).train()
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable()
+    if cfg.fsdp:
+        shard_model(model, device, bf16=cfg.dtype == "bf16")
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = MicroBatchStream(data, cfg.batch_tokens, cfg.seed)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * stream.per_epoch) // cfg.grad_accum)
@@ -210,7 +230,10 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     start = 0
     if resuming:
         state = torch.load(resume_dir / STATE_FILE, weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])  # moves the moments onto the parameters' device
+        if cfg.fsdp:
+            load_sharded_checkpoint(resume_dir, model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])  # moves the moments onto the parameters' device
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
@@ -234,11 +257,12 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             loss.backward()
             for k in TERMS:
                 sums[k] += float(terms[k].detach())
-        if world > 1:
+        if world > 1 and not cfg.fsdp:  # FSDP reduce-scatters the gradients in each backward
             for p in model.parameters():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
+        if world > 1:
             packed = torch.tensor([sums[k] for k in TERMS], dtype=torch.float64, device=device)
             dist.all_reduce(packed)
             sums = dict(zip(TERMS, packed.tolist()))
@@ -254,7 +278,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             "fusion": sums["fusion_sum"] / max(n_response, 1),
             "kept_mass": sums["kept_mass_sum"] / max(sums["fusion_positions"], 1),
             "gated_in": sums["gated_in"] / max(sums["fusion_positions"], 1),
-            "grad_norm": float(grad_norm),
+            "grad_norm": full_value(grad_norm),
             "lr": lr,
             "tokens": n_response,
             "tokens_per_s": sum(stream.tokens(mb) for mb in group) / (time.time() - t0),
@@ -265,16 +289,20 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
         bar.set_postfix(loss=f"{record['loss']:.3f}", sft=f"{record['sft']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         stopping = stop_after is not None and step + 1 == stop_after and step + 1 < total_steps
         periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
-        if rank == 0 and (stopping or periodic) and step + 1 < total_steps:
-            save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1, cfg, provenance)
+        if (stopping or periodic) and step + 1 < total_steps:
+            if cfg.fsdp:
+                save_sharded_checkpoint(out, model, optimizer, scheduler, step + 1, cfg, provenance)
+            elif rank == 0:
+                save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1, cfg, provenance)
         if stopping:
             bar.close()
             if metrics:
                 metrics.close()
             return None
     final = out / FINAL_DIR
+    weights = consolidated_state_dict(model) if cfg.fsdp else None  # gathered on rank 0; every rank takes part
     if rank == 0:
-        save_final(out, model, tokenizer, cfg, provenance)
+        save_final(out, model, tokenizer, cfg, provenance, weights)
         metrics.close()
         shutil.rmtree(resume_dir, ignore_errors=True)  # the final model supersedes the last resumable checkpoint
     if world > 1:

@@ -1,10 +1,26 @@
-"""Past one device: a source spread over devices by a device map (cache-build --device-map)."""
+"""Past one device: a source spread over devices by a device map (cache-build --device-map), and the pivot sharded
+across processes (fuse-train --fsdp, FSDP2 on CPU with gloo and two processes)."""
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
 import pytest
 import torch
 
 from cache_builder.build import build_cache
 from cache_builder.device_map import parse_max_memory, placement_units, plan_device_map, rank_gpus
+from fuse_trainer.data import discover_sources
+from fuse_trainer.train import train_run
+from tests.runs import run_losses, train_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def skeleton(config):
@@ -59,3 +75,67 @@ def test_layers_fill_the_gpus_in_order_and_ranks_split_a_node():
     with pytest.raises(ValueError, match="gpu=SIZE,cpu=SIZE"):
         parse_max_memory("0=70GiB")
 
+
+
+def torchrun_fuse_train(cfg, out: Path, *flags: str) -> list[str]:
+    """fuse-train with `cfg`'s settings under torchrun: two gloo processes on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
+            sys.executable, "-c", "import sys; from fuse_trainer.cli import train; sys.argv[0] = 'fuse-train'; train()",
+            "--shards", cfg.shards, "--pivot", cfg.pivot, "--lr", str(cfg.lr), "--batch-tokens", str(cfg.batch_tokens),
+            "--grad-accum", str(cfg.grad_accum), "--max-steps", str(cfg.max_steps), "--lambda", str(cfg.lam),
+            "--loss", cfg.loss, "--top-k", str(cfg.top_k), "--out", str(out), *flags]
+
+
+GLOO_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_fsdp_on_two_processes_trains_the_model_of_one(world, tmp_path):
+    """Same global batch: the losses of the one-process run, and a consolidated Hugging Face checkpoint equal to its
+    model parameter by parameter."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    single = tmp_path / "single"
+    cfg = train_config(world, single, grad_accum=2, max_steps=3)
+    train_run(cfg, discover_sources(world["cache"], "pivot"), single, log=lambda *_: None)
+    sharded = tmp_path / "fsdp"
+    result = subprocess.run(torchrun_fuse_train(cfg, sharded, "--fsdp", "--save-every", "0"), capture_output=True,
+                            text=True, env=GLOO_ENV, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert np.allclose(run_losses(sharded), run_losses(single), rtol=1e-4)
+    plain, gathered = load_file(single / "final" / "model.safetensors"), load_file(sharded / "final" / "model.safetensors")
+    assert plain.keys() == gathered.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], gathered[name], rtol=1e-4, atol=1e-6), name
+    model = AutoModelForCausalLM.from_pretrained(sharded / "final")
+    assert not any(p.is_meta for p in model.parameters())
+    assert (sharded / "final" / "fusion_config.yaml").exists() and not (sharded / "checkpoint").exists()
+
+
+def test_fsdp_killed_after_a_checkpoint_resumes_to_the_losses_of_an_uninterrupted_run(world, tmp_path):
+    """kill -9 of every process after a sharded checkpoint, then --resume (with activation checkpointing, which
+    composes with FSDP); a sharded checkpoint is refused without --fsdp."""
+    straight = tmp_path / "straight"
+    cfg = train_config(world, straight, grad_accum=2, max_steps=10)
+    layers = discover_sources(world["cache"], "pivot")
+    train_run(cfg, layers, straight, log=lambda *_: None)
+    killed = tmp_path / "killed"
+    command = torchrun_fuse_train(cfg, killed, "--fsdp", "--activation-checkpointing", "--save-every", "2")
+    proc = subprocess.Popen(command, env=GLOO_ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (killed / "checkpoint" / "trainer_state.pt").exists():
+        time.sleep(0.02)
+    launcher = psutil.Process(proc.pid)
+    for process in [launcher, *launcher.children(recursive=True)]:  # torchrun and both ranks (own sessions)
+        process.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoint" / "dcp").is_dir() and not (killed / "final").exists()
+    with pytest.raises(ValueError, match="written with --fsdp"):
+        train_run(train_config(world, killed, grad_accum=2, max_steps=10, resume=True), layers, killed,
+                  log=lambda *_: None)
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, env=GLOO_ENV, cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout + resumed.stderr
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+    assert np.allclose(run_losses(killed), run_losses(straight), rtol=1e-4)
