@@ -167,10 +167,11 @@ def lr_lambda(warmup: int, total: int):
     return factor
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size); initialises a gloo/nccl process group when launched by torchrun."""
+def distributed(sharded: bool = False) -> tuple[int, int]:
+    """(rank, world size); initialises a gloo/nccl process group when launched by torchrun with several processes,
+    or with one when `sharded` (FSDP shards over a process group, even of one)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or (sharded and "RANK" in os.environ)) and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
@@ -189,10 +190,10 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     device = pick_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the process group: NCCL binds each rank to its GPU
-    rank, world = distributed()
-    if cfg.fsdp and world == 1:
-        raise ValueError("--fsdp shards the pivot across processes: launch with torchrun --nproc-per-node N (N >= 2), "
-                         "or leave out --fsdp")
+    rank, world = distributed(sharded=cfg.fsdp)
+    if cfg.fsdp and not dist.is_initialized():
+        raise ValueError("--fsdp shards the pivot across the processes of torchrun: launch with torchrun "
+                         "--nproc-per-node N, or leave out --fsdp")
     if cfg.grad_accum % world:
         raise ValueError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes: the micro-batches "
                          "of each optimizer step are split between them")

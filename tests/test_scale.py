@@ -97,7 +97,10 @@ def test_fsdp_on_two_processes_trains_the_model_of_one(world, tmp_path):
 
     single = tmp_path / "single"
     cfg = train_config(world, single, grad_accum=2, max_steps=3)
-    train_run(cfg, discover_sources(world["cache"], "pivot"), single, log=lambda *_: None)
+    layers = discover_sources(world["cache"], "pivot")
+    with pytest.raises(ValueError, match="launch with torchrun"):  # no process group to shard over
+        train_run(train_config(world, single, fsdp=True), layers, single, log=lambda *_: None)
+    train_run(cfg, layers, single, log=lambda *_: None)
     sharded = tmp_path / "fsdp"
     result = subprocess.run(torchrun_fuse_train(cfg, sharded, "--fsdp", "--save-every", "0"), capture_output=True,
                             text=True, env=GLOO_ENV, cwd=REPO, timeout=300)
