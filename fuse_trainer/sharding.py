@@ -30,12 +30,14 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from cache_builder.device_map import placement_units
+from cache_builder.models import ensure_converted, load_model
 from fuse_trainer.checkpoint import CHECKPOINT_DIR, STATE_FILE, save_settings, schedule_state, write_folder
 
 SHARDS_DIR = "dcp"  # inside a checkpoint folder: the DCP files of every rank
@@ -56,6 +58,30 @@ def shard_model(model: torch.nn.Module, device: torch.device, bf16: bool) -> tor
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # a sum: each rank's loss is already divided by the step's tokens
             module.set_force_sum_reduction_for_comms(True)  # plain SUM collectives (gloo has no pre-scaled sum)
+    return model
+
+
+def load_sharded_pivot(pivot, device: torch.device, bf16: bool, recompute: bool) -> torch.nn.Module:
+    """The pivot (a ModelSource) in training mode, sharded across the process group (`shard_model`), with activation
+    checkpointing when `recompute`. Only rank 0 reads the weights, into CPU memory; the other ranks build the model
+    on the meta device and receive their shards (and the buffers) from rank 0."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    full = load_model(pivot, dtype=torch.float32, device="cpu") if dist.get_rank() == 0 else None
+    dist.barrier()  # rank 0 has converted a GGUF pivot, if it had to
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ensure_converted(pivot)), dtype=torch.float32)
+    model.train()
+    if recompute:
+        model.activation_checkpointing_enable()
+    shard_model(model, device, bf16)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buffer in model.named_buffers():  # not in the state dict (rotary tables): computed once, on rank 0
+        if full is not None:
+            buffer.copy_(full.get_buffer(name))
+        dist.broadcast(buffer, src=0)
     return model
 
 

@@ -50,8 +50,8 @@ from fuse_trainer.sharding import (
     consolidated_state_dict,
     full_value,
     load_sharded_checkpoint,
+    load_sharded_pivot,
     save_sharded_checkpoint,
-    shard_model,
 )
 from fuse_trainer.stream import MicroBatchStream
 from fuse_trainer.weighting import record_chunk_ce, source_weights, topk_entropy
@@ -216,14 +216,12 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
     if resuming:
         check_checkpoint_kind(resume_dir, cfg.fsdp)
-    if cfg.fsdp:  # the full pivot on the CPU; sharding moves each rank's shards onto its device, layer by layer
-        model = load_model(pivot, dtype=torch.float32, device="cpu").train()
+    if cfg.fsdp:  # from the pivot; a resumed run then loads its shards from the checkpoint
+        model = load_sharded_pivot(pivot, device, bf16=cfg.dtype == "bf16", recompute=cfg.activation_checkpointing)
     else:
         model = load_model(resume_dir if resuming else pivot, dtype=torch.float32, device=device).train()
-    if cfg.activation_checkpointing:
-        model.activation_checkpointing_enable()
-    if cfg.fsdp:
-        shard_model(model, device, bf16=cfg.dtype == "bf16")
+        if cfg.activation_checkpointing:
+            model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = MicroBatchStream(data, cfg.batch_tokens, cfg.seed)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * stream.per_epoch) // cfg.grad_accum)
