@@ -8,6 +8,9 @@ its backward is done. The micro-batches, the loss and the optimizer are those of
 gradients are summed across ranks, not averaged, because every rank already divides its loss by the whole
 step's response tokens.
 
+Loading: only rank 0 reads the pivot (into CPU memory); the other ranks build it on the meta device and receive
+their shards from rank 0, so a node holds one full copy, not one per GPU.
+
 Mixed precision (`--dtype bf16`): the layers compute with bf16 copies of the weights, the gradients are reduced
 and the sharded weights and AdamW state kept in fp32 (MixedPrecisionPolicy). With fp32 a run reproduces the
 one-process run (tests/test_scale.py).
