@@ -45,7 +45,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 if [ -n "${RANDOM_FROM:-}" ]; then
   echo "== random weights, real architectures and tokenizers (from $RANDOM_FROM)"
   for name in smollm2 qwen gemma3; do
-    "$PY" benchmarks/random_init.py "$RANDOM_FROM/$name" "$WORK/models/$name" --device "$DEVICE"
+    "$PY" -m benchmarks.random_init "$RANDOM_FROM/$name" "$WORK/models/$name" --device "$DEVICE"
   done
   PIVOT=$WORK/models/smollm2 QWEN=$WORK/models/qwen GEMMA=$WORK/models/gemma3
 else
@@ -89,19 +89,19 @@ fi
 
 echo "== 4/8 fusion step / SFT step, and online distillation / fusion step, on $DEVICE (2 sources)"
 for loss in topk-kl infifusion; do
-  "$PY" benchmarks/train_step.py --cache "$WORK/cache" --pivot "$PIVOT" --device "$DEVICE" --loss "$loss" \
+  "$PY" -m benchmarks.train_step --cache "$WORK/cache" --pivot "$PIVOT" --device "$DEVICE" --loss "$loss" \
     --batch-tokens 8192 --repeats "$REPEATS" --online --sources "qwen=$QWEN,gemma3=$GEMMA"
 done
 
 echo "== 5/8 fuse-train unified ($STEPS steps) and fuse-eval on $DEVICE"
-cli fuse-train --shards "$WORK/cache" --pivot "$PIVOT" --mode unified --loss infifusion --raw --lambda 0.3 \
+cli fuse-train --shards "$WORK/cache" --pivot "$PIVOT" --mode unified --recipe uld-raw \
   --max-steps "$STEPS" --batch-tokens 8192 --dtype bf16 --device "$DEVICE" --save-every 0 --out "$WORK/runs/unified"
 tail -n 1 "$WORK/runs/unified/metrics.jsonl"
 cli fuse-eval --model "pivot=$PIVOT" --model "fused=$WORK/runs/unified/final" --data "$WORK/corpus.jsonl" \
   --split heldout --dtype bf16 --device "$DEVICE"
 echo "== 6/8 torch.profiler: cache-build scoring (qwen) and fuse-train micro-batches on $DEVICE"
-"$PY" benchmarks/profile_steps.py build --model "$QWEN" --device "$DEVICE" --batch-tokens 16384
-"$PY" benchmarks/profile_steps.py train --cache "$WORK/cache" --pivot "$PIVOT" --device "$DEVICE" --batch-tokens 8192
+"$PY" -m benchmarks.profile_steps build --model "$QWEN" --device "$DEVICE" --batch-tokens 16384
+"$PY" -m benchmarks.profile_steps train --cache "$WORK/cache" --pivot "$PIVOT" --device "$DEVICE" --batch-tokens 8192
 NGPU=${NGPU:-$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))")}
 echo "== 7/8 cache-build --device-map auto: $(basename "$QWEN") with 700 MiB of GPU memory for weights, the rest in CPU memory"
 cli cache-build --model "$QWEN" --corpus "$WORK/corpus.jsonl" --out "$WORK/cache-spread" --dtype bf16 --device "$DEVICE" \
@@ -115,7 +115,7 @@ torchrun_train() {  # torchrun_train OUT FLAGS...: fuse-train on NGPU ranks of t
   "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NGPU" --no-python "$PY" -c "import sys
 from fuse_trainer.cli import train
 sys.argv[0] = 'fuse-train'
-train()" --shards "$WORK/cache" --pivot "$PIVOT" --mode unified --loss infifusion --raw --lambda 0.3 --fsdp \
+train()" --shards "$WORK/cache" --pivot "$PIVOT" --mode unified --recipe uld-raw --fsdp \
     --dtype bf16 --activation-checkpointing --batch-tokens 8192 --grad-accum "$NGPU" --device "$DEVICE" --out "$out" "$@"
 }
 rm -rf "$WORK/runs/fsdp"
@@ -130,6 +130,6 @@ torchrun_train "$WORK/runs/fsdp" --max-steps 12 --save-every 2 --resume
 cut -c 1-120 "$WORK/runs/fsdp/metrics.jsonl"
 "$PY" -c "import sys; from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); print('gathered model loads:', sum(p.numel() for p in m.parameters()), 'parameters')" "$WORK/runs/fsdp/final"
-"$PY" benchmarks/train_fsdp.py --shards "$WORK/cache" --pivot "$PIVOT" --world "$NGPU" --device "$DEVICE" --dtype bf16 \
+"$PY" -m benchmarks.train_fsdp --shards "$WORK/cache" --pivot "$PIVOT" --world "$NGPU" --device "$DEVICE" --dtype bf16 \
   --batch-tokens 8192 --steps 6
 echo "== done"

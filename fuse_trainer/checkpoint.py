@@ -6,6 +6,7 @@
       checkpoint/          the last resumable checkpoint (HF model + trainer_state.pt, or with --fsdp the
                            ranks' shards in dcp/ + trainer_state.pt), gone once final/ exists
       final/               the trained model (HF format) with fusion_config.yaml and fusion_provenance.json
+      best/                with --keep-best, the evaluated step best on validation so far (+ best.json); final/ at the end
 
 Every folder is written under a temporary name and renamed into place (`write_folder`), so a run killed at any
 instant leaves a complete folder or none. `--resume` continues a run only with the settings it was trained
@@ -31,10 +32,19 @@ from fuse_trainer.config import TrainConfig, dump_yaml
 STATE_FILE = "trainer_state.pt"
 FINAL_DIR = "final"
 CHECKPOINT_DIR = "checkpoint"
+BEST_DIR = "best"
 # Settings that do not change the trained model: a run may resume, or count as finished, with other values.
-RUN_ONLY_SETTINGS = ("resume", "threads", "device", "save_every", "out", "extra", "activation_checkpointing", "fsdp")
-# Settings added after runs were saved, with the value that matches how those runs were trained.
-SETTINGS_BEFORE_THEY_EXISTED = {"distill_only_splits": [], "shuffle_window": 1}
+RUN_ONLY_SETTINGS = ("resume", "threads", "device", "save_every", "out", "extra", "activation_checkpointing", "recipe",
+                     "fsdp")
+# Settings of the fusion term and the pairwise merge: an SFT run (mode sft) is the same model whatever they say.
+FUSION_ONLY_SETTINGS = ("loss", "lam", "lambda_scope", "fusion_temperature", "alm_temperature", "uld_top_k",
+                        "standardize", "normalize", "alm_distance", "weighting", "weighting_temperature", "gate",
+                        "gate_margin", "distill_only_splits", "merge", "merge_weights", "ties_density")
+# Settings added after runs were saved, with the value that matches how those runs were trained (a temperature of
+# a loss the run did not use changes nothing).
+SETTINGS_BEFORE_THEY_EXISTED = {"distill_only_splits": [], "shuffle_window": 1, "fusion_temperature": 1.0,
+                                "alm_temperature": 1.0, "eval_split": "validation", "eval_every": 0,
+                                "keep_best": None}
 
 
 def write_folder(folder: Path, write: Callable[[Path], None]) -> None:
@@ -108,7 +118,7 @@ def recover_checkpoint(out: Path) -> Path:
 
 def clear_run(out: Path) -> None:
     """Remove what an earlier run left in `out` (models, checkpoints, metrics): a fresh run starts clean."""
-    for name in (FINAL_DIR, CHECKPOINT_DIR):
+    for name in (FINAL_DIR, CHECKPOINT_DIR, BEST_DIR):
         for folder in (name, f".{name}.old", f".{name}.tmp", f".{name}.shards"):
             shutil.rmtree(out / folder, ignore_errors=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -132,23 +142,43 @@ def keep_metrics_until(path: Path, step: int) -> None:
         write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
+def renamed_settings(saved: dict, checkpoint: Path, log=print) -> dict:
+    """`saved` in today's names: top_k is uld_top_k; temperature is alm_temperature for an ALM run, else
+    fusion_temperature (one name had both meanings). Logged when it applies."""
+    old = {k: saved[k] for k in ("top_k", "temperature") if k in saved}
+    if not old:
+        return saved
+    new = {}
+    if "top_k" in old:
+        new["uld_top_k"] = old["top_k"]
+    if "temperature" in old:
+        new["alm_temperature" if saved.get("loss") == "alm" else "fusion_temperature"] = old["temperature"]
+    log(f"{checkpoint}: saved with the old names {old}, read as {new}")
+    return {**{k: v for k, v in saved.items() if k not in old}, **new}
+
+
 def changed_settings(checkpoint: Path, cfg: TrainConfig, shard_groups: int, log=print) -> dict:
     """{setting: (saved, now)} where the model in `checkpoint` was trained otherwise than `cfg` says.
 
-    Two rules make a difference no change, and each is logged when it applies: settings that do not change
-    the model (RUN_ONLY_SETTINGS), and settings the saved run predates (SETTINGS_BEFORE_THEY_EXISTED, read as
-    the value that run was trained with). Two shuffle windows that each hold all `shard_groups` of the cache
+    The compatibility rules, each logged when it applies: settings renamed since (`renamed_settings`) are read
+    in today's names; settings the saved run predates (SETTINGS_BEFORE_THEY_EXISTED) are read as the value that
+    run was trained with; settings that do not change the model (RUN_ONLY_SETTINGS, and FUSION_ONLY_SETTINGS
+    for an SFT run) may differ. Two shuffle windows that each hold all `shard_groups` of the cache
     give the same batch order, so they are no change either."""
-    saved = yaml.safe_load((checkpoint / "fusion_config.yaml").read_text())
+    saved = renamed_settings(yaml.safe_load((checkpoint / "fusion_config.yaml").read_text()), checkpoint, log)
     now = asdict(cfg)
     predates = {k: v for k, v in SETTINGS_BEFORE_THEY_EXISTED.items() if k not in saved}
     if predates:
         log(f"{checkpoint}: saved before {', '.join(predates)} existed, read as {predates}")
     saved = {**predates, **saved}
-    run_only = [k for k in RUN_ONLY_SETTINGS if k in now and k in saved and saved[k] != now[k]]
+    run_only = [k for k in RUN_ONLY_SETTINGS if k != "resume" and k in saved and saved[k] != now[k]]
     if run_only:
         log(f"{checkpoint}: {', '.join(run_only)} differ from the saved run but do not change the model")
     changed = {k: (saved.get(k), now[k]) for k in now if k not in RUN_ONLY_SETTINGS and saved.get(k) != now[k]}
+    ignored = [k for k in FUSION_ONLY_SETTINGS if k in changed] if saved.get("mode") == now["mode"] == "sft" else []
+    if ignored:
+        log(f"{checkpoint}: an SFT run; {', '.join(ignored)} differ from the saved run but do not change the model")
+        changed = {k: v for k, v in changed.items() if k not in ignored}
     if "shuffle_window" in changed and min(changed["shuffle_window"]) >= shard_groups:
         log(f"{checkpoint}: shuffle windows {changed['shuffle_window']} both hold all {shard_groups} shard groups: "
             "the same batch order")

@@ -557,3 +557,11 @@ FUSION_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "topk-kl": _topk_kl,
     "alm": _alm,
 }
+# loss -> {keyword argument of its function: the training setting (fuse_trainer.config.TrainConfig) that gives it}
+LOSS_SETTINGS: dict[str, dict[str, str]] = {
+    "infifusion": {"top_k": "uld_top_k", "temperature": "fusion_temperature", "standardize": "standardize",
+                   "normalize": "normalize"},
+    "fusellm": {"temperature": "fusion_temperature"},
+    "topk-kl": {},
+    "alm": {"temperature": "alm_temperature", "distance": "alm_distance"},
+}

@@ -7,7 +7,8 @@ One run, top to bottom:
      world_size-th), computes (1-λ)·SFT + λ·fusion normalised by the step's response tokens (with
      `lambda_scope: distilled`, λ only where a source is distilled: elsewhere SFT keeps weight 1; records of a
      `distill_only_splits` split, text the pivot wrote itself, get the fusion term alone at weight 1), all-reduces
-     the gradients, clips and steps; metrics go to metrics.jsonl and the progress bar;
+     the gradients, clips and steps; metrics go to metrics.jsonl and the progress bar; every `eval_every` steps the
+     pivot is scored on the `eval_split` records (fuse_trainer/validation.py), and `keep_best` keeps the best step;
   4. saves a Hugging Face checkpoint with the resolved config and the caches' fingerprints.
 With --fsdp each rank holds a shard of the pivot, its gradients and AdamW state instead of a full copy
 (fuse_trainer.sharding): same steps, sharded checkpoints, and the final model gathered into one folder.
@@ -40,10 +41,12 @@ from fuse_trainer.checkpoint import (
     refuse_other_settings,
     save_checkpoint,
     save_final,
+    save_hf,
 )
 from fuse_trainer.config import TrainConfig, dump_yaml
-from fuse_trainer.data import Batch, FusionData, check_sources, collate, discover_sources
+from fuse_trainer.data import Batch, FusionData, check_pivot, check_sources, collate, discover_sources
 from fuse_trainer.gates import teacher_gate
+from fuse_trainer.guard import stop_if_not_finite
 from fuse_trainer.losses import FUSION_LOSSES, FusionInputs, chunk_spans, pivot_uld_stats, record_ratio, sft_loss
 from fuse_trainer.sharding import (
     check_checkpoint_kind,
@@ -54,6 +57,7 @@ from fuse_trainer.sharding import (
     save_sharded_checkpoint,
 )
 from fuse_trainer.stream import MicroBatchStream
+from fuse_trainer.validation import Validator, cache_records, evaluate_merged
 from fuse_trainer.weighting import record_chunk_ce, source_weights, topk_entropy
 
 # summed per step; objective_sum is the loss before the division by the step's response tokens
@@ -110,7 +114,7 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
     fusion_objective = logits.new_zeros(())
     weights = source_weights(source_scores(batch, cfg), cfg.weighting, cfg.weighting_temperature)
     distilled = torch.zeros_like(batch.loss_mask, dtype=logits.dtype)  # (B, T) summed source weight distilled there
-    uld_stats = (pivot_uld_stats(logits, cfg.top_k, cfg.standardize, cfg.normalize == "full")  # once for every source
+    uld_stats = (pivot_uld_stats(logits, cfg.uld_top_k, cfg.standardize, cfg.normalize == "full")  # once for every source
                  if cfg.loss == "infifusion" else None)
     for s, src in enumerate(batch.sources.values()):
         keep = batch.loss_mask[src.row, src.pos]  # (N,) response positions only
@@ -222,6 +226,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
         model = load_model(resume_dir if resuming else pivot, dtype=torch.float32, device=device).train()
         if cfg.activation_checkpointing:
             model.activation_checkpointing_enable()
+    check_pivot(layers, tokenizer, model.get_input_embeddings().num_embeddings)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = MicroBatchStream(data, cfg.batch_tokens, cfg.seed)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * stream.per_epoch) // cfg.grad_accum)
@@ -243,6 +248,8 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
         out.mkdir(parents=True, exist_ok=True)
         clear_run(out)
         (out / "config.yaml").write_text(dump_yaml(cfg))
+    validator = (Validator(cache_records(layers, cfg.eval_split), tokenizer, pivot.add_bos, cfg.eval_split, cfg.keep_best,
+                           out, cfg.batch_tokens) if cfg.eval_every and rank == 0 else None)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(range(start, total_steps), desc=f"fuse-train {out.name}", disable=rank != 0, dynamic_ncols=True)
     for step in bar:
@@ -266,6 +273,8 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             dist.all_reduce(packed)
             sums = dict(zip(TERMS, packed.tolist()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        stop_if_not_finite(step + 1, sums["objective_sum"], float(grad_norm), layers,
+                           lambda: [data.shard(shard).record_ids[r] for shard, rows in group[rank::world] for r in rows])
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
@@ -282,10 +291,14 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             "tokens": n_response,
             "tokens_per_s": sum(stream.tokens(mb) for mb in group) / (time.time() - t0),
         }
+        if validator and validator.due(step + 1, cfg.eval_every, total_steps):
+            record.update(validator.evaluate(model, step + 1, lambda folder: save_hf(folder, model, tokenizer, cfg,
+                                                                                     provenance)))
         if metrics:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-        bar.set_postfix(loss=f"{record['loss']:.3f}", sft=f"{record['sft']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{record['loss']:.3f}", sft=f"{record['sft']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                        **(validator.postfix() if validator else {}))
         stopping = stop_after is not None and step + 1 == stop_after and step + 1 < total_steps
         periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
         if (stopping or periodic) and step + 1 < total_steps:
@@ -301,7 +314,10 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     final = out / FINAL_DIR
     weights = consolidated_state_dict(model) if cfg.fsdp else None  # gathered on rank 0; every rank takes part
     if rank == 0:
-        save_final(out, model, tokenizer, cfg, provenance, weights)
+        if cfg.keep_best:
+            validator.promote_best(log)
+        else:
+            save_final(out, model, tokenizer, cfg, provenance, weights)
         metrics.close()
         shutil.rmtree(resume_dir, ignore_errors=True)  # the final model supersedes the last resumable checkpoint
     if world > 1:
@@ -319,6 +335,9 @@ def fuse_train(cfg: TrainConfig, log=print) -> Path:
     if cfg.merge_weights and len(cfg.merge_weights) != len(layers):
         raise ValueError(f"--merge-weights gives {len(cfg.merge_weights)} weights for {len(layers)} sources "
                          f"({', '.join(layers)}): give one per source, in that order")
+    if int(os.environ.get("RANK", 0)) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", dump_yaml(cfg))  # the whole run's settings, as each pairwise run's
     finals = [train_run(cfg, {name: folder}, out / f"pairwise-{name}", log) for name, folder in layers.items()]
     if int(os.environ.get("RANK", 0)) != 0:
         return out / "merged"
@@ -334,6 +353,8 @@ def fuse_train(cfg: TrainConfig, log=print) -> Path:
         {"merged_from": [str(f) for f in finals], "weights": weights, "method": cfg.merge,
          "caches": provenance_of(layers)}, indent=2, sort_keys=True) + "\n")
     log(f"merged {len(finals)} pairwise pivots with {cfg.merge} -> {merged}")
+    if cfg.eval_every:
+        evaluate_merged(merged, cache_records(layers, cfg.eval_split), cfg.eval_split, pick_device(cfg.device), log)
     return merged
 
 

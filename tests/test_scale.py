@@ -16,6 +16,7 @@ import torch
 
 from cache_builder.build import build_cache
 from cache_builder.device_map import parse_max_memory, placement_units, plan_device_map, rank_gpus
+from fuse_trainer.config import dump_yaml
 from fuse_trainer.data import discover_sources
 from fuse_trainer.train import train_run
 from tests.runs import run_losses, train_config
@@ -78,12 +79,12 @@ def test_layers_fill_the_gpus_in_order_and_ranks_split_a_node():
 
 
 def torchrun_fuse_train(cfg, out: Path, *flags: str) -> list[str]:
-    """fuse-train with `cfg`'s settings under torchrun: two gloo processes on this machine."""
+    """fuse-train with `cfg`'s settings (as a recipe file beside `out`) under torchrun: two gloo processes."""
+    recipe = out.with_name(f"{out.name}-recipe.yaml")
+    recipe.write_text(dump_yaml(cfg))
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--no-python",
             sys.executable, "-c", "import sys; from fuse_trainer.cli import train; sys.argv[0] = 'fuse-train'; train()",
-            "--shards", cfg.shards, "--pivot", cfg.pivot, "--lr", str(cfg.lr), "--batch-tokens", str(cfg.batch_tokens),
-            "--grad-accum", str(cfg.grad_accum), "--max-steps", str(cfg.max_steps), "--lambda", str(cfg.lam),
-            "--loss", cfg.loss, "--top-k", str(cfg.top_k), "--out", str(out), *flags]
+            "--recipe", str(recipe), "--out", str(out), *flags]
 
 
 GLOO_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
