@@ -1,6 +1,6 @@
 """The InfiFusion-sized run worked out from measured figures and FLOP counts (docs/scale.md).
 
-    python benchmarks/scale_estimate.py [--tokens 520e6] [--seq 4096] [--mfu 0.4] [--epochs 1]
+    python -m benchmarks.scale_estimate [--tokens 520e6] [--seq 4096] [--mfu 0.4] [--epochs 1]
 
 Inputs, each an option: the corpus size in tokens; the H200's measured cache-build scoring rate for Qwen2.5-0.5B
 (benchmarks/README.md: 113,842 tokens/s, bf16, position chunk 2,048), converted to achieved FLOP/s by the same

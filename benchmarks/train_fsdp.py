@@ -1,6 +1,6 @@
 """What each rank holds with and without --fsdp, and the step time against data-parallel training (DDP).
 
-    python benchmarks/train_fsdp.py --shards out/fsdp/cache --pivot smollm2 [--steps 6] [--world 2]
+    python -m benchmarks.train_fsdp --shards out/fsdp/cache --pivot smollm2 [--steps 6] [--world 2]
 
 Runs fuse-train under torchrun (gloo on CPU, nccl on GPUs) twice with the same settings and the same global batch:
 data-parallel, then --fsdp. Each rank counts, after every optimizer step, the bytes it holds in parameters,
