@@ -49,6 +49,8 @@ def one_line_errors(command):
 @click.option("--logit-dtype", default="float16", type=click.Choice(["float16", "float32"]), help="Storage type of the top-k logits (statistics are always float32).")
 @click.option("--rows-per-shard", default=256, type=click.IntRange(1), help="Record windows per Parquet shard.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: cuda when available.")
+@click.option("--device-map", default=None, type=click.Choice(["auto"]), help="For a source larger than one device: spread its decoder layers over this rank's GPUs (the GPUs visible to a node, split evenly between its ranks; with --device cpu: the CPU), then CPU memory, then disk. Same rows as a build on one device.")
+@click.option("--max-memory", default=None, help="With --device-map: memory for the weights on each GPU and in RAM, e.g. gpu=70GiB,cpu=200GiB (default: 85% of each GPU's free memory less the scoring buffers, 80% of the free RAM shared by the node's ranks).")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Use only the first N records of the corpus.")
 @click.option("--rank", default=None, type=click.IntRange(0), help="This process's rank (default: $RANK from torchrun, else 0).")
 @click.option("--world-size", default=None, type=click.IntRange(1), help="Number of ranks (default: $WORLD_SIZE, else 1).")
@@ -56,7 +58,7 @@ def one_line_errors(command):
 @click.option("--strict", is_flag=True, help="Refuse to start when the corpus has bad records (default: skip and report them).")
 @one_line_errors
 def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch_tokens, position_chunk, dtype,
-          logit_dtype, rows_per_shard, device, limit, rank, world_size, overwrite, strict):
+          logit_dtype, rows_per_shard, device, device_map, max_memory, limit, rank, world_size, overwrite, strict):
     """Run ONE source model once over a corpus and write its sparse top-k signals to Parquet shards.
 
     Resumable: rerun the same command after a crash and finished shards are kept. Re-running a finished
@@ -64,16 +66,21 @@ def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch
     the manifest is written when every rank is done.
     """
     from cache_builder.build import BuildError, BuildSettings, build_cache, rank_from_env
+    from cache_builder.device_map import parse_max_memory
     from cache_builder.models import pick_device
 
+    if max_memory and not device_map:
+        _fail("--max-memory budgets a device map: add --device-map auto")
     try:
+        spread = parse_max_memory(max_memory or "") if device_map else None
         rank, world_size = rank_from_env(rank, world_size)
         device = pick_device(device)
         settings = BuildSettings(model=model, top_k=top_k, window_chars=window_chars, max_tokens=max_tokens,
                                  batch_tokens=batch_tokens, position_chunk=position_chunk, dtype=dtype,
                                  logit_dtype=logit_dtype, rows_per_shard=rows_per_shard, limit=limit,
                                  world_size=world_size)
-        summary = build_cache(corpus_path, settings, out, rank=rank, device=device, overwrite=overwrite, strict=strict)
+        summary = build_cache(corpus_path, settings, out, rank=rank, device=device, overwrite=overwrite, strict=strict,
+                              spread=spread)
     except (BuildError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     except OSError as err:  # disk full, permissions: finished shards are safe, the partial one was removed

@@ -64,6 +64,7 @@ class TrainConfig:
     grad_accum: int = 1
     dtype: str = "fp32"  # bf16: autocast matmuls to bfloat16, weights and optimizer state stay float32
     activation_checkpointing: bool = False  # recompute each layer's activations in the backward: less memory, same model
+    fsdp: bool = False  # shard weights, gradients and AdamW state across the torchrun ranks (fuse_trainer.sharding)
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int | None = None  # torch CPU threads (default: torch's choice, all cores)
@@ -119,6 +120,8 @@ class TrainConfig:
             (self.gate_margin == 0.0 or set(self.gates) & set(LIKELIHOOD_GATES),
              f"gate_margin compares likelihoods; only the {'/'.join(LIKELIHOOD_GATES)} gates do: drop gate_margin"),
             (self.eval_every >= 0, "eval_every must be 0 (no evaluation during training) or a number of steps"),
+            (not (self.fsdp and self.eval_every), "eval_every scores the pivot on rank 0 alone, which a sharded pivot "
+             "cannot do: leave out eval_every with fsdp and score the final model with fuse-eval"),
             (self.eval_split not in self.train_splits,
              f"eval_split {self.eval_split!r} is trained on (train_splits): evaluate on a split the run does not learn"),
             (self.keep_best is None or self.eval_every > 0,
