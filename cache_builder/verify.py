@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from cache_builder.format import ALIGNED_DIR, MANIFEST, expected_schema, sha256_file
+from cache_builder.format import ALIGNED_DIR, MANIFEST, expected_schema, missing_statistics, sha256_file
 from cache_builder.manifest import CacheError, check_shard_path, find_layers, load_manifest
 from cache_builder.reader import column_to_numpy
 
@@ -48,8 +48,12 @@ def _check_values(name: str, columns: dict, manifest: dict) -> list[str]:
         row_of = np.repeat(np.arange(len(n_pos)), columns["aligned_pos"].lengths)
         if pos.size and (pos.min() < 0 or np.any(pos >= n_pos[row_of])):
             problems.append(f"{name}: aligned_pos outside the row's positions")
+    missing = missing_statistics(manifest)  # imported layers: nulls (read as NaN) allowed there, nowhere else
     for col in FLOAT_COLUMNS + ("topk_logits", "native_topk_logits"):
-        if col in columns and not np.all(np.isfinite(columns[col].values.astype(np.float32))):
+        if col not in columns:
+            continue
+        values = columns[col].values.astype(np.float32)
+        if not np.all(np.isfinite(values[~np.isnan(values)] if col in missing else values)):
             problems.append(f"{name}: {col} contains NaN or infinite values")
     ids = columns["token_ids"].values
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
