@@ -194,13 +194,15 @@ def export(layer, fmt, out, compress, compression_config, source_index, rows_per
     A source-native layer serves a student that shares the source's tokenizer; a pivot-aligned layer serves
     the pivot. Position t is the distribution of token t+1 in every format (docs/interop.md).
     """
+    from pathlib import Path
+
     import yaml
 
     from cache_builder.interop import InteropError, export_layer
     from cache_builder.manifest import CacheError
 
     try:
-        compression = yaml.safe_load(open(compression_config)) if compression_config else None
+        compression = yaml.safe_load(Path(compression_config).read_text()) if compression_config else None
         folder = export_layer(layer, fmt, out, compress=compress, compression=compression, source_index=source_index,
                               batch_rows=rows_per_file, overwrite=overwrite)
     except (InteropError, CacheError, yaml.YAMLError) as err:

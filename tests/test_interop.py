@@ -457,3 +457,27 @@ def test_raw_log_prob_imports_train_top_k_kl_with_their_tail_mass(world, tmp_pat
                        log=lambda *_: None)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "kl" / "metrics.jsonl").read_text().splitlines()]
     assert final.exists() and all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_distillkit_columns_of_a_pivot_aligned_layer_hold_the_source_log_probs_and_gold_elsewhere(world, tmp_path, compress):
+    layer = world["cache"] / "srcg" / "aligned" / "pivot"
+    export_layer(layer, "distillkit", tmp_path / "dk", compress=compress)
+    config = CompressionConfig.from_dict(yaml.safe_load((tmp_path / "dk" / "compression_config.yaml").read_text())) if compress else None
+    table = pq.read_table(tmp_path / "dk" / "data_0.parquet").to_pylist()
+    cache = read_rows(layer)
+    for r, row in enumerate(table):
+        if compress:
+            values = decode_logprobs(np.array(row["compressed_logprobs"], np.uint8), config)
+            ids = unpack_bits(np.array(row["bytepacked_indices"], np.uint8), config.index_bits, config.k)
+        else:
+            ids, values = np.array(row["token_ids"]), np.array(row["top_values"])
+        assert np.isfinite(values).all() and len(ids) == len(row["input_ids"]) - 1
+        pos, top = cache["aligned_pos"].row(r), cache["topk_ids"].row(r)
+        usable = (top >= 0).any(axis=1)
+        kept = top[usable] >= 0
+        expected = cache["topk_logits"].row(r)[usable] - cache["logsumexp"].row(r)[usable, None]
+        assert np.array_equal(ids[pos[usable]][kept], top[usable][kept])
+        np.testing.assert_allclose(values[pos[usable]][kept], expected[kept], rtol=2.0**-8 if compress else 1e-6, atol=1e-6)
+        gold = np.setdiff1d(np.arange(len(ids)), pos[usable])  # no partner: the gold pivot token at log-prob 0
+        assert np.array_equal(ids[gold, 0], np.array(row["input_ids"])[gold + 1]) and np.all(values[gold, 0] == 0.0)

@@ -52,14 +52,12 @@ COMPRESSED_SCHEMA = pa.schema([
 def dense_targets(batch: TargetBatch) -> tuple[np.ndarray, np.ndarray]:
     """(P, K) ids and raw log-probs with a value in every slot (see the module docstring)."""
     logprobs = batch.raw_logprobs().astype(np.float32)  # (P, K), -inf in empty slots
-    ids = batch.ids.copy()
-    kept = ids >= 0
+    none = ~batch.usable  # (P,) positions that get the gold fallback
+    kept = (batch.ids >= 0) & ~none[:, None]  # (P, K)
     last = np.where(kept, logprobs, np.inf).min(axis=1)  # (P,) the last kept value
-    ids[~batch.has_target, 0] = batch.next_ids[~batch.has_target]
-    logprobs[~batch.has_target, 0] = 0.0
-    last = np.where(batch.has_target, last, 0.0)
-    kept[~batch.has_target, 0] = True
-    return np.where(kept, ids, 0), np.where(kept, logprobs, (last - FILL_BELOW)[:, None]).astype(np.float32)
+    ids, last = np.where(kept, batch.ids, 0), np.where(none, 0.0, last)
+    ids[none, 0], logprobs[none, 0], kept[none, 0] = batch.next_ids[none], 0.0, True
+    return ids, np.where(kept, logprobs, (last - FILL_BELOW)[:, None]).astype(np.float32)
 
 
 def export_table(batch: TargetBatch, config: CompressionConfig | None) -> pa.Table:

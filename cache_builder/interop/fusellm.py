@@ -19,6 +19,7 @@ Lost: logsumexp (so tail mass and log-probs), mean, std, gold log-prob, response
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -48,7 +49,7 @@ def _token_columns(batch: TargetBatch) -> dict[str, pa.Array]:
 def _variable_lists(batch: TargetBatch) -> tuple[pa.Array, pa.Array]:
     """(logits, indices) list<list<>> with the kept candidates of each position, one-hot gold where none."""
     n_pos = np.diff(batch.position_offsets)
-    gold = ~batch.has_target[:, None]  # (P, 1) positions that get the one-hot fallback
+    gold = ~batch.usable[:, None]  # (P, 1) positions that get the one-hot fallback
     written = np.where(gold, np.arange(batch.ids.shape[1]) == 0, batch.ids >= 0)  # (P, K) slots written
     ids = np.where(gold, batch.next_ids[:, None], batch.ids)[written]
     logits = np.where(gold, ONE_HOT_LOGIT, batch.values)[written]
@@ -69,7 +70,7 @@ def source_table(batch: TargetBatch) -> pa.Table:
 
 
 def aligned_table(batch: TargetBatch, index: int) -> pa.Table:
-    one_hot = TargetBatch(**{**batch.__dict__, "has_target": np.zeros_like(batch.has_target)})
+    one_hot = replace(batch, has_target=np.zeros_like(batch.has_target))  # the pivot's own: gold only
     own_logits, own_ids = _variable_lists(one_hot)
     logits, ids = _variable_lists(batch)
     return pa.table({

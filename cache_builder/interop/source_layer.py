@@ -191,7 +191,8 @@ def write_imported_layer(rows: Iterable[ImportedRow], *, fmt: str, input_dir: Pa
     seen: dict[str, str] = {}
     k = None
     for row in rows:
-        k = k or (row.topk_ids.shape[1] if np.ndim(row.topk_ids) == 2 else None)
+        if k is None and np.ndim(row.topk_ids) == 2 and np.shape(row.topk_ids)[1]:
+            k = np.shape(row.topk_ids)[1]  # the first readable row sets k; a row with another k is ragged
         try:
             converted = source_row(row, tok, k or 0, kind, split)
         except RowError as err:

@@ -46,6 +46,11 @@ class TargetBatch:
     text: list[str] | None = None  # (R,) the canonical texts (a source-native layer; None for an aligned one)
 
     @property
+    def usable(self) -> np.ndarray:
+        """(P,) bool: positions with a target that kept at least one candidate."""
+        return self.has_target & (self.ids >= 0).any(axis=1)
+
+    @property
     def next_ids(self) -> np.ndarray:
         """(P,) the gold token each position predicts (token t+1 of its row)."""
         starts = np.repeat(self.input_ids.offsets[:-1] + 1 - self.position_offsets[:-1], np.diff(self.position_offsets))
