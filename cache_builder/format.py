@@ -268,6 +268,7 @@ def expected_schema(manifest: dict) -> pa.Schema:
 # What `topk_logits` holds: raw logits (our builds), raw log-probs (logits - logsumexp, whose
 # full-vocabulary logsumexp is 0 by definition), or log-probs renormalised over the kept k.
 TOPK_VALUES = ("logits", "logprobs", "renormalized-logprobs")
+NULLABLE_EXTRA = ("mean_nll", "kept_mass", "chunk_logprob")  # besides STAT_COLUMNS, which may all be missing
 
 
 def missing_statistics(manifest: dict) -> tuple[str, ...]:
@@ -282,7 +283,7 @@ def topk_values(manifest: dict) -> str:
 
 def with_missing(schema: pa.Schema, missing: tuple[str, ...]) -> pa.Schema:
     """`schema` with the named statistic columns nullable (a null mean_nll; per-position lists already take nulls)."""
-    nullable = STAT_COLUMNS + ("mean_nll", "kept_mass", "chunk_logprob")
+    nullable = STAT_COLUMNS + NULLABLE_EXTRA
     for name in missing:
         if name not in nullable:
             raise ValueError(f"{name!r} cannot be missing; only {nullable} can")

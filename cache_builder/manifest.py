@@ -10,7 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
-from cache_builder.format import FORMAT_NAME, FORMAT_VERSION, MANIFEST, SHARD_DIR
+from cache_builder.format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    NULLABLE_EXTRA,
+    SHARD_DIR,
+    STAT_COLUMNS,
+    TOPK_VALUES,
+)
 
 REQUIRED_KEYS = ("format", "format_version", "layer", "top_k", "logit_dtype", "source", "corpus", "build", "shards", "totals")
 
@@ -70,6 +78,12 @@ def load_manifest(folder: str | Path) -> dict:
         raise CacheError(f"{path}: invalid top_k {manifest['top_k']!r}")
     if manifest["logit_dtype"] not in ("float16", "float32"):
         raise CacheError(f"{path}: invalid logit_dtype {manifest['logit_dtype']!r}")
+    nullable = STAT_COLUMNS + NULLABLE_EXTRA  # statistics an imported layer may lack (format.py)
+    missing = manifest.get("missing_statistics", [])
+    if not isinstance(missing, list) or not set(missing) <= set(nullable):
+        raise CacheError(f"{path}: missing_statistics must list some of {', '.join(nullable)}, got {missing!r}")
+    if manifest.get("topk_values", "logits") not in TOPK_VALUES:
+        raise CacheError(f"{path}: topk_values must be one of {', '.join(TOPK_VALUES)}, got {manifest['topk_values']!r}")
     if not isinstance(manifest["shards"], list):
         raise CacheError(f"{path}: 'shards' must be a list")
     for shard in manifest["shards"]:

@@ -481,3 +481,15 @@ def test_distillkit_columns_of_a_pivot_aligned_layer_hold_the_source_log_probs_a
         np.testing.assert_allclose(values[pos[usable]][kept], expected[kept], rtol=2.0**-8 if compress else 1e-6, atol=1e-6)
         gold = np.setdiff1d(np.arange(len(ids)), pos[usable])  # no partner: the gold pivot token at log-prob 0
         assert np.array_equal(ids[gold, 0], np.array(row["input_ids"])[gold + 1]) and np.all(values[gold, 0] == 0.0)
+
+
+def test_a_manifest_that_declares_an_unknown_missing_statistic_or_value_kind_is_refused(world, tmp_path):
+    export_layer(world["cache"] / "srcq", "fusellm", tmp_path / "fl")
+    layer, _ = import_folder(tmp_path / "fl", "fusellm", str(world["models"]["srcq"]), tmp_path / "cache")
+    manifest = json.loads((layer / "manifest.json").read_text())
+    for key, value, message in [("missing_statistics", ["token_ids"], "missing_statistics must list"),
+                                ("topk_values", "probabilities", "topk_values must be one of")]:
+        (layer / "manifest.json").write_text(json.dumps({**manifest, key: value}))
+        with pytest.raises(CacheError, match=message):
+            load_manifest(layer)
+        assert any(message in problem for problem in verify_cache(layer))
