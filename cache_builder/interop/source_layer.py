@@ -21,7 +21,7 @@ from typing import Iterable
 
 import numpy as np
 
-from alignment import ByteAccountingError, TokenSurface, token_byte_ends, token_surface, tokenizer_fingerprint
+from alignment import TokenSurface, token_surface, tokenizer_fingerprint
 from cache_builder.build import output_vocab_size
 from cache_builder.card import dataset_card
 from cache_builder.corpus import Record, sha256_hex
@@ -82,6 +82,7 @@ class Tokenizer:
     fingerprint: str
     tokenizer_size: int
     vocab_size: int  # rows of the output layer: top-k ids must be below it
+    widths: np.ndarray  # (V,) int64 byte width of every token (surface.widths, computed once)
 
     @classmethod
     def load(cls, model: str) -> "Tokenizer":
@@ -93,23 +94,24 @@ class Tokenizer:
             vocab_size = len(tokenizer)
         surface = token_surface(tokenizer)
         return cls(source.name, source.identity, source.add_bos, surface, tokenizer_fingerprint(tokenizer),
-                   len(tokenizer), max(vocab_size, len(tokenizer)))
+                   len(tokenizer), max(vocab_size, len(tokenizer)), surface.widths.astype(np.int64))
 
 
-def rebuild_text(ids: np.ndarray, surface: TokenSurface) -> tuple[str, np.ndarray]:
-    """(canonical text, (T,) token byte ends) spelled by the token ids; RowError if they spell no UTF-8 text."""
-    spelled = b"".join([surface.pieces[i] for i in ids.tolist()])
-    if surface.dummy_prefix and spelled.startswith(b" "):  # the space the tokenizer itself put in front
-        spelled = spelled[1:]
+def rebuild_text(ids: np.ndarray, tok: Tokenizer) -> tuple[str, np.ndarray]:
+    """(canonical text, (T,) token byte ends) spelled by the token ids; RowError if they spell no UTF-8 text.
+
+    The text is the tokens' pieces, so the ends are their cumulative widths (as alignment.token_byte_ends
+    finds them), less the leading space a dummy-prefix tokenizer puts in front."""
+    spelled = b"".join([tok.surface.pieces[i] for i in ids.tolist()])
+    ends = np.cumsum(tok.widths[ids])  # (T,)
+    if tok.surface.dummy_prefix and spelled.startswith(b" "):  # the space the tokenizer itself put in front
+        spelled, ends = spelled[1:], np.maximum(ends - 1, 0)
     try:
         text = spelled.decode("utf-8")
     except UnicodeDecodeError as err:
         raise RowError(f"the token ids do not decode to UTF-8 text (invalid bytes at byte {err.start}: "
                        f"{spelled[err.start:err.start + 4]!r}); were they made by another tokenizer?") from None
-    try:
-        return text, token_byte_ends(ids, surface, text)
-    except ByteAccountingError as err:
-        raise RowError(f"the token ids do not spell their own text back ({err})") from None
+    return text, ends.astype(np.int32)
 
 
 def response_spans(token_end: np.ndarray, response_tokens: np.ndarray | None, n_bytes: int) -> tuple:
@@ -152,7 +154,7 @@ def source_row(row: ImportedRow, tok: Tokenizer, k: int, kind: str, split: str) 
         raise RowError(f"position {t} has a non-finite value (fewer than {k} candidates, or padding)")
     order = np.argsort(-values, axis=1, kind="stable")  # (T-1, K) best first, as our format stores them
     topk_ids, values = np.take_along_axis(topk_ids, order, 1), np.take_along_axis(values, order, 1)
-    text, token_end = rebuild_text(ids, tok.surface)
+    text, token_end = rebuild_text(ids, tok)
     n_bytes = len(text.encode())
     hit = topk_ids == ids[1:, None]  # (T-1, K) the gold next token among the candidates
     gold = np.full(len(ids) - 1, np.nan, dtype=np.float32)
