@@ -10,8 +10,9 @@ logit values are a random model's (zstd sizes of raw values are indicative only;
 have a fixed size per position). For every format (distillkit raw, distillkit --compress with its default recipe,
 axolotl, fusellm) the layer is exported to a temporary folder and imported back with the model's tokenizer. Each
 timing is the best of --repeats runs; a ratio is tokens/s of the operation over tokens/s of reading every column of
-every shard with pyarrow (the floor any reader of the layer pays). Bytes per token count every file an export
-writes. Prints a table and one JSON line.
+every shard with pyarrow (the floor any reader of the layer pays); the Parquet copy (read every shard, write it
+again with zstd) is the floor of anything that writes the layer's content. Bytes per token count every file an
+export writes. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -106,8 +107,11 @@ def run(layer: Path, model: str, work: Path, repeats: int) -> None:
     tokens = manifest["totals"]["tokens"]
     shards = [layer / s["path"] for s in manifest["shards"]]
     scan = best_seconds(lambda: [pq.read_table(p) for p in shards], repeats)
+    copy = best_seconds(lambda: [pq.write_table(pq.read_table(p), work / "copy.parquet", compression="zstd")
+                                 for p in shards], repeats)
     results = {"layer": str(layer), "k": manifest["top_k"], "tokens": tokens, "scan_tokens_per_s": tokens / scan,
-               "ours_bytes_per_token": manifest["totals"]["bytes"] / tokens, "formats": {}}
+               "copy_tokens_per_s": tokens / copy, "ours_bytes_per_token": manifest["totals"]["bytes"] / tokens,
+               "formats": {}}
     for name, (fmt, options) in VARIANTS.items():
         out, cache = work / f"{fmt}-out", work / f"{fmt}-cache"
         export_s = best_seconds(lambda: export_layer(layer, fmt, out, overwrite=True, **options), repeats)
@@ -120,7 +124,8 @@ def run(layer: Path, model: str, work: Path, repeats: int) -> None:
         }
         shutil.rmtree(out)
     click.echo(f"layer {layer}: k={results['k']}, {tokens} tokens; Parquet scan {results['scan_tokens_per_s']:,.0f} "
-               f"tokens/s; ours {results['ours_bytes_per_token']:.1f} B/token")
+               f"tokens/s, Parquet copy (read + zstd write) {results['copy_tokens_per_s']:,.0f} tokens/s; ours "
+               f"{results['ours_bytes_per_token']:.1f} B/token")
     click.echo(f"{'format':<24}{'export tok/s':>14}{'vs scan':>9}{'import tok/s':>14}{'vs scan':>9}{'B/token':>9}")
     for name, r in results["formats"].items():
         click.echo(f"{name:<24}{r['export_tokens_per_s']:>14,.0f}{r['export_vs_scan']:>9.2f}"
