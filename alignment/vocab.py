@@ -16,6 +16,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
+import tempfile
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +32,7 @@ from rapidfuzz.process import cdist
 from alignment.surface import TokenSurface, surface_fingerprint
 
 FORMAT_VERSION = 1
+MAX_MEMBER_BYTES = 1 << 26  # per .npz member (a 16M-entry map); more is a zip bomb
 _MAX_CELLS = 1 << 24  # distance-matrix cells per rapidfuzz call (64 MiB of int32)
 
 
@@ -67,19 +71,31 @@ class VocabMap:
         buf = io.BytesIO()
         header = np.frombuffer(json.dumps(self.header(), sort_keys=True).encode(), dtype=np.uint8)
         np.savez(buf, src_to_piv=np.asarray(self.src_to_piv, dtype=np.int32), header=header)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(buf.getvalue())
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # exclusive: no symlink
+        with os.fdopen(fd, "wb") as f:
+            f.write(buf.getvalue())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "VocabMap":
         """Read a map written by `save`; raises VocabMapError on another format version or a damaged file."""
         try:
-            with np.load(Path(path), allow_pickle=False) as z:
-                header = json.loads(z["header"].tobytes().decode())
-                src_to_piv = z["src_to_piv"]
-        except (OSError, ValueError, KeyError) as err:
+            fd = os.open(Path(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise ValueError("not a regular file")
+                with zipfile.ZipFile(f) as archive:  # each member's size is bounded before it is inflated
+                    if any(m.file_size > MAX_MEMBER_BYTES for m in archive.infolist()):
+                        raise ValueError(f"a member inflates to more than {MAX_MEMBER_BYTES} bytes")
+                f.seek(0)
+                with np.load(f, allow_pickle=False) as z:
+                    header = json.loads(z["header"].tobytes().decode())
+                    src_to_piv = z["src_to_piv"]
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
             raise VocabMapError(f"{path}: not a readable vocabulary map ({err}); rebuild it with build_vocab_map") from err
+        if not isinstance(header, dict):
+            raise VocabMapError(f"{path}: the header is not a JSON object; rebuild the map with build_vocab_map")
         if header.get("format_version") != FORMAT_VERSION:
             raise VocabMapError(
                 f"{path}: vocabulary map format version {header.get('format_version')!r}, this code reads "

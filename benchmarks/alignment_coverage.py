@@ -1,10 +1,10 @@
 """Coverage of exact-context position alignment and vocabulary-map figures on real tokenizers.
 
-    .venv/bin/python benchmarks/alignment_coverage.py
+    python -m benchmarks.alignment_coverage
 
 Pivot SmolLM2; sources Qwen2.5-Coder and Gemma-3 (run with its <bos>, as cache-build does). Domains:
 news-like prose and worked math solutions (written for this benchmark) and Python code (the stdlib's own
-sources of json, textwrap, inspect). Prints one JSON line, then a table.
+sources of json, textwrap, inspect). Prints two tables, then one JSON line.
   coverage      share of pivot positions (t < T-1) with a partner position that has the same context
   tokens/chunk  mean pivot tokens between shared boundaries (ALM chunk length)
   src tokens    share of the source's tokens in the text whose id maps exactly / by the fallback / not at all
@@ -15,17 +15,16 @@ from __future__ import annotations
 import inspect
 import json
 import json.decoder
-import sys
 import textwrap
 import time
-from pathlib import Path
 
+import click
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from alignment import align_positions, build_vocab_map, token_byte_ends, token_surface  # noqa: E402
-from cache_builder.models import load_tokenizer  # noqa: E402
+from alignment import align_positions, build_vocab_map, token_byte_ends, token_surface
+from benchmarks.report import json_line
+from cache_builder.models import load_tokenizer
 
 PROSE = [
     "The city council voted 7-2 on Tuesday to approve a $48 million plan to rebuild the harbour bridge, ending "
@@ -63,6 +62,7 @@ def encode(tok, text: str, bos: bool) -> np.ndarray:
     return np.asarray(([tok.bos_token_id] if bos else []) + ids, dtype=np.int64)  # (T,)
 
 
+@click.command(help=__doc__)
 def main() -> None:
     t0 = time.time()
     toks = {name: load_tokenizer(name) for name in ("smollm2", *SOURCES)}
@@ -98,8 +98,6 @@ def main() -> None:
                 "src_tokens_unmapped_first_token": round(float((~ft_hit).mean()), 4),
             }
         results.append(row)
-    print(json.dumps({"benchmark": "alignment_coverage", "seconds": round(time.time() - t0, 1), "results": results}))
-    print()
     print(f"{'pair':<16}{'domain':<8}{'coverage':>9}{'tok/chunk':>10}{'src exact':>10}{'+1st-tok':>9}{'unmapped':>9}")
     for row in results:
         for domain in DOMAINS:
@@ -112,6 +110,7 @@ def main() -> None:
         for s in ("exact", "exact+first-token", "exact+mined"):
             c = row[f"vocab[{s}]"]
             print(f"{row['pair']:<16}{s:<20}{c['exact']:>9}{c['fallback']:>10}{c['unmapped']:>10}")
+    print(json_line("alignment_coverage", seconds=round(time.time() - t0, 1), results=results))
 
 
 if __name__ == "__main__":

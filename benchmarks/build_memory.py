@@ -1,6 +1,6 @@
 """Peak resident memory of cache-build's scoring above the loaded model, per source vocabulary size.
 
-    python benchmarks/build_memory.py smollm2 qwen gemma3 [--records 16] [--dtype bf16]
+    python -m benchmarks.build_memory smollm2 qwen gemma3 [--records 16] [--dtype bf16]
 
 For each model, one fresh child process loads the model, reads its steady resident size (VmRSS), resets the
 kernel's peak counter (/proc/self/clear_refs, so the loading transient is not counted), scores the first
@@ -12,11 +12,12 @@ Prints a table and one JSON line.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import click
+
+from benchmarks.report import json_line
 
 CHILD = """
 import sys
@@ -62,7 +63,7 @@ def main(models, records, dtype):
     print(f"{'model':10} {'vocab':>8} {'loaded MiB':>11} {'peak MiB':>9} {'extra MiB':>10}")
     for r in rows:
         print(f"{r['model']:10} {r['vocab']:>8} {r['loaded_mib']:>11} {r['peak_mib']:>9} {r['extra_mib']:>10}")
-    print(json.dumps({"benchmark": "build_memory", "dtype": dtype, "records": records, "results": rows}))
+    print(json_line("build_memory", dtype=dtype, records=records, results=rows))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Bytes per token of a cache's top-k columns under other encodings (issue 5, cache size at large k).
+"""Bytes per token of a cache's top-k columns under other encodings (cache size at large k).
 
-    python benchmarks/cache_encoding.py out/k64/qwen
+    python -m benchmarks.cache_encoding out/k64/qwen
 
 Reads a source-native cache and re-encodes only its top-k ids and logits, each layout as flat Parquet columns
 (zstd level 3, no dictionary, one row group, the same settings for all):
@@ -18,15 +18,15 @@ cache_size.py. Prints a table and one JSON line.
 from __future__ import annotations
 
 import io
-import json
-import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from benchmarks.report import json_line
 from cache_builder.manifest import load_manifest
 
 FLAT = dict(compression="zstd", compression_level=3, write_statistics=False, row_group_size=10**9, use_dictionary=False)
@@ -97,7 +97,9 @@ def measure(folder: Path) -> dict:
                                "kl_nats": kl} for name, (b, kl) in layouts.items()}}
 
 
-def main(folders: list[str]) -> None:
+@click.command(help=__doc__)
+@click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def main(folders: tuple[str, ...]) -> None:
     results = [measure(Path(f)) for f in folders]
     for r in results:
         print(f"{r['cache']}: k={r['k']}, {r['tokens']} tokens; other fields {r['rest_bytes_per_token']:.1f} B/token")
@@ -105,10 +107,8 @@ def main(folders: list[str]) -> None:
         for name, v in r["layouts"].items():
             kl = f"mean {v['kl_nats']['mean']:.1e}, max {v['kl_nats']['max']:.1e}" if v["kl_nats"] else "0 (lossless)"
             print(f"  {name:62} {v['topk_bytes_per_token']:>11.1f} {v['total_bytes_per_token']:>11.1f}  {kl}")
-    print(json.dumps({"benchmark": "cache_encoding", "results": results}))
+    print(json_line("cache_encoding", results=results))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    main(sys.argv[1:])
+    main()

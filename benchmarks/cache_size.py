@@ -1,6 +1,6 @@
 """Bytes per token of a cache, against FuseLLM's layout and DistillKit's published budget.
 
-    python benchmarks/cache_size.py out/demo/cache/qwen [more cache folders ...]
+    python -m benchmarks.cache_size out/demo/cache/qwen [more cache folders ...]
 
 For each source-native cache: the shard bytes on disk per token (every field: text, offsets, ids, logits,
 five statistics), the same without the text column, and the same cached top-k re-encoded as FuseLLM
@@ -11,12 +11,12 @@ Prints a human table and one JSON line.
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
+import click
 import pyarrow.parquet as pq
 
+from benchmarks.report import json_line, table
 from cache_builder.manifest import load_manifest
 
 DISTILLKIT_PUBLISHED = {50: 121.0, 128: 330.0}
@@ -47,17 +47,16 @@ def measure(folder: Path) -> dict:
     }
 
 
-def main(folders: list[str]) -> None:
+@click.command(help=__doc__)
+@click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def main(folders: tuple[str, ...]) -> None:
     rows = [measure(Path(f)) for f in folders]
-    print(f"{'source':10} {'k':>4} {'logits':>8} {'ours B/tok':>11} {'w/o text':>9} {'FuseLLM B/tok':>14}")
-    for r in rows:
-        print(f"{r['source']:10} {r['k']:>4} {r['logit_dtype']:>8} {r['bytes_per_token']:>11.1f} "
-              f"{r['bytes_per_token_without_text']:>9.1f} {r['fusellm_layout_bytes_per_token']:>14.1f}")
+    print(table(rows, [("source", "source", "<11"), ("k", "k", ">4"), ("logits", "logit_dtype", ">9"),
+                       ("ours B/tok", "bytes_per_token", ">12.1f"), ("w/o text", "bytes_per_token_without_text", ">10.1f"),
+                       ("FuseLLM B/tok", "fusellm_layout_bytes_per_token", ">15.1f")]))
     print("DistillKit (published): ~121 B/token at k=50, ~330 B/token at k=128")
-    print(json.dumps({"benchmark": "cache_size", "results": rows}))
+    print(json_line("cache_size", results=rows))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit(__doc__)
-    main(sys.argv[1:])
+    main()

@@ -43,7 +43,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 if [ -n "${RANDOM_FROM:-}" ]; then
   echo "== random weights, real architectures and tokenizers (from $RANDOM_FROM)"
   for name in smollm2 qwen gemma3; do
-    "$PY" benchmarks/random_init.py "$RANDOM_FROM/$name" "$WORK/models/$name" --device "$DEVICE"
+    "$PY" -m benchmarks.random_init "$RANDOM_FROM/$name" "$WORK/models/$name" --device "$DEVICE"
   done
   PIVOT=$WORK/models/smollm2 QWEN=$WORK/models/qwen GEMMA=$WORK/models/gemma3
 else
@@ -87,17 +87,17 @@ fi
 
 echo "== 4/6 fusion step / SFT step, and online distillation / fusion step, on $DEVICE (2 sources)"
 for loss in topk-kl infifusion; do
-  "$PY" benchmarks/train_step.py --cache "$WORK/cache" --pivot "$PIVOT" --device "$DEVICE" --loss "$loss" \
+  "$PY" -m benchmarks.train_step --cache "$WORK/cache" --pivot "$PIVOT" --device "$DEVICE" --loss "$loss" \
     --batch-tokens 8192 --repeats "$REPEATS" --online --sources "qwen=$QWEN,gemma3=$GEMMA"
 done
 
 echo "== 5/6 fuse-train unified ($STEPS steps) and fuse-eval on $DEVICE"
-cli fuse-train --shards "$WORK/cache" --pivot "$PIVOT" --mode unified --loss infifusion --raw --lambda 0.3 \
+cli fuse-train --shards "$WORK/cache" --pivot "$PIVOT" --mode unified --recipe uld-raw \
   --max-steps "$STEPS" --batch-tokens 8192 --dtype bf16 --device "$DEVICE" --save-every 0 --out "$WORK/runs/unified"
 tail -n 1 "$WORK/runs/unified/metrics.jsonl"
 cli fuse-eval --model "pivot=$PIVOT" --model "fused=$WORK/runs/unified/final" --data "$WORK/corpus.jsonl" \
   --split heldout --dtype bf16 --device "$DEVICE"
 echo "== 6/6 torch.profiler: cache-build scoring (qwen) and fuse-train micro-batches on $DEVICE"
-"$PY" benchmarks/profile_steps.py build --model "$QWEN" --device "$DEVICE" --batch-tokens 16384
-"$PY" benchmarks/profile_steps.py train --cache "$WORK/cache" --pivot "$PIVOT" --device "$DEVICE" --batch-tokens 8192
+"$PY" -m benchmarks.profile_steps build --model "$QWEN" --device "$DEVICE" --batch-tokens 16384
+"$PY" -m benchmarks.profile_steps train --cache "$WORK/cache" --pivot "$PIVOT" --device "$DEVICE" --batch-tokens 8192
 echo "== done"

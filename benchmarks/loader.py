@@ -1,6 +1,6 @@
 """Loader throughput: aligned shards of all sources -> ready training tensors, tokens/s in one process.
 
-    python benchmarks/loader.py --cache out/demo/cache [--pivot smollm2] [--epochs 5] [--batch-tokens 1536]
+    python -m benchmarks.loader --cache out/demo/cache [--pivot smollm2] [--epochs 5] [--batch-tokens 1536]
 
 Runs the trainer's own data path (shard index, epoch plan, shard reads, join across sources, collate) for
 several epochs without a model, and compares the rate with the trainer's consumption rate given by
@@ -10,11 +10,11 @@ and a JSON line.
 
 from __future__ import annotations
 
-import json
 import time
 
 import click
 
+from benchmarks.report import json_line
 from cache_builder.models import resolve_model
 from fuse_trainer.data import FusionData, collate, discover_sources
 
@@ -40,8 +40,8 @@ def main(cache, pivot, epochs, batch_tokens, train_tokens_per_s):
     rate = tokens / seconds
     print(f"{len(layers)} sources, {epochs} epochs, {tokens} tokens: {rate:.0f} tokens/s "
           f"({rate / train_tokens_per_s:.0f}x the trainer's {train_tokens_per_s:.0f} tokens/s); index {index_seconds:.2f} s")
-    print(json.dumps({"benchmark": "loader", "sources": list(layers), "tokens": tokens, "tokens_per_s": rate,
-                      "ratio_to_trainer": rate / train_tokens_per_s, "index_seconds": index_seconds}))
+    print(json_line("loader", sources=list(layers), tokens=tokens, tokens_per_s=rate,
+                    ratio_to_trainer=rate / train_tokens_per_s, index_seconds=index_seconds))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """torch.profiler tables of the two hot loops: cache-build's scoring of one batch, and one fuse-train micro-batch.
 
-    python benchmarks/profile_steps.py build --model qwen [--dtype bf16] [--device cpu] [--batch-tokens 2048]
-    python benchmarks/profile_steps.py train --cache out/demo/cache [--loss infifusion] [--device cpu]
+    python -m benchmarks.profile_steps build --model qwen [--dtype bf16] [--device cpu] [--batch-tokens 2048]
+    python -m benchmarks.profile_steps train --cache out/demo/cache [--loss infifusion] [--device cpu]
 
 build: the first length bucket of data/ (the same batches cache-build makes), scored once to warm up, then profiled.
 train: three micro-batches of the cache (forward, fusion + SFT loss, backward), after one warm-up.
@@ -21,7 +21,8 @@ from cache_builder.models import load_model, load_tokenizer, resolve_model
 from cache_builder.scoring import length_buckets, score_batch
 from fuse_trainer.config import TrainConfig
 from fuse_trainer.data import FusionData, collate, discover_sources
-from fuse_trainer.train import MicroBatchStream, micro_batch_terms
+from fuse_trainer.stream import MicroBatchStream
+from fuse_trainer.train import micro_batch_terms
 
 
 def report(prof, device: str, trace: str | None) -> None:
@@ -74,7 +75,7 @@ def train(cache, pivot, loss, device, batch_tokens, trace):
     stream = MicroBatchStream(data, batch_tokens, seed=0)
     batches = [collate(data.shard(s), rows).to(torch.device(device)) for s, rows in (stream[i] for i in range(3))]
     model = load_model(pivot, device=device).train()
-    cfg = TrainConfig(mode="unified", loss=loss, lam=0.5, gate="token", dtype="bf16", top_k=10,
+    cfg = TrainConfig(mode="unified", loss=loss, lam=0.5, gate="token", dtype="bf16", uld_top_k=10,
                       standardize=True).validate()
 
     def step(batch):

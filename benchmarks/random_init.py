@@ -1,6 +1,6 @@
 """A model folder with a real model's architecture and tokenizer but random weights.
 
-    python benchmarks/random_init.py SPEC_DIR OUT_DIR [--device cuda] [--seed 0]
+    python -m benchmarks.random_init SPEC_DIR OUT_DIR [--device cuda] [--seed 0]
 
 SPEC_DIR holds a real model's `config.json`, `tokenizer_config.json` and `tokenizer.json` (or `tokenizer.json.xz`),
 e.g. copied from the converted folders under ~/.cache/logit-cache-fusion/models/*/hf. OUT_DIR becomes a Hugging Face

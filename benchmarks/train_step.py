@@ -1,6 +1,6 @@
 """Time of a fuse-train step with the fusion loss divided by the SFT-only step, same pivot, batch, tokens.
 
-    python benchmarks/train_step.py --cache out/demo/cache [--loss topk-kl] [--repeats 5] [--batch-tokens 1536]
+    python -m benchmarks.train_step --cache out/demo/cache [--loss topk-kl] [--repeats 5] [--batch-tokens 1536]
 
 Both steps (forward, loss, backward; no optimizer update, so the weights stay the same) run on the same
 micro-batches, interleaved, `--repeats` times; the medians and their ratio are printed (target <= 1.15),
@@ -14,20 +14,21 @@ out, so the online figure is a lower bound.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
 import click
 import torch
 
+from benchmarks.report import json_line
 from cache_builder.build import DTYPES
 from cache_builder.models import load_model, resolve_model
 from cache_builder.reader import read_rows
 from cache_builder.scoring import score_batch
 from fuse_trainer.config import TrainConfig
 from fuse_trainer.data import FusionData, collate, discover_sources
-from fuse_trainer.train import MicroBatchStream, micro_batch_terms
+from fuse_trainer.stream import MicroBatchStream
+from fuse_trainer.train import micro_batch_terms
 
 
 def timed_step(model, batch, cfg: TrainConfig) -> float:
@@ -86,7 +87,7 @@ def main(cache, pivot, loss, repeats, batch_tokens, dtype, device, online, sourc
         sequences = source_sequences(layers, data, micro_batches)
     model = load_model(pivot, device=device).train()
     sft = TrainConfig(mode="sft", dtype=dtype).validate()
-    fused = TrainConfig(mode="unified", loss=loss, lam=0.5, gate="token", dtype=dtype, top_k=10).validate()
+    fused = TrainConfig(mode="unified", loss=loss, lam=0.5, gate="token", dtype=dtype, uld_top_k=10).validate()
     times = {"sft": [], "fusion": []} | ({"online": []} if online else {})
     timed_step(model, batches[0], sft)  # warm-up
     for _ in range(repeats):
@@ -105,9 +106,9 @@ def main(cache, pivot, loss, repeats, batch_tokens, dtype, device, online, sourc
     print(f"ratio fusion / SFT: {ratio:.3f} (target <= 1.15)")
     if online:
         print(f"ratio online distillation / cached fusion: {medians['online'] / medians['fusion']:.2f}")
-    print(json.dumps({"benchmark": "train_step", "loss": loss, "sources": list(layers), "median_s": medians,
-                      "ratio": ratio, "repeats": repeats, "batch_tokens": batch_tokens, "dtype": dtype,
-                      "device": where, "online_over_fusion": medians["online"] / medians["fusion"] if online else None}))
+    print(json_line("train_step", loss=loss, sources=list(layers), median_s=medians, ratio=ratio, repeats=repeats,
+                    batch_tokens=batch_tokens, dtype=dtype, device=where,
+                    online_over_fusion=medians["online"] / medians["fusion"] if online else None))
 
 
 if __name__ == "__main__":

@@ -1,30 +1,26 @@
 """Build time of the vocabulary map for each real source -> pivot pair and each strategy.
 
-    .venv/bin/python benchmarks/vocab_map_bench.py [--repeat N]
+    python -m benchmarks.vocab_map_bench [--repeat N]
 
 Pivot SmolLM2 (49,152); sources Qwen2.5-Coder (151,936) and Gemma-3 (262,144). Times the map only
-(surfaces are built once per tokenizer and timed separately). Prints one JSON line, then a table.
+(surfaces are built once per tokenizer and timed separately). Prints a table and one JSON line.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import click
 
-from alignment import VOCAB_STRATEGIES, build_vocab_map, token_surface  # noqa: E402
-from cache_builder.models import load_tokenizer  # noqa: E402
+from alignment import VOCAB_STRATEGIES, build_vocab_map, token_surface
+from cache_builder.models import load_tokenizer
+from benchmarks.report import json_line, table
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeat", type=int, default=1, help="builds per (pair, strategy); the minimum is reported")
-    args = parser.parse_args()
+@click.command(help=__doc__)
+@click.option("--repeat", default=1, show_default=True, help="Builds per (pair, strategy); the minimum is reported.")
+def main(repeat: int) -> None:
     toks = {name: load_tokenizer(name) for name in ("smollm2", "qwen", "gemma3")}
     surface_s = {}
     surfaces = {}
@@ -36,18 +32,16 @@ def main() -> None:
     for src in ("qwen", "gemma3"):
         for strategy in VOCAB_STRATEGIES:
             times = []
-            for _ in range(args.repeat):
+            for _ in range(repeat):
                 t = time.perf_counter()
                 m = build_vocab_map(surfaces[src], surfaces["smollm2"], strategy, pivot_tokenizer=toks["smollm2"])
                 times.append(time.perf_counter() - t)
             rows.append({"pair": f"{src}->smollm2", "src_vocab": len(surfaces[src]), "strategy": strategy,
                          "seconds": round(min(times), 2), "exact": m.n_exact, "fallback": m.n_fallback,
                          "unmapped": m.n_unmapped})
-    print(json.dumps({"benchmark": "vocab_map", "cpus": os.cpu_count(), "surface_seconds": surface_s, "results": rows}))
-    print()
-    print(f"{'pair':<18}{'strategy':<20}{'seconds':>8}{'exact':>9}{'fallback':>10}{'unmapped':>10}")
-    for r in rows:
-        print(f"{r['pair']:<18}{r['strategy']:<20}{r['seconds']:>8.2f}{r['exact']:>9}{r['fallback']:>10}{r['unmapped']:>10}")
+    print(table(rows, [("pair", "pair", "<18"), ("strategy", "strategy", "<20"), ("seconds", "seconds", ">8.2f"),
+                       ("exact", "exact", ">9"), ("fallback", "fallback", ">10"), ("unmapped", "unmapped", ">10")]))
+    print(json_line("vocab_map", cpus=os.cpu_count(), surface_seconds=surface_s, results=rows))
 
 
 if __name__ == "__main__":

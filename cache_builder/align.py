@@ -6,12 +6,15 @@ For every source shard, one aligned shard (same index) under `<cache>/aligned/<p
   3. gather the source's statistics at the paired positions, map its top-k ids into the pivot
      vocabulary (duplicates merged by logsumexp, lost mass tracked), and sum its gold log-probs
      between shared boundaries (the ALM chunks).
-Only the pivot TOKENIZER is loaded. The vocabulary map is saved next to the shards.
+Only the pivot TOKENIZER is loaded. The vocabulary map is saved next to the shards (never read back: a
+layer is always rebuilt whole, in a fresh folder).
 """
 
 from __future__ import annotations
 
-import json
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +45,6 @@ from cache_builder.format import (
     ragged,
     ragged_topk,
     sha256_file,
-    shard_info,
     table_from_columns,
     topk_values,
     with_missing,
@@ -50,14 +52,14 @@ from cache_builder.format import (
     write_shard,
     write_text_atomic,
 )
-from cache_builder.manifest import load_manifest
+from cache_builder.manifest import CacheError, load_manifest
 from cache_builder.models import load_tokenizer, resolve_model
 from cache_builder.reader import Ragged, iter_shard_batches
-from cache_builder.vocab_file import read_vocab, surface_fingerprint
+from cache_builder.untrusted import shown
 from cache_builder.verify import verify_layer
+from cache_builder.vocab_file import read_vocab
 
 VOCAB_MAP_FILE = "vocab_map.npz"
-SETTINGS_FILE = "align-settings.json"
 DEFAULT_VOCAB_STRATEGY = "exact+first-token"
 
 
@@ -131,95 +133,106 @@ def aligned_missing(src_manifest: dict) -> tuple[str, ...]:
     return tuple(missing)
 
 
-def _row(batch: dict, i: int) -> dict:
+def source_row(batch: dict, i: int) -> dict:
+    """The per-position arrays of row i of a source batch."""
     return {name: col.row(i) for name, col in batch.items() if isinstance(col, Ragged)}
 
 
-def load_or_build_vocab_map(folder: Path, src_surface, piv_tokenizer, strategy: str) -> VocabMap:
-    """The saved vocabulary map if it matches both tokenizers and the strategy, else a new one (saved)."""
-    path = folder / VOCAB_MAP_FILE
-    piv_surface = token_surface(piv_tokenizer)
-    wanted = (surface_fingerprint(src_surface), surface_fingerprint(piv_surface), strategy)
-    if path.exists():
-        saved = VocabMap.load(path)
-        if (saved.src_fingerprint, saved.piv_fingerprint, saved.strategy) == wanted:
-            return saved
-    vocab_map = build_vocab_map(src_surface, piv_surface, strategy=strategy, pivot_tokenizer=piv_tokenizer)
-    vocab_map.save(path)
-    return vocab_map
+def vocabulary_maps(src_surface, piv_tokenizer, strategy: str, src_manifest: dict) -> tuple[VocabMap, np.ndarray]:
+    """The vocabulary map and its (V_out,) int32 lookup over every output row of the source: rows past the
+    tokenizer (padded vocabularies, e.g. Qwen's 151,936 for 151,665 tokens) map to nothing (-1). The source's
+    vocab_size was checked against its vocabulary file (verify.vocabulary_size)."""
+    vocab_map = build_vocab_map(src_surface, token_surface(piv_tokenizer), strategy=strategy, pivot_tokenizer=piv_tokenizer)
+    src_to_piv = np.full(src_manifest["source"]["vocab_size"], -1, dtype=np.int32)
+    src_to_piv[: len(vocab_map.src_to_piv)] = vocab_map.src_to_piv
+    return vocab_map, src_to_piv
 
 
 def align_cache(cache: str | Path, pivot: str, *, strategy: str = DEFAULT_VOCAB_STRATEGY, log=print) -> Path:
-    """Build `<cache>/aligned/<pivot>/` from a verified source-native cache; returns that folder."""
+    """Build `<cache>/aligned/<pivot>/` from a verified source-native cache; returns that folder.
+
+    The layer is always built afresh in a new temporary folder from files this call writes itself, then
+    renamed into place: nothing found in an existing aligned folder (settings, vocabulary map, shards) is
+    trusted or reused, and no planted name can redirect a write outside the cache."""
     started = time.time()
-    cache = Path(cache)
-    problems, _ = verify_layer(cache)
+    cache = Path(cache).resolve()
+    problems, _ = verify_layer(cache)  # also refuses any symlink or special file in the whole tree
     if problems:
-        raise ValueError(f"{cache} does not verify; refusing to align it:\n  " + "\n  ".join(problems))
+        raise CacheError(f"{shown(cache)} does not verify; refusing to align it: " + "; ".join(problems))
     src_manifest = load_manifest(cache)
     k = src_manifest["top_k"]
     piv_source = resolve_model(pivot)
-    folder = cache / ALIGNED_DIR / piv_source.name
-    with exclusive_lock(folder / ".lock"):
-        settings = {"source_manifest_sha256": sha256_file(cache / MANIFEST), "vocab_map": strategy}
-        settings_path = folder / SETTINGS_FILE
-        if settings_path.exists() and json.loads(settings_path.read_text()) == settings:
-            if (folder / MANIFEST).exists():
-                log(f"{folder}: already aligned, nothing to do")
-                return folder
-        else:  # another source cache or strategy: nothing written before may be reused
-            (folder / MANIFEST).unlink(missing_ok=True)
-            for stale in folder.glob("shards/*.parquet"):
-                stale.unlink()
-            write_text_atomic(settings_path, json.dumps(settings, sort_keys=True) + "\n")
-        piv_tokenizer = load_tokenizer(piv_source)
-        piv_surface = token_surface(piv_tokenizer)
-        src_surface = read_vocab(cache, src_manifest)
-        vocab_map = load_or_build_vocab_map(folder, src_surface, piv_tokenizer, strategy)
-        # Output rows past the tokenizer (padded vocabularies, e.g. Qwen's 151,936 for 151,665 tokens) map to nothing.
-        src_to_piv = np.full(max(src_manifest["source"]["vocab_size"], len(vocab_map.src_to_piv)), -1, dtype=np.int32)
-        src_to_piv[: len(vocab_map.src_to_piv)] = vocab_map.src_to_piv
-        shards = []
-        for shard in tqdm(src_manifest["shards"], desc=f"cache-align -> {piv_source.name}", unit="shard"):
-            relpath = shard["path"]
-            if (folder / relpath).exists():
-                shards.append(shard_info(folder, relpath))
-                continue
-            tables = []
-            for batch in iter_shard_batches(cache, [relpath], batch_rows=max(shard["rows"], 1)):
-                rows = [
-                    align_row(batch["text"][i], [tuple(s) for s in batch["response_spans"].row(i)], _row(batch, i),
-                              piv_tokenizer, piv_surface, piv_source.add_bos, src_to_piv,
-                              topk_values(src_manifest) == "logprobs")
-                    for i in range(len(batch["record_id"]))
-                ]
-                tables.append(aligned_table(batch, rows, k, aligned_missing(src_manifest)))
-            shards.append(write_shard(pa.concat_tables(tables), folder, relpath))
-        coverage = alignment_figures(folder, [s.path for s in shards])
-        pivot_info = {
-            "name": piv_source.name,
-            "identity": piv_source.identity,
-            "tokenizer_fingerprint": tokenizer_fingerprint(piv_tokenizer),
-            "vocab_size": max(len(piv_tokenizer), int(vocab_map.src_to_piv.max()) + 1),
-            "add_bos": piv_source.add_bos,
-            "vocab_map": {"strategy": strategy, "exact": vocab_map.n_exact, "fallback": vocab_map.n_fallback,
-                          "unmapped": vocab_map.n_unmapped},
-            "alignment": coverage,
-        }
-        manifest = new_manifest(
-            "aligned", top_k=k, logit_dtype="float32", source=src_manifest["source"], corpus=src_manifest["corpus"],
-            build={**settings, "seconds": round(time.time() - started, 1)},
-            shards=shards, pivot=pivot_info,
-        )
-        if missing_statistics(src_manifest):  # an imported source: say what it lacks and what its values are
-            manifest["missing_statistics"] = list(aligned_missing(src_manifest))
-            manifest["topk_values"] = topk_values(src_manifest)
-        write_text_atomic(folder / CARD, dataset_card(manifest))
-        write_manifest(folder, manifest)
+    parent = cache / ALIGNED_DIR
+    parent.mkdir(exist_ok=True)
+    with exclusive_lock(parent / f".{piv_source.name}.lock"):
+        for stale in [*parent.glob(f".{piv_source.name}.new-*"), *parent.glob(f".{piv_source.name}.old-*")]:
+            shutil.rmtree(stale)  # left by a killed run (the tree holds no symlink: verified above)
+        work = Path(tempfile.mkdtemp(dir=parent, prefix=f".{piv_source.name}.new-"))
+        try:
+            settings = {"source_manifest_sha256": sha256_file(cache / MANIFEST), "vocab_map": strategy}
+            piv_tokenizer = load_tokenizer(piv_source)
+            piv_surface = token_surface(piv_tokenizer)
+            src_surface = read_vocab(cache, src_manifest)
+            vocab_map, src_to_piv = vocabulary_maps(src_surface, piv_tokenizer, strategy, src_manifest)
+            vocab_map.save(work / VOCAB_MAP_FILE)
+            shards = []
+            for shard in tqdm(src_manifest["shards"], desc=f"cache-align -> {piv_source.name}", unit="shard"):
+                tables = []
+                for batch in iter_shard_batches(cache, [shard["path"]]):
+                    rows = [
+                        align_row(batch["text"][i], [tuple(s) for s in batch["response_spans"].row(i)], source_row(batch, i),
+                                  piv_tokenizer, piv_surface, piv_source.add_bos, src_to_piv,
+                                  topk_values(src_manifest) == "logprobs")
+                        for i in range(len(batch["record_id"]))
+                    ]
+                    tables.append(aligned_table(batch, rows, k, aligned_missing(src_manifest)))
+                empty = with_missing(aligned_schema(k), aligned_missing(src_manifest)).empty_table()
+                shards.append(write_shard(pa.concat_tables(tables) if tables else empty, work, shard["path"]))
+            coverage = alignment_figures(work, [s.path for s in shards])
+            pivot_info = {
+                "name": piv_source.name,
+                "identity": piv_source.identity,
+                "tokenizer_fingerprint": tokenizer_fingerprint(piv_tokenizer),
+                "vocab_size": max(len(piv_tokenizer), int(vocab_map.src_to_piv.max(initial=-1)) + 1),
+                "add_bos": piv_source.add_bos,
+                "vocab_map": {"strategy": strategy, "exact": vocab_map.n_exact, "fallback": vocab_map.n_fallback,
+                              "unmapped": vocab_map.n_unmapped},
+                "alignment": coverage,
+            }
+            manifest = new_manifest(
+                "aligned", top_k=k, logit_dtype="float32", source=src_manifest["source"], corpus=src_manifest["corpus"],
+                build={**settings, "seconds": round(time.time() - started, 1)},
+                shards=shards, pivot=pivot_info,
+            )
+            if missing_statistics(src_manifest):  # an imported source: say what it lacks and what its values are
+                manifest["missing_statistics"] = list(aligned_missing(src_manifest))
+                manifest["topk_values"] = topk_values(src_manifest)
+            write_text_atomic(work / CARD, dataset_card(manifest))
+            write_manifest(work, manifest)
+            folder = replace_folder(work, parent / piv_source.name)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     kept = coverage["mean_kept_mass"]
     log(f"aligned {cache.name} -> {piv_source.name}: coverage {coverage['coverage']:.3f} of response positions, "
         f"mean kept top-k mass {'unknown (missing in the source)' if kept is None else f'{kept:.3f}'}")
     return folder
+
+
+def replace_folder(new: Path, final: Path) -> Path:
+    """Put the finished folder `new` at `final` (a sibling), removing what was there; returns `final`.
+
+    The old folder is first renamed aside (rename never follows a symlink), then deleted; the tree was
+    checked for symlinks before, and rmtree does not follow them either."""
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        raise CacheError(f"{shown(final)}: is not a folder (a symlink or file planted in the cache); remove it")
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old-"))
+        os.rename(final, old)
+    os.rename(new, final)
+    if old is not None:
+        shutil.rmtree(old)
+    return final
 
 
 def alignment_figures(folder: Path, shard_paths: list[str]) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import stat
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -42,6 +43,7 @@ from cache_builder.format import (
 )
 from cache_builder.models import ModelSource, ensure_converted, load_model, load_tokenizer, resolve_model
 from cache_builder.scoring import length_buckets, score_batch
+from cache_builder.untrusted import refuse_unsafe_tree, shown
 from cache_builder.vocab_file import write_vocab
 
 SETTINGS_FILE = "build-settings.json"
@@ -94,16 +96,28 @@ def rank_from_env(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 @contextmanager
 def exclusive_lock(path: Path):
-    """Hold an exclusive lock on `path` or fail at once: two builds must never write one folder."""
+    """Hold an exclusive lock on `path` or fail at once: two builds must never write one folder.
+
+    The lock file is opened without following a symlink and never truncated: a planted `.lock` symlink
+    cannot make the lock damage a file elsewhere."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        raise BuildError(f"{shown(path)}: cannot be opened as a lock file ({err.strerror}; a symlink or FIFO "
+                         "planted in the folder?); remove it") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BuildError(f"{shown(path)}: the lock is not a regular file; remove it")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise BuildError(
                 f"another cache-build is writing {path.parent} (lock {path.name} is held); wait for it or use another --out"
             ) from None
         yield
+    finally:
+        os.close(fd)
 
 
 def check_settings(folder: Path, settings: BuildSettings, corpus_fingerprint: str, overwrite: bool) -> None:
@@ -242,14 +256,19 @@ def build_cache(
         log(f"  skipped {bad.origin}: {bad.reason}")
     if len(corpus.bad) > 10:
         log(f"  ... and {len(corpus.bad) - 10} more (all are listed in the manifest's corpus.bad_records)")
+    if not corpus.records:
+        raise BuildError(f"{corpus_path}: no usable record ({len(corpus.bad)} bad, listed above): fix them, or point "
+                         "--corpus at a .jsonl, .jsonl.zst, .parquet or .txt corpus with text records")
     if strict and corpus.bad:
         raise BuildError(f"--strict: {len(corpus.bad)} bad records in the corpus, first at {corpus.bad[0].origin}: "
                          f"{corpus.bad[0].reason}")
     source = resolve_model(settings.model)
     folder = Path(out) / source.name
+    if folder.exists() or folder.is_symlink():
+        refuse_unsafe_tree(folder)  # never write through a symlink planted in an existing cache
     with exclusive_lock(folder / f".lock-r{rank:05d}"):
         check_settings(folder, settings, corpus.fingerprint, overwrite)
-        for stale in folder.glob(f"shards/.part-r{rank:05d}-*.tmp-*"):  # left by a killed run of this rank
+        for stale in folder.glob(f"shards/.part-r{rank:05d}-*.tmp"):  # left by a killed run of this rank
             stale.unlink()
         plan = shard_plan(corpus.records, rank, settings.world_size, settings.rows_per_shard)
         todo = [(path, records) for path, records in plan if not (folder / path).exists()]

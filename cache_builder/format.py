@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -169,11 +170,19 @@ def _fsync_and_rename(tmp: Path, final: Path) -> None:
         os.close(dir_fd)
 
 
+def _temporary_beside(final: Path) -> tuple[int, Path]:
+    """A new, exclusively created temporary file in `final`'s folder (never an existing name or a symlink)."""
+    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)
+    return fd, Path(name)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write to a new temporary file in the same folder, fsync, then rename over `path`."""
+    fd, tmp = _temporary_beside(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         _fsync_and_rename(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -189,11 +198,12 @@ class ShardInfo:
 
 
 def write_parquet_atomic(table: pa.Table, final: Path, **options) -> None:
-    """Write a Parquet file under a temporary name, fsync it, then rename it to `final`."""
+    """Write a Parquet file to a new temporary file, fsync it, then rename it to `final`."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    fd, tmp = _temporary_beside(final)
     try:
-        pq.write_table(table, tmp, **options)
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f, **options)
         _fsync_and_rename(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

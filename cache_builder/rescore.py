@@ -1,7 +1,9 @@
 """cache-verify --rescore: re-run the source model on random cached rows and compare its signals.
 
 The check a lab runs on a cache it downloaded: checksums prove the bytes are the ones the manifest
-lists; rescoring proves the manifest's model really produced them.
+lists; rescoring proves the manifest's model really produced them. The model is the one the source
+identity names (a packaged model with the recorded file sha256) or the caller's --model, never a path
+written in the cache.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 from cache_builder.build import DTYPES, tokenize
 from cache_builder.format import STAT_COLUMNS
 from cache_builder.manifest import load_manifest
-from cache_builder.models import load_model, load_tokenizer, resolve_model
+from cache_builder.models import load_model, load_tokenizer, model_from_identity, resolve_model
 from cache_builder.reader import read_shard
 from cache_builder.scoring import score_batch
 
@@ -36,7 +38,7 @@ def rescore_problems(folder: str | Path, n_rows: int, *, seed: int = 0, device: 
     manifest = load_manifest(folder)
     if manifest["layer"] != "source":
         return [f"{folder}: --rescore needs a source-native cache, this is the {manifest['layer']} layer"]
-    source = resolve_model(model_name or manifest["build"]["model"])
+    source = resolve_model(model_name) if model_name else model_from_identity(manifest["source"].get("identity"), folder)
     tokenizer = load_tokenizer(source)
     dtype = manifest["build"]["dtype"]
     tol = TOLERANCES[dtype]

@@ -6,10 +6,14 @@ per position the top-k logits and the full-vocabulary statistics, never the [bat
     hidden = trunk(ids)                       # (B, T, D) in the model's dtype, right-padded bucket
     h = hidden[real positions]                # (N, D), N = sum(T_b - 1)
     for each chunk of C positions:
-        logits = head(h[chunk]) in float32    # (C, V)  the only vocab-wide tensor (plus one temporary)
-        top-k, logsumexp, mean, std, z-logsumexp, gold log-prob -> CPU numpy
+        mean, std = moments(h[chunk])         # (C,) from the output weights alone (affine heads, see LogitMoments)
+        logits = head(h[chunk]) in float32    # (C, V)  the only vocab-wide tensor (plus one scratch buffer)
+        top-k by strided group maxima, then log_softmax(logits) and log_softmax(logits / std): three reads
+        logsumexp, z-logsumexp, gold log-prob -> CPU numpy
 
-Peak extra memory is about 2 x position_chunk x V x 4 bytes (Gemma-3, V=262,144, chunk 128: ~0.27 GB).
+Every statistic is over every output row, padded vocabulary rows included (Qwen2.5: 151,936 rows for 151,665
+tokens): they are what the model computes. Peak extra memory is about 2 x position_chunk x V x 4 bytes (Gemma-3,
+V=262,144, chunk 128: ~0.27 GB).
 
 Exactness: on CPU in float32, a sequence scored alone or inside a padded batch agrees within 1e-5 (right
 padding cannot reach real positions under a causal mask; only matmul blocking differs). Determinism: the same
@@ -28,6 +32,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+STD_FLOOR = 1e-30  # keeps logits / std finite for |logits| < 3e8; a smaller std means constant float32 logits
 FIELDS = ("topk_ids", "topk_logits", "logsumexp", "logit_mean", "logit_std", "z_logsumexp", "gold_logprob")
 
 
@@ -45,18 +50,61 @@ class ScoredSequence:
 
 
 @dataclass(frozen=True)
+class LogitMoments:
+    """The mean and the population std over the vocabulary of an affine head's logits, as functions of h.
+
+    With rows a_v = [w_v, b_v] and h' = [h, 1], the logit of row v is z_v = scale * a_v . h'. So
+    mean_v z_v = (scale * mean_v a_v) . h' and var_v z_v = h'^T (scale^2 * Cov_v a_v) h': one (D+1)-vector and
+    one (D+1) x (D+1) matrix, computed once per model in float64 from the centred rows (no cancellation), give
+    both statistics of every position as a matrix product, without reading the (positions x V) logits.
+    """
+
+    mean_row: torch.Tensor  # (D+1,) float64
+    covariance: torch.Tensor  # (D+1, D+1) float64, symmetric positive semi-definite
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
+           block_rows: int = 16384) -> LogitMoments:
+        """From the (V, D) weight, the (V,) bias or None and the scale; rows in blocks (no float64 copy of W)."""
+        V, D = weight.shape
+
+        def rows(start: int) -> torch.Tensor:  # (block, D+1) float64 augmented rows [w_v, b_v]
+            block = weight[start:start + block_rows].double()
+            last = (bias[start:start + block_rows].double() if bias is not None
+                    else block.new_zeros(block.shape[0]))
+            return torch.cat([block, last[:, None]], dim=1)
+
+        starts = range(0, V, block_rows)
+        mean_row = sum(rows(start).sum(dim=0) for start in starts) / V  # (D+1,)
+        covariance = torch.zeros((D + 1, D + 1), dtype=torch.float64, device=weight.device)
+        for start in starts:
+            centred = rows(start) - mean_row  # (block, D+1)
+            covariance.addmm_(centred.T, centred)
+        return cls(mean_row=mean_row * scale, covariance=covariance * (scale * scale / V))
+
+    def mean_std(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, D) hidden states, as the head multiplies them -> (C,) mean and (C,) population std, float64."""
+        h = torch.cat([hidden.double(), hidden.new_ones((hidden.shape[0], 1), dtype=torch.float64)], dim=1)
+        variance = (h @ self.covariance * h).sum(dim=1).clamp_min_(0.0)  # (C,)
+        return h @ self.mean_row, variance.sqrt_()
+
+
+@dataclass(frozen=True)
 class OutputHead:
     """The output layer, producing float32 logits: logits = cap(scale * (h @ weight.T + bias)).
 
     weight is float32, except for a half-precision model on CUDA: there it stays in the model's dtype and one
     GEMM with float32 output (`torch.mm(..., out_dtype=torch.float32)`) forms the same products of the same
     rounded inputs, accumulated in float32, at half-precision tensor-core speed and half the memory.
+    moments: the logits' mean and std in closed form (`output_head` sets it when there is no softcap, which
+    makes the head affine); without it `score_positions` computes both from the logits.
     """
 
     weight: torch.Tensor  # (V, D) float32, or the model's bf16/fp16 on CUDA
     bias: torch.Tensor | None  # (V,) float32
     scale: float  # Cohere's logit_scale, 1 / Granite's logits_scaling, else 1
     softcap: float | None  # Gemma-family final_logit_softcapping: cap * tanh(logits / cap)
+    moments: LogitMoments | None = None
 
     def logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """(N, D) hidden states of any float dtype -> (N, V) float32 logits, written into `out` when given
@@ -91,6 +139,7 @@ def output_head(model: torch.nn.Module, verify: bool = True) -> OutputHead:
 
     `score_batch` caches one per model (`cached_output_head`); pass your own to control it. With verify, one
     short forward checks it against the model's own logits, so an unhandled output transform fails loudly here.
+    An affine head (no softcap) gets its LogitMoments here, once: one float64 pass over the weight.
     """
     layer = model.get_output_embeddings()
     if layer is None or not hasattr(layer, "weight"):
@@ -103,8 +152,10 @@ def output_head(model: torch.nn.Module, verify: bool = True) -> OutputHead:
     weight = layer.weight.detach()
     if not half_gemm_to_float32(weight):
         weight = weight.float()
-    head = OutputHead(weight=weight, bias=None if bias is None else bias.detach().float(),
-                      scale=scale, softcap=getattr(config, "final_logit_softcapping", None) or None)
+    bias = None if bias is None else bias.detach().float()
+    softcap = getattr(config, "final_logit_softcapping", None) or None
+    head = OutputHead(weight=weight, bias=bias, scale=scale, softcap=softcap,
+                      moments=None if softcap else LogitMoments.of(weight, bias, scale))
     if verify:
         verify_output_head(model, head)
     return head
@@ -169,27 +220,62 @@ def pad_right(sequences: Sequence[Sequence[int]], device: torch.device) -> tuple
     return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
 
+def top_k_by_groups(logits: torch.Tensor, k: int, group_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits of each row, sorted descending, and their column ids: (C, V) -> (C, k), (C, k).
+
+    Columns j, j+n, ..., j+(group_size-1)n form group j (n = V // group_size; the < group_size columns past
+    group_size * n are always candidates). The k groups with the largest maxima hold k distinct elements at least
+    as large as the k-th largest logit, and every group that holds a top-k logit either is among them or has a
+    maximum no larger than all of theirs; so the top-k values of those k groups are the row's top-k values.
+    One vectorised max over the row and a top-k over V / group_size maxima replace a top-k over V; ids may
+    differ from torch.topk's only between exactly equal logits.
+    """
+    C, V = logits.shape
+    n = V // group_size
+    if n <= k:
+        return torch.topk(logits, k, dim=-1, sorted=True)
+    group_max = logits[:, : n * group_size].view(C, group_size, n).amax(dim=1)  # (C, n)
+    groups = torch.topk(group_max, k, dim=-1, sorted=False).indices  # (C, k)
+    members = torch.arange(0, n * group_size, n, device=logits.device)  # (group_size,)
+    candidates = (groups[:, :, None] + members).flatten(1)  # (C, k * group_size)
+    tail = torch.arange(n * group_size, V, device=logits.device).expand(C, -1)  # (C, V - n * group_size)
+    candidates = torch.cat([candidates, tail], dim=1)  # (C, M)
+    top_logits, order = torch.topk(logits.gather(1, candidates), k, dim=-1, sorted=True)  # (C, k)
+    return top_logits, candidates.gather(1, order)
+
+
+def direct_moments(logits: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, V) logits -> (C,) mean and (C,) population std, read from the logits (for heads that are not affine);
+    scratch: (C, V) float32, overwritten."""
+    mean = logits.mean(dim=-1)  # (C,)
+    centred = torch.sub(logits, mean[:, None], out=scratch)  # (C, V)
+    return mean, torch.linalg.vector_norm(centred, dim=-1) / logits.shape[-1] ** 0.5
+
+
 def score_positions(head: OutputHead, hidden: torch.Tensor, targets: torch.Tensor, top_k: int,
                     buffers: torch.Tensor) -> dict:
     """(C, D) hidden states and (C,) next-token ids -> per-position tensors of one chunk, on the model's device.
 
     buffers: (2, >= C, V) float32 scratch, overwritten: the logits and one temporary live there, so a chunk
     allocates no vocabulary-wide tensor (on CPU each fresh one costs page faults on every 4 KiB page).
+    After the output GEMM, an affine head's chunk is read three times: the group maxima of the top-k, then
+    two log_softmax kernels (each keeps its row in cache for its max, exp-sum and write): one of the logits
+    (logsumexp and gold log-prob) and one of the logits divided by the std (the standardized logsumexp).
     """
     C = hidden.shape[0]
     logits = head.logits(hidden, out=buffers[0, :C])  # (C, V) float32
-    scratch = buffers[1, :C]  # (C, V)
-    top_logits, top_ids = torch.topk(logits, top_k, dim=-1, sorted=True)  # (C, K)
-    row_max = top_logits[:, 0]  # (C,)
-    lse = row_max + torch.sub(logits, row_max[:, None], out=scratch).exp_().sum(dim=-1).log_()  # (C,)
-    gold = logits.gather(1, targets[:, None])[:, 0] - lse  # (C,)
-    mean = logits.mean(dim=-1)  # (C,)
-    centered = logits.sub_(mean[:, None])  # (C, V), in place: two-pass std, faster than torch.std_mean on CPU
-    std = torch.linalg.vector_norm(centered, dim=-1) / logits.shape[-1] ** 0.5  # (C,) population std
-    safe_std = std.clamp_min(torch.finfo(torch.float32).tiny)  # (C,)
-    z = centered.div_(safe_std[:, None])  # (C, V) standardized logits
-    z_max = (row_max - mean) / safe_std  # (C,) the same float ops as z at the row's top-1: its maximum
-    z_lse = z_max + torch.sub(z, z_max[:, None], out=scratch).exp_().sum(dim=-1).log_()  # (C,)
+    if head.moments is not None:
+        mean, std = (moment.float() for moment in head.moments.mean_std(hidden.to(head.weight.dtype)))  # (C,)
+    else:
+        mean, std = direct_moments(logits, buffers[1, :C])
+    top_logits, top_ids = top_k_by_groups(logits, top_k)  # (C, K)
+    row_max, argmax = top_logits[:, 0], top_ids[:, :1]  # (C,), (C, 1)
+    log_probs = torch.log_softmax(logits, dim=-1, out=buffers[1, :C])  # (C, V)
+    lse = row_max - log_probs.gather(1, argmax)[:, 0]  # (C,) = row_max + log sum exp(logits - row_max)
+    gold = log_probs.gather(1, targets[:, None])[:, 0]  # (C,)
+    safe_std = std.clamp_min(STD_FLOOR)  # (C,)
+    z_log_probs = torch.log_softmax(logits.div_(safe_std[:, None]), dim=-1, out=buffers[1, :C])  # (C, V)
+    z_lse = (row_max - mean) / safe_std - z_log_probs.gather(1, argmax)[:, 0]  # (C,) logsumexp((logits - mean) / std)
     return {"topk_ids": top_ids.int(), "topk_logits": top_logits, "logsumexp": lse, "logit_mean": mean,
             "logit_std": std, "z_logsumexp": z_lse, "gold_logprob": gold}
 

@@ -1,71 +1,31 @@
 """cache-verify: everything a lab checks before it trusts a cache it downloaded.
 
 Checks, in order, each reported with the file it concerns:
-1. manifest: JSON, format name and version, shard paths confined to shards/ (see manifest.py);
-2. shards: present, regular files, size and sha256 as recorded, Parquet that opens, schema exactly the
-   versioned schema, row and token counts as recorded;
-3. values: lengths consistent per row, floats finite, token and top-k ids inside the vocabulary, top-k
-   sorted, record ids unique;
-4. an aligned layer next to its source-native cache: aligned from that very build (manifest sha256);
-5. across sources (a cache root): the same record ids, corpus fingerprint and pivot fingerprint.
+1. the tree: no symlink, FIFO, socket or device anywhere under the cache (untrusted.py);
+2. manifest: strict JSON, every field typed and bounded (schema.py), format name and version, shard paths
+   confined to shards/ and listed once, totals equal to the sums over the shards (manifest.py);
+3. the vocabulary: a source layer's vocabulary size is bounded by its vocab.parquet (sha256 checked);
+4. shards: regular files, size and sha256 as recorded, Parquet footer bounded before anything is decoded
+   (reader.check_footer), schema exactly the versioned schema, row and token counts as recorded, read a
+   row group at a time;
+5. values (`--deep` is the default here): lengths consistent per row, floats finite and in range, ids inside
+   the vocabulary, offsets monotone and inside the text, spans inside the text, positions inside the row,
+   top-k logits sorted and below the logsumexp, record ids unique (values.py);
+6. an aligned layer next to its source-native cache: aligned from that very build (manifest sha256);
+7. across sources (a cache root): the same record ids, corpus fingerprint and pivot fingerprint.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
-
 from cache_builder.format import ALIGNED_DIR, MANIFEST, expected_schema, missing_statistics, sha256_file
-from cache_builder.manifest import CacheError, check_shard_path, find_layers, load_manifest
-from cache_builder.reader import column_to_numpy
-
-FLOAT_COLUMNS = ("logsumexp", "logit_mean", "logit_std", "z_logsumexp", "gold_logprob", "kept_mass", "chunk_logprob")
-
-
-def _check_values(name: str, columns: dict, manifest: dict) -> list[str]:
-    """Per-row consistency and value ranges of one shard (vectorised over the whole shard)."""
-    problems = []
-    n_tokens = columns["num_tokens"].astype(np.int64)
-    n_pos = np.maximum(n_tokens - 1, 0)
-    aligned = manifest["layer"] == "aligned"
-    vocab = manifest["pivot"]["vocab_size"] if aligned else manifest["source"]["vocab_size"]
-    for col in ("token_ids", "token_end"):
-        if not np.array_equal(columns[col].lengths, n_tokens):
-            problems.append(f"{name}: {col} lengths disagree with num_tokens")
-    per_row = columns["aligned_pos"].lengths if aligned else n_pos
-    per_position = ("topk_ids", "topk_logits", "logsumexp", "logit_mean", "logit_std", "z_logsumexp", "gold_logprob")
-    if aligned:
-        per_position += ("native_topk_logits", "src_pos", "kept_mass", "chunk_logprob")
-    for col in per_position:
-        if not np.array_equal(columns[col].lengths, per_row):
-            problems.append(f"{name}: {col} has the wrong number of positions per row")
-    if aligned:
-        if not np.array_equal(columns["loss_mask"].lengths, n_pos):
-            problems.append(f"{name}: loss_mask has the wrong number of positions per row")
-        pos = columns["aligned_pos"].values
-        row_of = np.repeat(np.arange(len(n_pos)), columns["aligned_pos"].lengths)
-        if pos.size and (pos.min() < 0 or np.any(pos >= n_pos[row_of])):
-            problems.append(f"{name}: aligned_pos outside the row's positions")
-    missing = missing_statistics(manifest)  # imported layers: nulls (read as NaN) allowed there, nowhere else
-    for col in FLOAT_COLUMNS + ("topk_logits", "native_topk_logits"):
-        if col not in columns:
-            continue
-        values = columns[col].values.astype(np.float32)
-        if not np.all(np.isfinite(values[~np.isnan(values)] if col in missing else values)):
-            problems.append(f"{name}: {col} contains NaN or infinite values")
-    ids = columns["token_ids"].values
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-        problems.append(f"{name}: token ids outside the vocabulary [0, {vocab})")
-    topk = columns["topk_ids"].values
-    low = -1 if aligned else 0
-    if topk.size and (topk.min() < low or topk.max() >= vocab):
-        problems.append(f"{name}: top-k ids outside the vocabulary [{low}, {vocab})")
-    logits = columns["topk_logits"].values.astype(np.float32)
-    if not aligned and logits.size and np.any(np.diff(logits, axis=1) > 0):
-        problems.append(f"{name}: top-k logits are not sorted in descending order")
-    return problems
+from cache_builder.manifest import CacheError, find_layers, load_manifest, open_layer
+from cache_builder.reader import column_to_numpy, declared_values, open_shard, row_groups
+from cache_builder.schema import MAX_SHARD_BYTES, MAX_VOCAB_PADDING
+from cache_builder.untrusted import refuse_unsafe_tree, sha256_regular, shown
+from cache_builder.values import value_problems
+from cache_builder.vocab_file import VOCAB_FILE, vocab_rows
 
 
 def stale_alignment(folder: Path, manifest: dict) -> list[str]:
@@ -77,52 +37,91 @@ def stale_alignment(folder: Path, manifest: dict) -> list[str]:
         return []
     if manifest["build"].get("source_manifest_sha256") == sha256_file(source_manifest):
         return []
-    return [f"{folder}: aligned from an earlier build of {folder.parent.parent} (its manifest changed since); rerun "
-            f"`cache-align --cache {folder.parent.parent} --pivot {folder.name}`"]
+    return [f"{shown(folder)}: aligned from an earlier build of {shown(folder.parent.parent)} (its manifest changed "
+            f"since); rerun `cache-align --cache {shown(folder.parent.parent)} --pivot {shown(folder.name)}`"]
+
+
+def vocabulary_size(folder: Path, manifest: dict) -> int:
+    """The size of the vocabulary ids are checked against. A source layer's comes from its manifest only
+    within bounds set by its vocab.parquet: at least the vocabulary's tokens, at most MAX_VOCAB_PADDING more
+    (padded output layers). An aligned layer's pivot size is bounded by the schema here, and equal to the
+    loaded pivot's in fuse-train (fuse_trainer.data.check_pivot)."""
+    if manifest["layer"] == "aligned":
+        return manifest["pivot"]["vocab_size"]
+    declared = manifest["source"]["vocab_size"]
+    if "vocab_file" not in manifest["source"]:
+        return declared
+    tokens = vocab_rows(folder, manifest)
+    if not tokens <= declared <= tokens + MAX_VOCAB_PADDING or manifest["source"].get("tokenizer_size", tokens) != tokens:
+        raise CacheError(f"{shown(folder / MANIFEST)}: source.vocab_size {declared} (tokenizer_size "
+                         f"{manifest['source'].get('tokenizer_size')}) disagrees with the {tokens} tokens of {VOCAB_FILE}")
+    return declared
+
+
+def verify_shard(path: Path, shard: dict, manifest: dict, vocab: int, deep: bool) -> tuple[list[str], list[str]]:
+    """(problems, record ids) of one shard (its manifest entry `shard`, its checked `path`): bytes, footer,
+    schema, counts, and with `deep` every value."""
+    where = shown(path)
+    if not path.exists() and not path.is_symlink():
+        return [f"{where}: shard listed in the manifest is missing"], []
+    size, digest = sha256_regular(path, MAX_SHARD_BYTES)
+    if size != shard["bytes"]:
+        return [f"{where}: size {size} != {shard['bytes']} recorded (truncated or replaced)"], []
+    if digest != shard["sha256"]:
+        return [f"{where}: sha256 mismatch (the shard was modified or corrupted)"], []
+    problems, ids, tokens = [], [], 0
+    with open_shard(path) as parquet:
+        if parquet.metadata.num_rows != shard["rows"]:
+            return [f"{where}: row count {parquet.metadata.num_rows} differs from the manifest ({shard['rows']})"], []
+        if not parquet.schema_arrow.equals(expected_schema(manifest), check_metadata=False):
+            return [f"{where}: schema differs from the format v{manifest['format_version']} {manifest['layer']} "
+                    "schema"], []
+        declared = declared_values(parquet.metadata, "token_ids.list.element")  # an empty row counts one slot
+        if not shard["tokens"] <= declared <= shard["tokens"] + shard["rows"]:
+            return [f"{where}: the footer declares {declared} token ids for {shard['tokens']} tokens in the manifest"], []
+        for table in row_groups(parquet, where):
+            columns = {n: column_to_numpy(table.column(n)) for n in table.schema.names}
+            tokens += int(columns["num_tokens"].astype("int64").sum())
+            if deep:
+                found = value_problems(columns, manifest["layer"], vocab, missing_statistics(manifest))
+                problems += [f"{where}: {p}" for p in found]
+            ids += list(columns["record_id"])
+    if tokens != shard["tokens"]:
+        problems.append(f"{where}: row or token count differs from the manifest ({tokens} tokens, {shard['tokens']} "
+                        "recorded)")
+    return sorted(set(problems), key=problems.index), ids
 
 
 def verify_layer(folder: Path, *, deep: bool = True) -> tuple[list[str], list[str]]:
     """(problems, record ids) of one cache layer. No problem means the layer is safe to use."""
+    folder = Path(folder)
     try:
-        manifest = load_manifest(folder)
+        opened = open_layer(folder)
+        vocab = vocabulary_size(folder, opened.manifest)
     except CacheError as err:
         return [str(err)], []
+    manifest = opened.manifest
     problems: list[str] = stale_alignment(folder, manifest)
-    schema = expected_schema(manifest)
     ids: list[str] = []
-    for shard in manifest["shards"]:
-        path = check_shard_path(folder, shard["path"])
-        if not path.is_file():
-            problems.append(f"{path}: shard listed in the manifest is missing")
-            continue
-        if path.stat().st_size != shard["bytes"]:
-            problems.append(f"{path}: size {path.stat().st_size} != {shard['bytes']} recorded (truncated or replaced)")
-            continue
-        if sha256_file(path) != shard["sha256"]:
-            problems.append(f"{path}: sha256 mismatch (the shard was modified or corrupted)")
-            continue
+    for shard, path in zip(manifest["shards"], opened.shard_paths):
         try:
-            table = pq.read_table(path)
-        except Exception as err:  # noqa: BLE001 - any Parquet decoding failure is a corrupt shard
-            problems.append(f"{path}: not readable as Parquet ({err})")
-            continue
-        if not table.schema.equals(schema, check_metadata=False):
-            problems.append(f"{path}: schema differs from the format v{manifest['format_version']} {manifest['layer']} schema")
-            continue
-        columns = {n: column_to_numpy(table.column(n)) for n in table.schema.names}
-        if table.num_rows != shard["rows"] or int(columns["num_tokens"].sum()) != shard["tokens"]:
-            problems.append(f"{path}: row or token count differs from the manifest")
-        if deep:
-            problems += _check_values(str(path), columns, manifest)
-        ids += list(columns["record_id"])
+            shard_problems, shard_ids = verify_shard(path, shard, manifest, vocab, deep)
+        except CacheError as err:
+            shard_problems, shard_ids = [str(err)], []
+        problems += shard_problems
+        ids += shard_ids
     duplicates = len(ids) - len(set(ids))
     if duplicates:
-        problems.append(f"{folder}: {duplicates} duplicate record ids")
+        problems.append(f"{shown(folder)}: {duplicates} duplicate record ids")
     return problems, ids
 
 
 def verify_cache(path: str | Path, *, deep: bool = True) -> list[str]:
     """All problems found in a cache layer or a cache root with several sources; [] means verified."""
+    try:
+        refuse_unsafe_tree(Path(path))
+    except CacheError as err:
+        return [str(err)]
     layers = find_layers(path)
     if not layers:
         try:
@@ -153,14 +152,14 @@ def cross_source_problems(id_sets: dict[Path, set[str]], corpus: dict[Path, str]
     for other in layers[1:]:
         first = layers[0]
         if corpus[other] != corpus[first]:
-            problems.append(f"{other}: corpus fingerprint differs from {first} (built on a different corpus)")
+            problems.append(f"{shown(other)}: corpus fingerprint differs from {shown(first)} (built on a different corpus)")
         elif id_sets[other] != id_sets[first]:
             only = len(id_sets[other] ^ id_sets[first])
-            problems.append(f"{other}: record ids differ from {first} ({only} ids in only one of them)")
+            problems.append(f"{shown(other)}: record ids differ from {shown(first)} ({only} ids in only one of them)")
     by_pivot_name: dict[str, set[str]] = {}
     for layer, fingerprint in pivots.items():
         by_pivot_name.setdefault(layer.name, set()).add(fingerprint)
     for name, fingerprints in by_pivot_name.items():
         if len(fingerprints) > 1:
-            problems.append(f"aligned/{name}: the sources were aligned to different pivot tokenizers (fingerprints differ)")
+            problems.append(f"aligned/{shown(name)}: the sources were aligned to different pivot tokenizers (fingerprints differ)")
     return problems

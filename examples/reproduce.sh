@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The larger reproduction of the miniature InfiFusion result (issue 7), one command:
+# The larger reproduction of the miniature InfiFusion result, one command:
 #
 #   bash examples/reproduce.sh            # about an hour on 2 CPU cores; minutes on a GPU (taken automatically)
 #
@@ -13,6 +13,8 @@
 #    passes over the training split. The table lands in $OUT/results.txt; rerunning resumes.
 # 3. The check that SFT was not simply overtrained: SFT with EPOCHS/2, and every arm on the validation split
 #    ($OUT/validation.txt).
+# 4. Every arm on the held-out split and, beside it, on the out-of-distribution set data-ood/ood.jsonl (another
+#    author's prose, click's code, mathgenerator's math: sources the corpus never draws on) ($OUT/ood.txt).
 # GENERATE_SAMPLES=N (default 0: off) adds sequence-level distillation before step 2: Qwen2.5-Coder writes N
 # continuations of every code train record (corpus-generate, split "generated"), both sources cache them with
 # the gold records, and the fused arms train on train + generated while SFT-only keeps the gold records alone.
@@ -33,10 +35,10 @@ if [ ! -f "$OUT/corpus.jsonl" ]; then
   mv "$OUT/corpus.jsonl.tmp" "$OUT/corpus.jsonl"
 fi
 CORPUS=$OUT/corpus.jsonl
-# The fused arms' recipe (docs/recipe_search.md, session 9): top-k KL from the per-record best source, only where
-# its mapped candidates name the pivot's gold token and it is not worse than the pivot on the chunk by over 2 nats.
-# Session 8's: "--gate candidate" alone; session 7's: "--loss infifusion --raw --lambda 0.3".
-FUSION_FLAGS=${FUSION_FLAGS:-"--loss topk-kl --lambda 0.7 --gate candidate+chunk --gate-margin -2 --lambda-scope distilled --weighting mince"}
+# The fused arms train RECIPE (default: recipes/recommended.yaml, whose header says how it was chosen); the
+# SFT-only arm recipes/sft.yaml. FUSION_FLAGS adds flags to the fused arms only.
+RECIPE=${RECIPE:-recommended}
+FUSION_FLAGS=${FUSION_FLAGS:-}
 if [ "$GENERATE_SAMPLES" -gt 0 ]; then
   echo "== 0 (before the demo's 5 steps): Qwen2.5-Coder writes $GENERATE_SAMPLES continuations per code train record"
   mkdir -p "$OUT/corpus_gen"
@@ -46,13 +48,20 @@ if [ "$GENERATE_SAMPLES" -gt 0 ]; then
   CORPUS=$OUT/corpus_gen
   FUSION_FLAGS="$FUSION_FLAGS --train-splits train,generated"
 fi
-TRAIN_FLAGS="--lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 10"
-OUT=$OUT CORPUS=$CORPUS FUSION_FLAGS="$FUSION_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS --epochs $EPOCHS" bash scripts/demo.sh
+TRAIN_FLAGS="--save-every 10"
+OUT=$OUT CORPUS=$CORPUS RECIPE=$RECIPE FUSION_FLAGS="$FUSION_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS --epochs $EPOCHS" \
+  bash scripts/demo.sh
 
 echo "== 6 (after the 5 steps of the demo): was SFT past its best? SFT with half the epochs, every arm on VALIDATION"
-.venv/bin/fuse-train --shards "$OUT/cache" --mode sft $TRAIN_FLAGS --epochs "$(awk "BEGIN {print $EPOCHS / 2}")" \
+.venv/bin/fuse-train --shards "$OUT/cache" --recipe sft $TRAIN_FLAGS --epochs "$(awk "BEGIN {print $EPOCHS / 2}")" \
   --out "$OUT/runs/sft-half" --resume
 .venv/bin/fuse-eval --data "$OUT/corpus.jsonl" --split validation \
   --model sft=$OUT/runs/sft/final --model sft-half-epochs=$OUT/runs/sft-half/final \
   --model unified=$OUT/runs/unified/final --model pairwise+merge=$OUT/runs/pairwise/merged \
   --json-out "$OUT/validation.json" | tee "$OUT/validation.txt"
+
+echo "== 7: every arm on the HELD-OUT split and on the OUT-OF-DISTRIBUTION set (data-ood/, sources the corpus never draws on)"
+.venv/bin/fuse-eval --data "$OUT/corpus.jsonl" --data data-ood/ood.jsonl --split heldout,ood \
+  --model pivot=smollm2 --model sft=$OUT/runs/sft/final --model unified=$OUT/runs/unified/final \
+  --model pairwise+merge=$OUT/runs/pairwise/merged --model qwen=qwen --model gemma3=gemma3 \
+  --json-out "$OUT/ood.json" | tee "$OUT/ood.txt"

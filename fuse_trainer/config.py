@@ -1,4 +1,9 @@
-"""The training configuration: every fuse-train flag, also settable from a YAML file."""
+"""The training configuration: every fuse-train setting, from a recipe file and the command line.
+
+A recipe is a YAML file of settings (recipes/*.yaml, or any file, such as a run's saved config.yaml). fuse-train
+resolves a run's settings as: TrainConfig's base values < recipes/recommended.yaml < the recipe named by
+--recipe < the flags typed on the command line. So `fuse-train` with no recipe trains the recommended one.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,19 @@ import yaml
 
 from cache_builder.corpus import EVALUATION_SPLITS
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+DEFAULT_RECIPE = "recommended"
 MODES = ("unified", "pairwise", "sft")
 GATES = ("none", "token", "chunk", "record", "candidate")  # join with "+": "candidate+token" needs both
 LIKELIHOOD_GATES = ("token", "chunk", "record")  # the source beats the pivot on the gold text (by gate_margin)
 LAMBDA_SCOPES = ("all", "distilled")
 DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("fp32", "bf16")
+# Settings renamed when one name had two meanings; a file or flag with the old name is refused with the new ones.
+RENAMED_SETTINGS = {
+    "top_k": "uld_top_k (ULD's K; the cache's K is cache-build --top-k)",
+    "temperature": "fusion_temperature (ULD and FuseLLM's softmax) or alm_temperature (ALM's binarization)",
+}
 
 
 @dataclass
@@ -30,8 +43,9 @@ class TrainConfig:
     loss: str = "topk-kl"  # a key of fuse_trainer.losses.FUSION_LOSSES
     lam: float = 0.5  # total = (1 - lam) * SFT + lam * fusion
     lambda_scope: str = "all"  # all: every response position; distilled: only where a source is distilled
-    temperature: float = 1.0  # softmax temperature of the fusion loss (ALM: binarization temperature)
-    top_k: int = 10  # InfiFusion's K
+    fusion_temperature: float = 1.0  # softmax temperature of ULD and FuseLLM's soft CE
+    alm_temperature: float = 1.0  # ALM: binarization temperature of the chunk likelihoods
+    uld_top_k: int = 10  # InfiFusion's K
     standardize: bool = True  # InfiFusion: z-score the logits before the softmax
     normalize: str = "topk"  # InfiFusion: "topk" or "full" vocabulary normalisation
     alm_distance: str = "kl"
@@ -56,20 +70,20 @@ class TrainConfig:
     out: str = "runs/fuse"
     resume: bool = False
     save_every: int = 50
+    eval_split: str = "validation"  # the split evaluated during training: bits per byte per domain, never trained on
+    eval_every: int = 0  # steps between evaluations of eval_split (0: none); the last step is always evaluated
+    keep_best: str | None = None  # "all" (pooled) or a domain: final/ holds the evaluated step best on it
     merge: str = "task-arithmetic"  # pairwise mode: a key of fuse_trainer.merge.MERGE_METHODS
     merge_weights: list[float] | None = None  # default: 1 / number of sources each
     ties_density: float = 0.2
     extra: dict = field(default_factory=dict)  # free-form notes kept with the run (e.g. experiment name)
+    recipe: str | None = None  # the recipe the run started from (a name under recipes/ or a file)
 
     def loss_kwargs(self) -> dict:
-        """Keyword arguments of the chosen fusion loss."""
-        return {
-            "infifusion": {"top_k": self.top_k, "temperature": self.temperature, "standardize": self.standardize,
-                           "normalize": self.normalize},
-            "fusellm": {"temperature": self.temperature},
-            "topk-kl": {},
-            "alm": {"temperature": self.temperature, "distance": self.alm_distance},
-        }[self.loss]
+        """Keyword arguments of the chosen fusion loss, from the settings its registry entry names."""
+        from fuse_trainer.losses import LOSS_SETTINGS
+
+        return {argument: getattr(self, setting) for argument, setting in LOSS_SETTINGS[self.loss].items()}
 
     def needed_statistics(self) -> dict[str, str]:
         """{cached statistic: the setting that reads it}: an imported cache that lacks one cannot train this run."""
@@ -115,7 +129,7 @@ class TrainConfig:
             (self.lambda_scope in LAMBDA_SCOPES, f"lambda_scope must be one of {LAMBDA_SCOPES}"),
             (self.merge in MERGE_METHODS, f"merge must be one of {sorted(MERGE_METHODS)}"),
             (0.0 <= self.lam <= 1.0, "lambda must be in [0, 1]"),
-            (self.dtype in ("fp32", "bf16"), "dtype must be fp32 or bf16"),
+            (self.dtype in DTYPES, f"dtype must be one of {DTYPES}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.grad_accum >= 1 and self.batch_tokens >= 1, "grad_accum and batch_tokens must be positive"),
             (self.shuffle_window >= 1, "shuffle_window must be at least 1 shard group"),
@@ -128,6 +142,11 @@ class TrainConfig:
              "distill_only_splits must be a list of splits that train_splits also names"),
             (self.gate_margin == 0.0 or set(self.gates) & set(LIKELIHOOD_GATES),
              f"gate_margin compares likelihoods; only the {'/'.join(LIKELIHOOD_GATES)} gates do: drop gate_margin"),
+            (self.eval_every >= 0, "eval_every must be 0 (no evaluation during training) or a number of steps"),
+            (self.eval_split not in self.train_splits,
+             f"eval_split {self.eval_split!r} is trained on (train_splits): evaluate on a split the run does not learn"),
+            (self.keep_best is None or self.eval_every > 0,
+             "keep_best picks among the evaluated steps: give eval_every too (e.g. --eval-every 10)"),
             (self.mode != "sft" or not self.distill_only_splits,
              "mode sft learns the gold text only: drop distill_only_splits (and those splits from train_splits)"),
         ]
@@ -143,10 +162,13 @@ def load_yaml(path: str | Path) -> dict:
     """Settings from a YAML file; unknown keys are an error (a typo must not be silently ignored)."""
     data = yaml.safe_load(Path(path).read_text()) or {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a config file must be a mapping of setting: value")
+        raise ValueError(f"{path}: a recipe must be a mapping of setting: value")
     data = {k.replace("-", "_"): v for k, v in data.items()}
     if "lambda" in data:
         data["lam"] = data.pop("lambda")
+    renamed = sorted(set(data) & set(RENAMED_SETTINGS))
+    if renamed:
+        raise ValueError(f"{path}: " + "; ".join(f"{k} is now {RENAMED_SETTINGS[k]}" for k in renamed))
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -154,9 +176,27 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def resolve_config(file_values: dict, cli_values: dict) -> TrainConfig:
-    """Defaults < YAML file < command-line flags (only the flags the user actually passed)."""
-    return TrainConfig(**{**file_values, **cli_values}).validate()
+def recipe_names() -> list[str]:
+    """The recipes shipped under recipes/."""
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(recipe: str) -> Path:
+    """A recipe's file: `recipe` itself if it is a file, else recipes/<recipe>.yaml."""
+    if Path(recipe).is_file():
+        return Path(recipe)
+    shipped = RECIPES / f"{recipe}.yaml"
+    if not shipped.is_file():
+        raise ValueError(f"no recipe {recipe!r}: give a YAML file or one of {', '.join(recipe_names())}")
+    return shipped
+
+
+def resolve_config(cli_values: dict, recipe: str | None = None) -> TrainConfig:
+    """Base values < the recommended recipe < `recipe` < command-line flags (only the flags the user typed)."""
+    values = load_yaml(recipe_path(DEFAULT_RECIPE))
+    if recipe:
+        values |= load_yaml(recipe_path(recipe))
+    return TrainConfig(**{**values, **cli_values, "recipe": recipe or DEFAULT_RECIPE}).validate()
 
 
 def dump_yaml(config: TrainConfig) -> str:

@@ -18,6 +18,7 @@ import torch
 from cache_builder.format import ALIGNED_DIR, MANIFEST, missing_statistics, topk_values
 from cache_builder.manifest import CacheError, load_manifest
 from cache_builder.reader import Ragged, read_shard
+from cache_builder.untrusted import shown
 from cache_builder.verify import cross_source_problems, verify_layer
 
 SOURCE_FIELDS = ("aligned_pos", "topk_ids", "topk_logits", "native_topk_logits", "logsumexp", "logit_mean", "logit_std", "z_logsumexp",
@@ -27,6 +28,9 @@ SOURCE_FIELDS = ("aligned_pos", "topk_ids", "topk_logits", "native_topk_logits",
 def discover_sources(root: str | Path, pivot: str, sources: list[str] | None = None) -> dict[str, Path]:
     """{source name: its aligned folder for `pivot`} under the cache root, optionally restricted."""
     root = Path(root)
+    if not root.is_dir():
+        raise CacheError(f"cache root {root} does not exist: build one with `cache-build --model <source> --corpus <corpus> "
+                         f"--pivot {pivot} --out {root}`, or pass --shards the folder that holds <source>/aligned/{pivot}/")
     found = {p.parent.parent.parent.name: p.parent for p in sorted(root.glob(f"*/{ALIGNED_DIR}/{pivot}/{MANIFEST}"))}
     if not found:
         raise CacheError(
@@ -53,7 +57,25 @@ def check_sources(layers: dict[str, Path]) -> None:
         pivots[folder] = manifest["pivot"]["tokenizer_fingerprint"]
     problems += cross_source_problems(id_sets, corpus, pivots)
     if problems:
-        raise CacheError("refusing to train on these caches:\n  " + "\n  ".join(problems))
+        raise CacheError("refusing to train on these caches: " + "; ".join(problems))
+
+
+def check_pivot(layers: dict[str, Path], tokenizer, embedding_rows: int) -> None:
+    """The aligned layers were made for the pivot being trained: the tokenizer fingerprint of each layer is
+    the loaded tokenizer's, and its vocabulary (which bounds every id, see cache_builder.values) fits the
+    model's embedding rows. A manifest alone is never trusted for either."""
+    from alignment import tokenizer_fingerprint
+
+    loaded = tokenizer_fingerprint(tokenizer)
+    for folder in layers.values():
+        pivot = load_manifest(folder)["pivot"]
+        if pivot["tokenizer_fingerprint"] != loaded:
+            raise CacheError(f"{shown(folder)}: aligned to another pivot tokenizer (fingerprint "
+                             f"{pivot['tokenizer_fingerprint'][:12]}) than the pivot loaded ({loaded[:12]}); rerun "
+                             f"`cache-align --cache {shown(folder.parent.parent)} --pivot <this pivot>`")
+        if pivot["vocab_size"] > embedding_rows:
+            raise CacheError(f"{shown(folder)}: pivot vocab_size {pivot['vocab_size']} is more than the "
+                             f"{embedding_rows} token rows of the pivot loaded; the layer was made for another pivot")
 
 
 def known_statistics_gaps(manifest: dict) -> set[str]:

@@ -43,19 +43,33 @@ class EvalResult:
         return self.nll_nats / max(self.tokens, 1)
 
 
-@torch.inference_mode()
 def evaluate_model(name: str, records: list[Record], *, label: str | None = None, device: str | torch.device = "cpu",
                    dtype=torch.float32, batch_tokens: int = 4096) -> list[EvalResult]:
     """Per-domain (and "all") results of one model over the given records, reported under `label`."""
     source = resolve_model(name)
-    tokenizer = load_tokenizer(source)
-    surface = token_surface(tokenizer)
     model = load_model(source, dtype=dtype, device=device)
-    encoded = [tokenize(r.text, tokenizer, surface, source.add_bos, MAX_TOKENS) for r in records]
+    encoded = encode_records(records, load_tokenizer(source), source.add_bos)
+    return score_records(model, encoded, records, label=label or name, batch_tokens=batch_tokens,
+                         desc=f"fuse-eval {source.name}")
+
+
+def encode_records(records: list[Record], tokenizer, add_bos: bool) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(token ids (T,), token byte ends (T,)) of every record, in the model's own tokenization."""
+    surface = token_surface(tokenizer)
+    return [tokenize(r.text, tokenizer, surface, add_bos, MAX_TOKENS) for r in records]
+
+
+@torch.inference_mode()
+def score_records(model, encoded: list[tuple[np.ndarray, np.ndarray]], records: list[Record], *, label: str,
+                  batch_tokens: int = 4096, desc: str | None = None) -> list[EvalResult]:
+    """Per-domain (and "all") results of a loaded model over records encoded by `encode_records`.
+
+    desc: the progress bar's title (None: no bar, e.g. inside fuse-train's own bar)."""
+    device = next(model.parameters()).device
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0])
-    for bucket in tqdm(length_buckets([len(ids) for ids, _ in encoded], batch_tokens), desc=f"fuse-eval {source.name}",
-                       leave=False):
-        ids, attention = pad_right([encoded[i][0] for i in bucket], torch.device(device))  # (B, T)
+    buckets = length_buckets([len(ids) for ids, _ in encoded], batch_tokens)
+    for bucket in tqdm(buckets, desc=desc, leave=False, disable=desc is None):
+        ids, attention = pad_right([encoded[i][0] for i in bucket], device)  # (B, T)
         logits = model(input_ids=ids, attention_mask=attention).logits.float()  # (B, T, V)
         logprobs = (logits[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
                     - torch.logsumexp(logits[:, :-1], -1)).cpu()  # (B, T-1), on the model's device until here
@@ -69,7 +83,7 @@ def evaluate_model(name: str, records: list[Record], *, label: str | None = None
                 totals[key][0] += nll
                 totals[key][1] += int(mask.sum())
                 totals[key][2] += int(predicted_bytes.sum())
-    return [EvalResult(label or name, d, *v) for d, v in sorted(totals.items())]
+    return [EvalResult(label, d, *v) for d, v in sorted(totals.items())]
 
 
 def results_table(results: list[EvalResult], split: str = "heldout") -> str:

@@ -341,34 +341,6 @@ def topk_kl_from_logprobs(
     return kept + tail
 
 
-def gate_mask(
-    src_gold_logprob: torch.Tensor, piv_gold_logprob: torch.Tensor, margin: float = 0.0
-) -> torch.Tensor:
-    """Token-level teacher gate: True where the source beats the pivot on the gold next text.
-
-        gate = src_gold_logprob > piv_gold_logprob + margin          (N,) bool, no grad
-
-    At an aligned position the two models predict their own next tokens, which cover the same bytes only
-    where the tokenizers agree; elsewhere they are different events, and the model with the shorter token
-    wins more often. `--gate chunk` applies this function to chunk log-probs (`chunk_logprob_sum`), the
-    same bytes for both models.
-    """
-    return src_gold_logprob.detach() > piv_gold_logprob.detach() + margin
-
-
-def candidate_gate_mask(src_topk_ids: torch.Tensor, piv_gold_ids: torch.Tensor) -> torch.Tensor:
-    """Candidate gate: True where the pivot's gold next token is among the source's mapped candidates.
-
-        src_topk_ids (N, K) pivot ids, -1 = empty slot; piv_gold_ids (N,)  ->  (N,) bool
-
-    Where the tokenizers split the text differently, the source's confident candidates can all be other
-    events than the pivot's next token; a top-k target there drives the gold token's probability toward
-    zero (benchmarks/target_ceiling.py measures the cost). This gate distils only targets that name the
-    gold token.
-    """
-    return ((src_topk_ids >= 0) & (src_topk_ids == piv_gold_ids.unsqueeze(-1))).any(dim=-1)
-
-
 def record_ratio(
     numerator: torch.Tensor, denominator: torch.Tensor, record_index: torch.Tensor, num_records: int
 ) -> torch.Tensor:
@@ -383,32 +355,6 @@ def record_ratio(
     top = top.index_add_(0, record_index, numerator.detach().double())  # (R,)
     bottom = torch.zeros_like(top).index_add_(0, record_index, denominator.detach().double())  # (R,)
     return torch.where(bottom > 0, top / bottom.clamp_min(1e-300), torch.full_like(top, float("inf")))
-
-
-def record_gate_mask(
-    src_chunk_logprob: torch.Tensor,
-    piv_chunk_logprob: torch.Tensor,
-    chunk_length: torch.Tensor,
-    record_index: torch.Tensor,
-    num_records: int,
-    margin: float = 0.0,
-) -> torch.Tensor:
-    """Record-level teacher gate over the record's ALM chunks, broadcast back to its chunks.
-
-        gate_r = sum_k (src_chunk_k - piv_chunk_k) / sum_k chunk_length_k > margin
-
-    The chunks are the same bytes for both models, so this compares the two on the record's aligned text,
-    in nats per pivot token (a mean over next-token log-probs would compare different events wherever the
-    tokenizers split the text differently). Returns (A,) bool: every chunk gets its record's decision, so it
-    drops in where `gate_mask` does.
-
-    Args:
-        src_chunk_logprob, piv_chunk_logprob: (A,) log-likelihood of each chunk (`chunk_logprob_sum`).
-        chunk_length: (A,) pivot tokens in each chunk.
-        record_index: (A,) int64 in [0, num_records), the record of each chunk.
-    """
-    gain = record_ratio(src_chunk_logprob - piv_chunk_logprob, chunk_length, record_index, num_records)  # (R,)
-    return (gain > margin)[record_index.long()]
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -610,4 +556,12 @@ FUSION_LOSSES: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "fusellm": _fusellm,
     "topk-kl": _topk_kl,
     "alm": _alm,
+}
+# loss -> {keyword argument of its function: the training setting (fuse_trainer.config.TrainConfig) that gives it}
+LOSS_SETTINGS: dict[str, dict[str, str]] = {
+    "infifusion": {"top_k": "uld_top_k", "temperature": "fusion_temperature", "standardize": "standardize",
+                   "normalize": "normalize"},
+    "fusellm": {"temperature": "fusion_temperature"},
+    "topk-kl": {},
+    "alm": {"temperature": "alm_temperature", "distance": "alm_distance"},
 }

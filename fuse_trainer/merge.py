@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from fuse_trainer.checkpoint import write_folder
+
 StateDict = dict[str, torch.Tensor]
 
 # Tokenizer files copied from the base checkpoint next to the merged weights, when present.
@@ -188,12 +190,6 @@ def merge_checkpoints(
     merged = MERGE_METHODS[method](base_sd, finetuned, list(weights), **options)
     base_model.load_state_dict(merged, strict=True)
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    base_model.save_pretrained(tmp)
-    for name in TOKENIZER_FILES:
-        if (base_dir / name).is_file():
-            shutil.copy2(base_dir / name, tmp / name)
     record = {
         "method": method,
         "weights": list(map(float, weights)),
@@ -201,7 +197,13 @@ def merge_checkpoints(
         "base": str(base_dir),
         "finetuned": [str(d) for d in finetuned_dirs],
     }
-    (tmp / "merge_config.json").write_text(json.dumps(record, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+
+    def write(tmp: Path) -> None:
+        base_model.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, tmp / name)
+        (tmp / "merge_config.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    write_folder(out_dir, write)
     return out_dir

@@ -7,7 +7,8 @@ One run, top to bottom:
      world_size-th), computes (1-λ)·SFT + λ·fusion normalised by the step's response tokens (with
      `lambda_scope: distilled`, λ only where a source is distilled: elsewhere SFT keeps weight 1; records of a
      `distill_only_splits` split, text the pivot wrote itself, get the fusion term alone at weight 1), all-reduces
-     the gradients, clips and steps; metrics go to metrics.jsonl and the progress bar;
+     the gradients, clips and steps; metrics go to metrics.jsonl and the progress bar; every `eval_every` steps the
+     pivot is scored on the `eval_split` records (fuse_trainer/validation.py), and `keep_best` keeps the best step;
   4. saves a Hugging Face checkpoint with the resolved config and the caches' fingerprints.
 Pairwise mode runs 1-4 once per source, then merges the pivots in weight space.
 """
@@ -19,44 +20,39 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from tqdm import tqdm
 
 from cache_builder.format import write_text_atomic
-from cache_builder.manifest import load_manifest
 from cache_builder.models import load_model, load_tokenizer, pick_device, resolve_model
-from fuse_trainer.config import TrainConfig, dump_yaml
-from fuse_trainer.data import (Batch, FusionData, SourceBatch, check_sources, check_statistics, collate,
-                                 discover_sources)
-from fuse_trainer.losses import (
-    FUSION_LOSSES,
-    FusionInputs,
-    candidate_gate_mask,
-    chunk_logprob_sum,
-    chunk_spans,
-    gate_mask,
-    pivot_uld_stats,
-    record_gate_mask,
-    record_ratio,
-    sft_loss,
+from fuse_trainer.checkpoint import (
+    CHECKPOINT_DIR,
+    FINAL_DIR,
+    STATE_FILE,
+    clear_run,
+    keep_metrics_until,
+    provenance_of,
+    recover_checkpoint,
+    refuse_other_settings,
+    save_checkpoint,
+    save_final,
+    save_hf,
 )
+from fuse_trainer.config import TrainConfig, dump_yaml
+from fuse_trainer.data import (Batch, FusionData, check_pivot, check_sources, check_statistics, collate,
+                                 discover_sources)
+from fuse_trainer.gates import teacher_gate
+from fuse_trainer.guard import stop_if_not_finite
+from fuse_trainer.losses import FUSION_LOSSES, FusionInputs, chunk_spans, pivot_uld_stats, record_ratio, sft_loss
+from fuse_trainer.stream import MicroBatchStream
+from fuse_trainer.validation import Validator, cache_records, evaluate_merged
 from fuse_trainer.weighting import record_chunk_ce, source_weights, topk_entropy
 
-STATE_FILE = "trainer_state.pt"
 # summed per step; objective_sum is the loss before the division by the step's response tokens
 TERMS = ("objective_sum", "sft_sum", "fusion_sum", "n_tokens", "kept_mass_sum", "gated_in", "fusion_positions")
-FINAL_DIR = "final"
-CHECKPOINT_DIR = "checkpoint"
-# Settings that do not change the trained model: a run may resume, or count as finished, with other values.
-RUN_ONLY_SETTINGS = ("resume", "threads", "device", "save_every", "out", "extra", "activation_checkpointing")
-# Settings added after runs were saved, with the value that matches how those runs were trained.
-SETTINGS_BEFORE_THEY_EXISTED = {"distill_only_splits": [], "shuffle_window": 1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +107,7 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
     fusion_objective = logits.new_zeros(())
     weights = source_weights(source_scores(batch, cfg), cfg.weighting, cfg.weighting_temperature)
     distilled = torch.zeros_like(batch.loss_mask, dtype=logits.dtype)  # (B, T) summed source weight distilled there
-    uld_stats = (pivot_uld_stats(logits, cfg.top_k, cfg.standardize, cfg.normalize == "full")  # once for every source
+    uld_stats = (pivot_uld_stats(logits, cfg.uld_top_k, cfg.standardize, cfg.normalize == "full")  # once for every source
                  if cfg.loss == "infifusion" else None)
     for s, src in enumerate(batch.sources.values()):
         keep = batch.loss_mask[src.row, src.pos]  # (N,) response positions only
@@ -144,31 +140,6 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
     return terms
 
 
-def teacher_gate(batch: Batch, src: SourceBatch, piv_gold: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """(N,) bool: where every gate of `--gate` lets the source teach, at its aligned positions (src.row, src.pos).
-
-    piv_gold (B, T) is the pivot's log-prob of each gold token."""
-    let_in = torch.ones_like(src.row, dtype=torch.bool)
-    for gate in cfg.gates:
-        if gate != "none":
-            let_in &= one_gate(gate, batch, src, piv_gold, cfg.gate_margin)
-    return let_in
-
-
-def one_gate(gate: str, batch: Batch, src: SourceBatch, piv_gold: torch.Tensor, margin: float) -> torch.Tensor:
-    """(N,) bool: where one named gate lets the source teach (see teacher_gate)."""
-    if gate == "token":
-        return gate_mask(src.gold_logprob, piv_gold[src.row, src.pos], margin)
-    if gate in ("chunk", "record"):  # the same event for both models: the text up to the next shared boundary
-        piv_chunk, length = chunk_logprob_sum(piv_gold.detach(), src.row, src.pos, batch.num_positions)
-        if gate == "record":  # summed over the record, per pivot token
-            return record_gate_mask(src.chunk_logprob, piv_chunk, length, src.row, len(batch.input_ids), margin)
-        return gate_mask(src.chunk_logprob, piv_chunk, margin)
-    if gate == "candidate":  # the mapped candidates name the pivot's gold next token
-        return candidate_gate_mask(src.topk_ids, batch.labels[src.row, src.pos])
-    raise ValueError(f"unknown gate {gate!r}")
-
-
 def weighted_sft_sum(ce: torch.Tensor, distilled: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     """The SFT part of the objective, summed from the per-position CE (B, T): (1-λ)·Σ CE (`lambda_scope: all`),
     or Σ (1 - λ·d)·CE with d (B, T) the source weight distilled at each position (`distilled`), so a position
@@ -179,49 +150,8 @@ def weighted_sft_sum(ce: torch.Tensor, distilled: torch.Tensor, cfg: TrainConfig
 
 
 # ----------------------------------------------------------------------------------------------
-# Data order, schedule, checkpoints
+# Schedule, processes
 # ----------------------------------------------------------------------------------------------
-
-
-class MicroBatchStream:
-    """Micro-batch i of the run as (shard group, rows), deterministic from (seed, epoch): resuming needs
-    only the step number."""
-
-    def __init__(self, data: FusionData, batch_tokens: int, seed: int):
-        self.data, self.batch_tokens, self.seed = data, batch_tokens, seed
-        self._epochs: dict[int, list[tuple[int, np.ndarray]]] = {}  # the last epoch used only
-        self._lengths: list[int] = []  # micro-batches of epochs 0, 1, ... (they differ by a batch or so)
-
-    def epoch(self, e: int) -> list[tuple[int, np.ndarray]]:
-        if e not in self._epochs:
-            self._epochs = {e: self.data.plan(e, self.batch_tokens, self.seed)}
-        return self._epochs[e]
-
-    def epoch_length(self, e: int) -> int:
-        while len(self._lengths) <= e:
-            self._lengths.append(len(self.epoch(len(self._lengths))))
-        return self._lengths[e]
-
-    @property
-    def per_epoch(self) -> int:
-        """Micro-batches of the first epoch (the unit of --epochs)."""
-        return self.epoch_length(0)
-
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
-        """Micro-batch i counted across epochs: every epoch passes over every record once."""
-        e = 0
-        while i >= self.epoch_length(e):
-            i -= self.epoch_length(e)
-            e += 1
-        return self.epoch(e)[i]
-
-    def response_tokens(self, micro_batch: tuple[int, np.ndarray]) -> int:
-        shard, rows = micro_batch
-        return int(self.data.index[shard].response_tokens[rows].sum())
-
-    def tokens(self, micro_batch: tuple[int, np.ndarray]) -> int:
-        shard, rows = micro_batch
-        return int(self.data.index[shard].num_tokens[rows].sum())
 
 
 def lr_lambda(warmup: int, total: int):
@@ -232,88 +162,6 @@ def lr_lambda(warmup: int, total: int):
         progress = (step - warmup) / max(total - warmup, 1)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return factor
-
-
-def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int, cfg: TrainConfig, provenance: dict) -> None:
-    """Model (HF format) + optimizer, scheduler, step and RNG, written to a temporary folder and renamed.
-
-    At every instant a complete checkpoint exists as `checkpoint/` or, between the two renames, as
-    `.checkpoint.old/` (which `recover_checkpoint` puts back)."""
-    tmp = out / f".{CHECKPOINT_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(tmp, model, tokenizer, cfg, provenance)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state()}, tmp / STATE_FILE)
-    current, old = out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}.old"
-    if current.exists():
-        shutil.rmtree(old, ignore_errors=True)  # left by a save killed before its last line
-        current.rename(old)
-    tmp.rename(current)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_checkpoint(out: Path) -> Path:
-    """The resumable checkpoint of `out`, putting back the previous one if a save was killed between renames."""
-    current, old = out / CHECKPOINT_DIR, out / f".{CHECKPOINT_DIR}.old"
-    if not (current / STATE_FILE).exists() and (old / STATE_FILE).exists():
-        shutil.rmtree(current, ignore_errors=True)
-        old.rename(current)
-    return current
-
-
-def clear_run(out: Path) -> None:
-    """Remove what an earlier run left in `out` (models, checkpoints, metrics): a fresh run starts clean."""
-    for name in (FINAL_DIR, CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old", f".{CHECKPOINT_DIR}.tmp", f".{FINAL_DIR}.tmp"):
-        shutil.rmtree(out / name, ignore_errors=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-
-
-def save_hf(folder: Path, model, tokenizer, cfg: TrainConfig, provenance: dict) -> None:
-    """A checkpoint loadable with AutoModelForCausalLM.from_pretrained, with its config and provenance."""
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (folder / "fusion_config.yaml").write_text(dump_yaml(cfg))
-    (folder / "fusion_provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-
-
-def provenance_of(layers: dict[str, Path]) -> dict:
-    """The caches a run was trained on: source identities and fingerprints, from their manifests."""
-    out = {}
-    for name, folder in layers.items():
-        m = load_manifest(folder)
-        out[name] = {"source": m["source"].get("identity"), "source_tokenizer": m["source"].get("tokenizer_fingerprint"),
-                     "pivot_tokenizer": m["pivot"]["tokenizer_fingerprint"], "corpus": m["corpus"]["fingerprint"],
-                     "rows": m["totals"]["rows"], "tokens": m["totals"]["tokens"]}
-    return out
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metric lines logged after the checkpoint a run resumes from (a killed run logs past it)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        write_text_atomic(path, "".join(line + "\n" for line in lines))
-
-
-def changed_settings(checkpoint: Path, cfg: TrainConfig, shard_groups: int) -> dict:
-    """{setting: (saved, now)} where the model in `checkpoint` was trained otherwise than `cfg` says
-    (settings that do not change the model, RUN_ONLY_SETTINGS, aside). Two shuffle windows that each hold
-    all `shard_groups` of the cache give the same batch order, so they are no change."""
-    saved = {**SETTINGS_BEFORE_THEY_EXISTED, **yaml.safe_load((checkpoint / "fusion_config.yaml").read_text())}
-    now = asdict(cfg)
-    changed = {k: (saved.get(k), now[k]) for k in now if k not in RUN_ONLY_SETTINGS and saved.get(k) != now[k]}
-    if "shuffle_window" in changed and min(changed["shuffle_window"]) >= shard_groups:
-        del changed["shuffle_window"]
-    return changed
-
-
-def refuse_other_settings(out: Path, cfg: TrainConfig, layers: dict[str, Path]) -> None:
-    """--resume continues (or finds finished) only a run with the same settings."""
-    shard_groups = len(load_manifest(next(iter(layers.values())))["shards"])  # every source is sharded alike
-    for folder in (out / FINAL_DIR, out / CHECKPOINT_DIR):
-        if (folder / "fusion_config.yaml").exists() and (changed := changed_settings(folder, cfg, shard_groups)):
-            raise ValueError(f"{folder} was trained with other settings {changed} (saved, now): rerun with the same "
-                             "settings to resume it, or leave out --resume to start again (deleting it), or use another --out")
 
 
 def distributed() -> tuple[int, int]:
@@ -348,7 +196,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     if world > 1:
         dist.barrier()  # every rank sees the recovered checkpoint
     if cfg.resume:
-        refuse_other_settings(out, cfg, layers)
+        refuse_other_settings(out, cfg, layers, log)
         if (out / FINAL_DIR / "fusion_config.yaml").exists():
             log(f"{out}: already trained with these settings, nothing to do ({out / FINAL_DIR})")
             return out / FINAL_DIR
@@ -361,6 +209,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
     tokenizer = load_tokenizer(pivot)
     resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
     model = load_model(resume_dir if resuming else pivot, dtype=torch.float32, device=device).train()
+    check_pivot(layers, tokenizer, model.get_input_embeddings().num_embeddings)
     if cfg.activation_checkpointing:
         model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -381,6 +230,8 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
         out.mkdir(parents=True, exist_ok=True)
         clear_run(out)
         (out / "config.yaml").write_text(dump_yaml(cfg))
+    validator = (Validator(cache_records(layers, cfg.eval_split), tokenizer, pivot.add_bos, cfg.eval_split, cfg.keep_best,
+                           out, cfg.batch_tokens) if cfg.eval_every and rank == 0 else None)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None
     bar = tqdm(range(start, total_steps), desc=f"fuse-train {out.name}", disable=rank != 0, dynamic_ncols=True)
     for step in bar:
@@ -403,6 +254,8 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             dist.all_reduce(packed)
             sums = dict(zip(TERMS, packed.tolist()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        stop_if_not_finite(step + 1, sums["objective_sum"], float(grad_norm), layers,
+                           lambda: [data.shard(shard).record_ids[r] for shard, rows in group[rank::world] for r in rows])
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         optimizer.step()
         scheduler.step()
@@ -419,10 +272,14 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             "tokens": n_response,
             "tokens_per_s": sum(stream.tokens(mb) for mb in group) / (time.time() - t0),
         }
+        if validator and validator.due(step + 1, cfg.eval_every, total_steps):
+            record.update(validator.evaluate(model, step + 1, lambda folder: save_hf(folder, model, tokenizer, cfg,
+                                                                                     provenance)))
         if metrics:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-        bar.set_postfix(loss=f"{record['loss']:.3f}", sft=f"{record['sft']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{record['loss']:.3f}", sft=f"{record['sft']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                        **(validator.postfix() if validator else {}))
         stopping = stop_after is not None and step + 1 == stop_after and step + 1 < total_steps
         periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
         if rank == 0 and (stopping or periodic) and step + 1 < total_steps:
@@ -434,11 +291,10 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             return None
     final = out / FINAL_DIR
     if rank == 0:
-        tmp = out / f".{FINAL_DIR}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_hf(tmp, model, tokenizer, cfg, provenance)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        if cfg.keep_best:
+            validator.promote_best(log)
+        else:
+            save_final(out, model, tokenizer, cfg, provenance)
         metrics.close()
         shutil.rmtree(resume_dir, ignore_errors=True)  # the final model supersedes the last resumable checkpoint
     if world > 1:
@@ -456,6 +312,9 @@ def fuse_train(cfg: TrainConfig, log=print) -> Path:
     if cfg.merge_weights and len(cfg.merge_weights) != len(layers):
         raise ValueError(f"--merge-weights gives {len(cfg.merge_weights)} weights for {len(layers)} sources "
                          f"({', '.join(layers)}): give one per source, in that order")
+    if int(os.environ.get("RANK", 0)) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "config.yaml", dump_yaml(cfg))  # the whole run's settings, as each pairwise run's
     finals = [train_run(cfg, {name: folder}, out / f"pairwise-{name}", log) for name, folder in layers.items()]
     if int(os.environ.get("RANK", 0)) != 0:
         return out / "merged"
@@ -471,6 +330,8 @@ def fuse_train(cfg: TrainConfig, log=print) -> Path:
         {"merged_from": [str(f) for f in finals], "weights": weights, "method": cfg.merge,
          "caches": provenance_of(layers)}, indent=2, sort_keys=True) + "\n")
     log(f"merged {len(finals)} pairwise pivots with {cfg.merge} -> {merged}")
+    if cfg.eval_every:
+        evaluate_merged(merged, cache_records(layers, cfg.eval_split), cfg.eval_split, pick_device(cfg.device), log)
     return merged
 
 

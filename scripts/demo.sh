@@ -4,8 +4,9 @@
 # cache-build (both sources) -> cache-verify -> fuse-train (SFT baseline, unified, pairwise+merge)
 # -> fuse-eval table of held-out bits per byte per domain, and a plot of the training curves.
 # Outputs go to $OUT (default out/demo). Rerunning resumes: finished caches are not rebuilt.
-# CORPUS, STEPS, TRAIN_FLAGS and FUSION_FLAGS can be set (examples/reproduce.sh does). Every command takes
-# the GPU when torch sees one (--device auto).
+# The fused arms train the recommended recipe (recipes/recommended.yaml), the baseline recipes/sft.yaml.
+# CORPUS, STEPS, TRAIN_FLAGS, RECIPE and FUSION_FLAGS (extra flags of the fused arms) can be set
+# (examples/reproduce.sh does). Every command takes the GPU when torch sees one (--device auto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
@@ -14,9 +15,9 @@ CORPUS=${CORPUS:-data/}
 CACHE=$OUT/cache
 DTYPE=${DTYPE:-bf16}          # trunk dtype of the sources; the output layer is always scored in fp32
 STEPS=${STEPS:-12}
-TRAIN_FLAGS=${TRAIN_FLAGS:-"--lr 2e-4 --batch-tokens 1536 --max-steps $STEPS --dtype bf16 --save-every 0"}
-# The best fusion recipe on the validation split (docs/recipe_search.md): raw-probability ULD, lambda 0.3.
-FUSION_FLAGS=${FUSION_FLAGS:-"--loss infifusion --raw --lambda 0.3"}
+TRAIN_FLAGS=${TRAIN_FLAGS:-"--max-steps $STEPS --save-every 0"}
+RECIPE=${RECIPE:-recommended}
+FUSION_FLAGS=${FUSION_FLAGS:-}
 mkdir -p "$OUT"
 
 echo "== 1/5 cache-build: run each source once over $CORPUS and align it to the pivot"
@@ -28,9 +29,9 @@ cache-verify "$CACHE"
 cache-info "$CACHE"
 
 echo "== 3/5 fuse-train: SFT-only baseline, unified fusion, pairwise fusion + merge (same records, same steps)"
-fuse-train --shards "$CACHE" --mode sft $TRAIN_FLAGS --out "$OUT/runs/sft" --resume
-fuse-train --shards "$CACHE" --mode unified $TRAIN_FLAGS $FUSION_FLAGS --out "$OUT/runs/unified" --resume
-fuse-train --shards "$CACHE" --mode pairwise $TRAIN_FLAGS $FUSION_FLAGS --out "$OUT/runs/pairwise" --resume
+fuse-train --shards "$CACHE" --recipe sft $TRAIN_FLAGS --out "$OUT/runs/sft" --resume
+fuse-train --shards "$CACHE" --mode unified --recipe "$RECIPE" $TRAIN_FLAGS $FUSION_FLAGS --out "$OUT/runs/unified" --resume
+fuse-train --shards "$CACHE" --mode pairwise --recipe "$RECIPE" $TRAIN_FLAGS $FUSION_FLAGS --out "$OUT/runs/pairwise" --resume
 
 echo "== 4/5 fuse-eval: held-out bits per byte per domain"
 fuse-eval --data "$CORPUS" --split heldout \

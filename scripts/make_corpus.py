@@ -29,6 +29,16 @@ Needs (install into a throwaway folder, never into the project venv; this script
 
 The ``code`` domain is read from the interpreter running this script; the shipped file was made with
 CPython 3.11.7 (a different Python version may change stdlib sources, hence the file; the script warns).
+
+``--ood`` builds the out-of-distribution set instead, data-ood/ood.jsonl (split ``ood``; outside data/, whose
+every .jsonl the corpus reader loads), from sources the corpus never draws on: prose by another author (Lewis
+Carroll's *Alice's Adventures in Wonderland*, public domain, the text the Brotli sdist ships as a test file), a
+third-party package's code instead of the stdlib (click, BSD-3-Clause) and another math collection (mathgenerator's
+generated problems, MIT, seed 0). 9,600 characters per domain, chosen in hash order:
+
+    python -m pip install --no-deps --target /tmp/ood_src click==8.5.1 mathgenerator==1.5.0 scipy==1.17.1
+    python -m pip download --no-deps --no-binary :all: --dest /tmp/ood_src brotli==1.2.1
+    python scripts/make_corpus.py --ood --src /tmp/ood_src
 """
 
 from __future__ import annotations
@@ -40,7 +50,9 @@ import hashlib
 import json
 import re
 import sys
+import random
 import sysconfig
+import tarfile
 from collections import defaultdict
 from importlib import metadata
 from pathlib import Path
@@ -87,6 +99,15 @@ MORE_STDLIB_MODULES = tuple(f"{name}.py" for name in (
     "poplib", "stringprep", "rlcompleter",
 ))
 CODE_SPLITS = ("content", "module")
+
+# --ood: packages and files none of the splits above draw on
+ROOT = Path(__file__).resolve().parent.parent
+OOD_OUT = ROOT / "data-ood" / "ood.jsonl"  # outside data/: the corpus reader loads every .jsonl under a folder
+OOD_PACKAGES = {"brotli": "1.2.1", "click": "8.5.1", "mathgenerator": "1.5.0"}
+OOD_SPLIT = "ood"
+OOD_BUDGET = 9_600  # characters per domain (twice a held-out split of the default corpus: steadier figures)
+ALICE = "tests/testdata/alice29.txt"
+MATH_SHEET = 8  # problems per math record
 
 
 def split_of(domain: str, key: str) -> str:
@@ -196,16 +217,24 @@ def code_candidates(modules: tuple[str, ...], split_by_module: bool) -> list[dic
     version = ".".join(map(str, sys.version_info[:3]))
     out = []
     for rel in modules:
-        source = (stdlib / rel).read_text(encoding="utf-8")
-        lines = source.splitlines(keepends=True)
-        for node in ast.parse(source).body:
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                continue
-            start = min([node.lineno] + [d.lineno for d in node.decorator_list])
-            text = "".join(lines[start - 1 : node.end_lineno])
-            if MIN_CHARS <= len(text) <= MAX_CHARS:
-                record = {"text": text, "source": f"CPython {version} Lib/{rel}:{start}-{node.end_lineno} ({node.name})"}
-                out.append({**record, "split_key": f"Lib/{rel}"} if split_by_module else record)
+        for record in module_definitions(stdlib / rel, f"CPython {version} Lib/{rel}"):
+            out.append({**record, "split_key": f"Lib/{rel}"} if split_by_module else record)
+    return out
+
+
+def module_definitions(path: Path, origin: str) -> list[dict]:
+    """The top-level functions and classes of one Python file, verbatim (decorators, comments and docstrings
+    kept), each of MIN_CHARS to MAX_CHARS characters; `source` is "<origin>:<first>-<last line> (<name>)"."""
+    source = path.read_text(encoding="utf-8")
+    lines = source.splitlines(keepends=True)
+    out = []
+    for node in ast.parse(source).body:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        start = min([node.lineno] + [d.lineno for d in node.decorator_list])
+        text = "".join(lines[start - 1 : node.end_lineno])
+        if MIN_CHARS <= len(text) <= MAX_CHARS:
+            out.append({"text": text, "source": f"{origin}:{start}-{node.end_lineno} ({node.name})"})
     return out
 
 
@@ -250,6 +279,67 @@ def instruct_candidates(src: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------
+# --ood: the out-of-distribution set, from sources the corpus never draws on
+# ------------------------------------------------------------------------------------------------
+
+
+def alice_candidates(src: Path) -> list[dict]:
+    """Lewis Carroll's *Alice's Adventures in Wonderland* (public domain), the Millennium Fulcrum Edition 2.9
+    text that the Brotli sdist ships as a compression test file (CRLF line ends): paragraphs (each line's
+    indentation dropped, the line breaks kept) joined into passages that close at the first paragraph boundary past PROSE_TARGET."""
+    with tarfile.open(src / f"brotli-{OOD_PACKAGES['brotli']}.tar.gz") as sdist:
+        raw = sdist.extractfile(f"brotli-{OOD_PACKAGES['brotli']}/{ALICE}").read().decode("utf-8").replace("\r\n", "\n")
+    body = raw[raw.index("CHAPTER I\n"):raw.rindex("THE END")]
+    out, chapter = [], ""
+    for chapter_text in re.split(r"\n\s*(?=CHAPTER [IVXL]+\n)", body):
+        paragraphs = ["\n".join(line.strip() for line in block.strip().split("\n"))
+                      for block in re.split(r"\n\s*\n", chapter_text) if block.strip()]
+        chapter = paragraphs[0]
+        passage: list[str] = []
+        for paragraph in paragraphs:
+            passage.append(paragraph)
+            if len("\n\n".join(passage)) >= PROSE_TARGET:
+                out.append({"text": "\n\n".join(passage), "source": f"brotli {OOD_PACKAGES['brotli']} sdist: {ALICE} ({chapter})"})
+                passage = []
+        if passage:
+            out.append({"text": "\n\n".join(passage), "source": f"brotli {OOD_PACKAGES['brotli']} sdist: {ALICE} ({chapter})"})
+    return [c for c in out if MIN_CHARS <= len(c["text"]) <= MAX_CHARS]
+
+
+def click_candidates(src: Path) -> list[dict]:
+    """Top-level functions and classes of the click package (BSD-3-Clause), verbatim, like the stdlib's."""
+    out = []
+    for path in sorted((src / "click").glob("*.py")):
+        out += module_definitions(path, f"click {OOD_PACKAGES['click']} click/{path.name}")
+    return out
+
+
+def mathgenerator_candidates(src: Path) -> list[dict]:
+    """Worksheets of mathgenerator's problems (MIT): per generator, seeded, MATH_SHEET problems as the prompt
+    (numbered) and their solutions as the response (numbered alike)."""
+    sys.path.insert(0, str(src))
+    import mathgenerator
+
+    random.seed(0)
+    out = []
+    for identifier, title, generator, *_ in mathgenerator.genList:
+        problems = [generator() for _ in range(MATH_SHEET)]
+        prompt = f"{title}. Solve each problem.\n" + "\n".join(f"{i}. {p}" for i, (p, _) in enumerate(problems, 1))
+        response = "\n".join(f"{i}. {s}" for i, (_, s) in enumerate(problems, 1))
+        if MIN_CHARS <= len(prompt) + len(response) <= MAX_CHARS:
+            out.append({"prompt": prompt, "response": response,
+                        "source": f"mathgenerator {OOD_PACKAGES['mathgenerator']}: generator {identifier} ({title}), seed 0"})
+    return out
+
+
+def select_ood(domain: str, candidates: list[dict]) -> list[dict]:
+    """The domain's out-of-distribution records: candidates in hash order until OOD_BUDGET characters, all of
+    split "ood", in source order."""
+    ranked = [(rank(domain, content(c)), order, c) for order, c in enumerate(candidates)]
+    return [{**c, "domain": domain, "split": OOD_SPLIT} for _, c in sorted(fill(ranked, OOD_BUDGET), key=lambda t: t[0])]
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def content(record: dict) -> str:
@@ -274,19 +364,28 @@ def select(domain: str, candidates: list[dict], scale: float = 1.0, train_scale:
         by_split[split_of(domain, c.get("split_key", content(c)))].append((rank(domain, content(c)), order, c))
     chosen = []
     for split in SPLITS:
-        used, budget = 0, BUDGET[split] * scale * (train_scale if split == "train" else 1.0)
-        for _, order, c in sorted(by_split[split], key=lambda t: t[0]):
-            if used + length(c) <= budget:
-                used += length(c)
-                chosen.append((SPLITS.index(split), order, {**c, "domain": domain, "split": split}))
-            if budget - used < MIN_CHARS:
-                break
+        budget = BUDGET[split] * scale * (train_scale if split == "train" else 1.0)
+        for order, c in fill(by_split[split], budget):
+            chosen.append((SPLITS.index(split), order, {**c, "domain": domain, "split": split}))
     return [c for _, _, c in sorted(chosen, key=lambda t: (t[0], t[1]))]
 
 
-def check_versions(src: Path) -> None:
+def fill(ranked: list[tuple[str, int, dict]], budget: float) -> list[tuple[int, dict]]:
+    """(order, candidate) taken in rank order until `budget` characters are filled (a candidate that would
+    overshoot is skipped)."""
+    used, taken = 0, []
+    for _, order, c in sorted(ranked, key=lambda t: t[0]):
+        if used + length(c) <= budget:
+            used += length(c)
+            taken.append((order, c))
+        if budget - used < MIN_CHARS:
+            break
+    return taken
+
+
+def check_versions(src: Path, packages: dict[str, str]) -> None:
     sys.path.insert(0, str(src))
-    for name, version in PACKAGES.items():
+    for name, version in packages.items():
         found = metadata.distribution(name).version if _has_dist(src, name) else None
         if found != version:
             print(f"warning: {name} {found} found in {src}, the shipped corpus was made from {version}", file=sys.stderr)
@@ -299,10 +398,33 @@ def _has_dist(src: Path, name: str) -> bool:
     return any(src.glob(f"{name.replace('-', '_')}-*.dist-info"))
 
 
+def write_records(records: list[dict], pools: dict[str, list[dict]], splits: tuple[str, ...], out: Path) -> None:
+    """The records as JSON lines (fixed key order), then their counts per domain and split."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8", newline="\n") as f:
+        for r in records:
+            ordered = {k: r[k] for k in ("text", "prompt", "response", "domain", "split", "source") if k in r}
+            f.write(json.dumps(ordered, ensure_ascii=False) + "\n")
+
+    print(f"wrote {len(records)} records to {out}")
+    print(f"{'domain':<10} {'split':<11} {'records':>7} {'chars':>7}  (pool)")
+    for domain in pools:
+        for split in splits:
+            rs = [r for r in records if r["domain"] == domain and r["split"] == split]
+            print(f"{domain:<10} {split:<11} {len(rs):>7} {sum(map(length, rs)):>7}  ({len(pools[domain])})")
+    for split in splits:
+        rs = [r for r in records if r["split"] == split]
+        print(f"{'all':<10} {split:<11} {len(rs):>7} {sum(map(length, rs)):>7}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", type=Path, default=Path("/tmp/corpus_src"), help="pip --target folder of the source packages")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "corpus.jsonl")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"default: data/corpus.jsonl; with --ood {OOD_OUT.relative_to(ROOT)}")
+    parser.add_argument("--ood", action="store_true",
+                        help=f"build the out-of-distribution set instead (split {OOD_SPLIT!r}): Alice in Wonderland, "
+                             "click's code, mathgenerator's problems, none of which the corpus draws on")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every character budget (the larger reproduction uses 4; a pool may run out)")
     parser.add_argument("--code-split", choices=CODE_SPLITS, default="content",
@@ -312,8 +434,15 @@ def main() -> None:
                         help="multiply the code domain's TRAIN budget once more (validation and held-out unchanged): "
                              "a larger distillation set for the domain where a source is much stronger")
     args = parser.parse_args()
-    check_versions(args.src)
 
+    if args.ood:
+        check_versions(args.src, {k: v for k, v in OOD_PACKAGES.items() if k != "brotli"})  # brotli: its sdist
+        pools = {"prose": alice_candidates(args.src), "code": click_candidates(args.src),
+                 "math": mathgenerator_candidates(args.src)}
+        records = [r for domain, pool in pools.items() for r in select_ood(domain, pool)]
+        write_records(records, pools, (OOD_SPLIT,), args.out or OOD_OUT)
+        return
+    check_versions(args.src, PACKAGES)
     pools = {
         "prose": prose_candidates(args.src),
         "code": code_candidates(STDLIB_MODULES + (MORE_STDLIB_MODULES if args.code_split == "module" else ()),
@@ -323,21 +452,7 @@ def main() -> None:
     }
     train_scales = {"code": args.code_train_scale}
     records = [r for domain in DOMAINS for r in select(domain, pools[domain], args.scale, train_scales.get(domain, 1.0))]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", encoding="utf-8", newline="\n") as f:
-        for r in records:
-            ordered = {k: r[k] for k in ("text", "prompt", "response", "domain", "split", "source") if k in r}
-            f.write(json.dumps(ordered, ensure_ascii=False) + "\n")
-
-    print(f"wrote {len(records)} records to {args.out}")
-    print(f"{'domain':<10} {'split':<11} {'records':>7} {'chars':>7}  (pool)")
-    for domain in DOMAINS:
-        for split in SPLITS:
-            rs = [r for r in records if r["domain"] == domain and r["split"] == split]
-            print(f"{domain:<10} {split:<11} {len(rs):>7} {sum(map(length, rs)):>7}  ({len(pools[domain])})")
-    for split in SPLITS:
-        rs = [r for r in records if r["split"] == split]
-        print(f"{'all':<10} {split:<11} {len(rs):>7} {sum(map(length, rs)):>7}")
+    write_records(records, pools, SPLITS, args.out or ROOT / "data" / "corpus.jsonl")
 
 
 if __name__ == "__main__":

@@ -24,10 +24,14 @@ def fake_rows(n_rows: int, k: int = 4, seed: int = 0, vocab: int = VOCAB) -> lis
         t = len(ends)
         logits = -np.sort(-rng.normal(size=(t - 1, k)).astype(np.float32), axis=1)
         scored = SimpleNamespace(
-            topk_ids=rng.integers(0, vocab, size=(t - 1, k)).astype(np.int32),
+            topk_ids=np.argsort(rng.random((t - 1, vocab)), axis=1)[:, :k].astype(np.int32),  # k distinct ids
             topk_logits=logits,
             **{name: rng.normal(size=t - 1).astype(np.float32) for name in STAT_COLUMNS},
         )
+        # plausible statistics: a logsumexp above every top-k logit, a positive std, log-probabilities <= 0
+        scored.logsumexp = logits[:, 0] + 2 + np.abs(scored.logsumexp)
+        scored.logit_std = 1 + np.abs(scored.logit_std)
+        scored.gold_logprob = -np.abs(scored.gold_logprob)
         record = Record(sha256_hex(text), sha256_hex(text), 0, "prose" if i % 2 else "code", "train", text,
                         ((0, n),), f"fake:{i + 1}")
         rows.append(SourceRow(record, rng.integers(0, vocab, size=t).astype(np.int32), ends, scored, 1.5))
@@ -48,4 +52,21 @@ def write_fake_cache(folder: Path, n_rows: int = 10, rows_per_shard: int = 4, k:
         corpus={"fingerprint": "c" * 64}, build={}, shards=shards,
     )
     write_manifest(folder, manifest)
+    return manifest
+
+
+def resign(folder: Path, manifest: dict | None = None) -> dict:
+    """What an attacker does after tampering: re-sign every listed shard (size, sha256, counts) and the
+    totals, and write the manifest (the given one, else the folder's own)."""
+    import json
+
+    from cache_builder.format import MANIFEST, shard_info
+
+    manifest = manifest if manifest is not None else json.loads((folder / MANIFEST).read_text())
+    for entry in manifest["shards"]:
+        if (folder / entry["path"]).is_file() and not (folder / entry["path"]).is_symlink():
+            info = shard_info(folder, entry["path"])
+            entry.update(rows=info.rows, tokens=info.tokens, bytes=info.bytes, sha256=info.sha256)
+    manifest["totals"] = {key: sum(s[key] for s in manifest["shards"]) for key in ("rows", "tokens", "bytes")}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
     return manifest

@@ -16,7 +16,7 @@ def build_command(world, out: Path) -> list[str]:
 
 def train_config(world, out: Path, **overrides) -> TrainConfig:
     base = dict(shards=str(world["cache"]), pivot=str(world["models"]["pivot"]), lr=3e-3, batch_tokens=256,
-                max_steps=6, out=str(out), save_every=0, lam=0.5, loss="topk-kl", top_k=4)
+                max_steps=6, out=str(out), save_every=0, lam=0.5, loss="topk-kl", uld_top_k=4)
     return TrainConfig(**{**base, **overrides}).validate()
 
 

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from cache_builder.build import BuildError, build_cache
+from cache_builder.format import MANIFEST
 from cache_builder.manifest import CacheError
 from cache_builder.verify import verify_cache
+from fuse_trainer.config import dump_yaml
 from fuse_trainer.data import discover_sources
 from fuse_trainer.train import fuse_train, train_run
 from tests.runs import build_command, run_losses, train_config
@@ -28,23 +30,28 @@ KILL_TRIALS = 10
 
 @pytest.fixture(scope="module")
 def reference(world, tmp_path_factory):
-    """The shards of an uninterrupted build (one record per shard, so a kill can land between any two)."""
+    """The shards of an uninterrupted build (one record per shard, so a kill can land between any two), and the
+    seconds that build took."""
     out = tmp_path_factory.mktemp("reference")
+    start = time.monotonic()
     subprocess.run(build_command(world, out), check=True, capture_output=True)
-    return {p.name: p.read_bytes() for p in (out / "srcq" / "shards").glob("*.parquet")}
+    seconds = time.monotonic() - start
+    return {p.name: p.read_bytes() for p in (out / "srcq" / "shards").glob("*.parquet")}, seconds
 
 
 @pytest.mark.parametrize("trial", range(KILL_TRIALS))
 def test_kill_9_at_a_random_time_loses_nothing(world, reference, tmp_path, trial):
-    delay = random.Random(trial).uniform(0.2, 4.0)  # from model loading to the last shard
+    shards_before, seconds = reference
+    delay = random.Random(trial).uniform(0.05, 0.8) * seconds  # from model loading to the last shards
     proc = subprocess.Popen(build_command(world, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "srcq" / MANIFEST).exists()  # really interrupted
     rerun = subprocess.run(build_command(world, tmp_path), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     shards = tmp_path / "srcq" / "shards"
-    assert {p.name: p.read_bytes() for p in shards.glob("*.parquet")} == reference
+    assert {p.name: p.read_bytes() for p in shards.glob("*.parquet")} == shards_before
     assert not list(shards.glob(".*")) and verify_cache(tmp_path / "srcq") == []
 
 
@@ -53,9 +60,9 @@ def test_kill_9_of_fuse_train_resumes_to_the_same_losses(world, tmp_path):
     train_run(train_config(world, straight, max_steps=8), discover_sources(world["cache"], "pivot"), straight,
               log=lambda *_: None)
     killed = tmp_path / "killed"
-    command = [sys.executable, "-c", "from fuse_trainer.cli import train; train()", "--shards", str(world["cache"]),
-               "--pivot", str(world["models"]["pivot"]), "--lr", "3e-3", "--batch-tokens", "256", "--max-steps", "8",
-               "--save-every", "2", "--top-k", "4", "--out", str(killed)]
+    recipe = tmp_path / "recipe.yaml"  # a recipe is a config file: the straight run's settings, saved every 2 steps
+    recipe.write_text(dump_yaml(train_config(world, killed, max_steps=8, save_every=2)))
+    command = [sys.executable, "-c", "from fuse_trainer.cli import train; train()", "--recipe", str(recipe)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "checkpoint" / "trainer_state.pt").exists():
@@ -81,8 +88,7 @@ def test_disk_full_leaves_no_partial_shard_and_the_rerun_completes(world, refere
     def full_disk(table, where, **options):
         calls["n"] += 1
         if calls["n"] == 3:
-            with open(where, "wb") as f:
-                f.write(b"PAR1 half a shard")
+            where.write(b"PAR1 half a shard")  # the writer's temporary file, opened exclusively
             raise OSError(28, "No space left on device")
         return real_write(table, where, **options)
 
@@ -95,7 +101,7 @@ def test_disk_full_leaves_no_partial_shard_and_the_rerun_completes(world, refere
     assert not (tmp_path / "srcq" / "manifest.json").exists()
     monkeypatch.setattr(fmt.pq, "write_table", real_write)
     assert build_cache(world["corpus"], settings, tmp_path, log=lambda *_: None).complete
-    assert {p.name: p.read_bytes() for p in shards.glob("*.parquet")} == reference
+    assert {p.name: p.read_bytes() for p in shards.glob("*.parquet")} == reference[0]
 
 
 def write_fuzzed_corpus(folder, n_good: int = 6) -> tuple[list[str], int]:
@@ -164,6 +170,7 @@ def _tamper(cache, how: str):
         manifest["pivot"]["tokenizer_fingerprint"] = "0" * 64
     elif how == "missing records":
         manifest["shards"] = manifest["shards"][1:]
+        manifest["totals"] = {key: sum(s[key] for s in manifest["shards"]) for key in ("rows", "tokens", "bytes")}
     elif how == "source rebuilt":  # the source-native cache changed after its aligned layer was made
         native = cache / "srcg" / "manifest.json"
         native.write_text(native.read_text().replace('"top_k"', '"rebuilt": true, "top_k"', 1))

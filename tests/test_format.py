@@ -11,7 +11,7 @@ from cache_builder.format import MANIFEST
 from cache_builder.manifest import CacheError, load_manifest
 from cache_builder.reader import iter_batches, read_rows
 from cache_builder.verify import verify_cache
-from tests.fake_cache import fake_rows, write_fake_cache
+from tests.fake_cache import fake_rows, resign, write_fake_cache
 
 
 @pytest.fixture
@@ -117,8 +117,7 @@ def _rewrite_first_shard(cache, mutate):
     mutate(rows)
     manifest = json.loads((cache / MANIFEST).read_text())
     info = write_shard(source_table(rows, 4, "float32"), cache, manifest["shards"][0]["path"])
-    manifest["shards"][0] = info.__dict__
-    (cache / MANIFEST).write_text(json.dumps(manifest))
+    resign(cache, manifest)
     assert shard_info(cache, info.path) == info
 
 
@@ -145,3 +144,48 @@ def test_sources_with_different_records_are_refused(tmp_path):
     assert any("record ids differ" in p for p in verify_cache(tmp_path))
     _edit_manifest(tmp_path / "b", lambda m: m["corpus"].update(fingerprint="d" * 64))
     assert any("corpus fingerprint differs" in p for p in verify_cache(tmp_path))
+
+
+def test_untrusted_text_is_escaped_and_cut():
+    from cache_builder.untrusted import shown
+
+    assert shown("ok \x1b[32mOK\x1b[0m\r\n\x00") == "ok \\x1b[32mOK\\x1b[0m\\r\\n\\x00"
+    assert shown("é日本") == "é日本"  # printable text stays as it is
+    assert shown("a" * 300, limit=10) == "aaaaaaaaaa...(300 characters)"
+
+
+def test_json_is_read_strictly(tmp_path):
+    from cache_builder.untrusted import load_json
+
+    path = tmp_path / "x.json"
+    for text, reason in [('{"a": 1, "a": 2}', "appears twice"), ('{"a": Infinity}', "Infinity is not JSON"),
+                         ("[" * 40 + "]" * 40, "nested too deeply"), ('{"a": "' + "x" * 200 + '"}', "more than the 100")]:
+        path.write_text(text)
+        with pytest.raises(CacheError, match=reason):
+            load_json(path, max_bytes=100)
+    path.write_text('{"a": [1, 2.5, null, "b"]}')
+    assert load_json(path, max_bytes=100) == {"a": [1, 2.5, None, "b"]}
+
+
+def test_the_footer_is_checked_before_decoding(cache, monkeypatch):
+    import cache_builder.reader as reader
+
+    shard = sorted((cache / "shards").glob("*.parquet"))[0]
+    with reader.open_shard(shard) as parquet:
+        assert parquet.metadata.num_rows == 4
+    monkeypatch.setattr(reader, "MAX_ROW_GROUP_BYTES", 1000)
+    with pytest.raises(CacheError, match="a decompression bomb"):
+        reader.read_shard(cache, shard.relative_to(cache).as_posix())
+    assert any("a decompression bomb" in p for p in verify_cache(cache))
+
+
+def test_totals_must_add_up_and_shards_appear_once(cache):
+    _edit_manifest(cache, lambda m: m["totals"].update(rows=m["totals"]["rows"] + 1))
+    with pytest.raises(CacheError, match="totals.rows: 11 but the shards add up to 10"):
+        load_manifest(cache)
+    def duplicate(m):
+        m["shards"].append(dict(m["shards"][0]))
+        m["totals"] = {key: sum(s[key] for s in m["shards"]) for key in ("rows", "tokens", "bytes")}
+    _edit_manifest(cache, duplicate)
+    with pytest.raises(CacheError, match="listed more than once"):
+        load_manifest(cache)

@@ -31,3 +31,10 @@ def test_no_pickle_in_the_packages():
     for package in FORBIDDEN:
         for module in (REPO / package).glob("*.py"):
             assert "pickle" not in imported_packages(module), module
+
+
+def test_scripts_import_the_packages_without_editing_sys_path():
+    """benchmarks/ and experiments/ run against the installed packages (experiments as modules: python -m)."""
+    for folder in ("benchmarks", "experiments"):
+        for script in (REPO / folder).glob("*.py"):
+            assert "sys.path" not in script.read_text(), script.relative_to(REPO)

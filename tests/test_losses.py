@@ -1,4 +1,4 @@
-"""Parity tests of fuse_trainer.losses and fuse_trainer.weighting against plain dense references."""
+"""Parity tests of fuse_trainer.losses against plain dense references."""
 
 import math
 
@@ -9,20 +9,15 @@ from fuse_trainer.losses import (
     FUSION_LOSSES,
     FusionInputs,
     alm_loss,
-    candidate_gate_mask,
     chunk_logprob_sum,
-    chunk_spans,
-    gate_mask,
     log1mexp,
     pivot_uld_stats,
-    record_gate_mask,
     sft_loss,
     soft_ce_loss,
     topk_kl_loss,
     uld_loss,
     valid_positions,
 )
-from fuse_trainer.weighting import SOURCE_WEIGHTINGS, record_chunk_ce, source_weights, topk_entropy
 
 EPS = 1e-6
 
@@ -326,28 +321,6 @@ def test_float32_inputs_give_float32_losses():
 # ---------------------------------------------------------------- gating
 
 
-def test_gate_masks():
-    src = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.0])
-    piv = torch.tensor([-2.0, -1.0, -0.6, -1.0, -1.0], requires_grad=True)
-    assert gate_mask(src, piv).tolist() == [True, False, True, False, False]
-    assert gate_mask(src, piv, margin=0.5).tolist() == [True, False, False, False, False]
-    record = torch.tensor([0, 0, 1, 1, 2])
-    length = torch.tensor([1, 3, 1, 1, 2])  # pivot tokens per chunk
-    # per pivot token: record 0 (1 - 1)/4 = 0 -> not > 0; record 1 (0.1 - 2)/2 = -0.95; record 2 0/2 = 0
-    assert record_gate_mask(src, piv, length, record, 3).tolist() == [False] * 5
-    assert record_gate_mask(src, piv, length, record, 3, margin=-0.5).tolist() == [True, True, False, False, True]
-    assert record_gate_mask(src, piv, length, record, 3, margin=-1.0).tolist() == [True] * 5
-    surer = record_gate_mask(src + 0.3, piv, length, record, 3, margin=0.1)  # 0.6 / 4, -1.3 / 2, 0.3 / 2
-    assert surer.tolist() == [True, True, False, False, True]
-
-
-def test_candidate_gate_mask():
-    ids = torch.tensor([[5, 3, -1], [7, -1, -1], [-1, -1, -1], [2, 9, 4]])
-    gold = torch.tensor([3, 8, 0, 4])
-    assert candidate_gate_mask(ids, gold).tolist() == [True, False, False, True]
-    assert not candidate_gate_mask(ids, torch.full((4,), -1)).any()  # an empty slot never names a token
-
-
 # ---------------------------------------------------------------- ALM
 
 
@@ -471,63 +444,11 @@ def test_registry_calls_every_loss():
         FUSION_LOSSES["alm"](x)
 
 
-# ---------------------------------------------------------------- source weighting
+def test_every_loss_gets_its_keyword_arguments_from_the_settings_its_registry_entry_names():
+    from fuse_trainer.config import TrainConfig
+    from fuse_trainer.losses import LOSS_SETTINGS
 
-
-def test_record_chunk_ce_is_nats_per_pivot_token_of_the_kept_chunks():
-    piv_lp, rows, starts, chunk_lp, num_pos = _alm_batch()
-    start, end = chunk_spans(rows, starts, num_pos, piv_lp.shape[1])
-    keep = torch.tensor([True, True, False, True, False, False, True, True, True])  # row 1: nothing kept
-    got = record_chunk_ce(chunk_lp, end - start, rows, keep, 4)  # row 3 has no chunk at all
-    ref = []
-    for r in range(4):
-        kept = [k for k in range(len(rows)) if rows[k] == r and keep[k]]
-        nats = -sum(chunk_lp[k].item() for k in kept)
-        tokens = sum((end[k] - start[k]).item() for k in kept)
-        ref.append(nats / tokens if tokens else math.inf)
-    torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float32))
-    # A source exactly as sure as the pivot of every chunk scores the pivot's own mean CE over those positions,
-    # however many tokens of its own it spends on a chunk: the unit is the pivot token, not the source's.
-    sums, _ = chunk_logprob_sum(piv_lp, rows, starts, num_pos)
-    as_pivot = record_chunk_ce(sums, end - start, rows, torch.ones_like(keep), 3)
-    expected = [-piv_lp[0, :9].mean(), -piv_lp[1, :6].mean(), -piv_lp[2, 1:8].mean()]
-    torch.testing.assert_close(as_pivot, torch.stack(expected).float())
-
-
-def test_source_weights_modes():
-    ce = torch.tensor([[1.0, 2.0, 0.5, float("inf")],
-                       [1.0, 1.0, 3.0, float("inf")],
-                       [2.0, 0.5, 3.0, float("inf")]])  # (S=3, R=4); record 3 has no source
-    uni = source_weights(ce, "uniform")
-    torch.testing.assert_close(uni[:, :3], torch.full((3, 3), 1 / 3))
-    assert uni[:, 3].tolist() == [0.0, 0.0, 0.0]
-    mince = source_weights(ce, "mince")
-    assert mince.T.tolist() == [[1, 0, 0], [0, 0, 1], [1, 0, 0], [0, 0, 0]]  # tie -> index 0
-    for mode in ("avgce", "entropy"):
-        for temperature in (1.0, 0.3):
-            w = source_weights(ce, mode, temperature=temperature)
-            for r in range(3):
-                ref = [math.exp(-c / temperature) for c in ce[:, r].tolist()]
-                torch.testing.assert_close(w[:, r], torch.tensor([x / sum(ref) for x in ref]))
-            assert w[:, 3].tolist() == [0.0, 0.0, 0.0]
-    partial = torch.tensor([[1.0], [float("inf")]])
-    assert source_weights(partial, "avgce").flatten().tolist() == [1.0, 0.0]
-    assert source_weights(partial, "uniform").flatten().tolist() == [1.0, 0.0]
-    assert set(SOURCE_WEIGHTINGS) == {"uniform", "mince", "avgce", "entropy"}
-    with pytest.raises(ValueError, match="unknown"):
-        source_weights(ce, "maxce")
-    with pytest.raises(ValueError, match="NaN"):
-        source_weights(torch.tensor([[float("nan")]]), "avgce")
-
-
-def test_topk_entropy_k_equals_v_is_dense_entropy():
-    src = _source(3, 8, 8)
-    p = torch.softmax(src["full"], -1)
-    ref = -(p * p.log()).sum(-1)
-    torch.testing.assert_close(topk_entropy(src["topk_logits"], src["lse"]), ref.float())
-    # with a tail: one extra bucket
-    k = 3
-    pk = torch.sort(p, -1, descending=True).values[:, :k]
-    tail = 1 - pk.sum(-1)
-    ref = -(pk * pk.log()).sum(-1) - tail * tail.log()
-    torch.testing.assert_close(topk_entropy(src["topk_logits"][:, :k], src["lse"]), ref.float())
+    assert set(LOSS_SETTINGS) == set(FUSION_LOSSES)
+    cfg = TrainConfig(loss="infifusion", uld_top_k=7, fusion_temperature=0.5, alm_temperature=9.0).validate()
+    assert cfg.loss_kwargs() == {"top_k": 7, "temperature": 0.5, "standardize": True, "normalize": "topk"}
+    assert TrainConfig(loss="alm", alm_temperature=9.0).validate().loss_kwargs() == {"temperature": 9.0, "distance": "kl"}

@@ -23,7 +23,8 @@ from cache_builder.build import BuildError, build_cache
 from cache_builder.info import cache_summary
 from cache_builder.reader import read_rows
 from cache_builder.verify import verify_cache
-from fuse_trainer.train import MicroBatchStream, fuse_train, train_run
+from fuse_trainer.config import dump_yaml
+from fuse_trainer.train import fuse_train, train_run
 from fuse_trainer.data import discover_sources
 from tests.runs import build_command, run_losses, train_config
 
@@ -151,152 +152,30 @@ def test_pairwise_trains_one_pivot_per_source_and_merges(world, tmp_path):
     assert torch.allclose(model.state_dict()[name], expected, atol=1e-6)
 
 
+def test_fuse_train_with_no_recipe_flag_trains_the_recommended_recipe(world, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from fuse_trainer.cli import train
+    from fuse_trainer.config import RECIPES, load_yaml
+
+    out = tmp_path / "default"
+    result = CliRunner().invoke(train, ["--shards", str(world["cache"]), "--mode", "pairwise", "--pivot",
+                                        str(world["models"]["pivot"]), "--max-steps", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved == yaml.safe_load((out / "pairwise-srcq" / "config.yaml").read_text())
+    recommended = load_yaml(RECIPES / "recommended.yaml")
+    assert saved["recipe"] == "recommended" and {k: saved[k] for k in recommended} == recommended
+    assert yaml.safe_load((out / "merged" / "fusion_config.yaml").read_text())["gate"] == "candidate+chunk"
+
+
 def test_pairwise_ties_uses_the_configured_density_and_weights_must_match_the_sources(world, tmp_path):
     cfg = train_config(world, tmp_path / "ties", mode="pairwise", max_steps=2, merge="ties", ties_density=0.5)
     merged = fuse_train(cfg, log=lambda *_: None)
     assert json.loads((merged / "merge_config.json").read_text())["options"] == {"density": 0.5}
     with pytest.raises(ValueError, match="2 sources"):
         fuse_train(replace(cfg, merge_weights=[1.0]), log=lambda *_: None)
-
-
-def test_resume_matches_an_uninterrupted_run(world, tmp_path):
-    straight = tmp_path / "straight"
-    train_run(train_config(world, straight, save_every=2), discover_sources(world["cache"], "pivot"), straight, log=lambda *_: None)
-    broken = tmp_path / "broken"
-    layers = discover_sources(world["cache"], "pivot")
-    train_run(train_config(world, broken, save_every=2), layers, broken, log=lambda *_: None, stop_after=4)
-    assert len(run_losses(broken)) == 4
-    train_run(train_config(world, broken, save_every=2, resume=True), layers, broken, log=lambda *_: None)
-    assert np.allclose(run_losses(broken), run_losses(straight), rtol=1e-5, atol=1e-6)
-    assert not (broken / "checkpoint").exists()  # the final model supersedes it
-    messages = []
-    train_run(train_config(world, broken, save_every=2, resume=True), layers, broken, log=messages.append)
-    assert any("nothing to do" in m for m in messages) and len(run_losses(broken)) == 6  # a rerun trains nothing
-    with pytest.raises(ValueError, match="other settings"):  # --resume never continues or returns another run
-        train_run(train_config(world, broken, save_every=2, resume=True, lr=1e-3), layers, broken, log=messages.append)
-    train_run(train_config(world, broken, save_every=2, lr=1e-3), layers, broken, log=messages.append)
-    assert not np.allclose(run_losses(broken), run_losses(straight))  # without --resume: trained again, from scratch
-
-
-def test_activation_checkpointing_trains_the_same_model_and_may_change_on_resume(world, tmp_path, monkeypatch):
-    """Recomputing the activations in the backward pass changes memory, not the model: the same losses step for step,
-    and a run stopped without it resumes with it."""
-    from transformers import PreTrainedModel
-
-    enabled = []
-    turn_on = PreTrainedModel.activation_checkpointing_enable
-
-    def spy(model, *args, **kwargs):
-        turn_on(model, *args, **kwargs)
-        enabled.append(model.is_activation_checkpointing)
-
-    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable", spy)
-    layers = discover_sources(world["cache"], "pivot")
-    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
-    train_run(train_config(world, plain), layers, plain, log=lambda *_: None)
-    train_run(train_config(world, recomputed, save_every=2), layers, recomputed, log=lambda *_: None, stop_after=2)
-    assert enabled == []
-    train_run(train_config(world, recomputed, save_every=2, resume=True, activation_checkpointing=True), layers,
-              recomputed, log=lambda *_: None)
-    assert enabled == [True]  # on for the resumed steps 3-6
-    assert len(run_losses(recomputed)) == 6
-    assert np.allclose(run_losses(recomputed), run_losses(plain), rtol=1e-5, atol=1e-6)
-
-
-def test_resume_survives_a_kill_between_the_checkpoint_renames(world, tmp_path):
-    layers = discover_sources(world["cache"], "pivot")
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    train_run(train_config(world, straight), layers, straight, log=lambda *_: None)
-    train_run(train_config(world, broken, save_every=2), layers, broken, log=lambda *_: None, stop_after=4)
-    (broken / "checkpoint").rename(broken / ".checkpoint.old")  # killed after moving the old one away
-    train_run(train_config(world, broken, save_every=2, resume=True), layers, broken, log=lambda *_: None)
-    assert np.allclose(run_losses(broken), run_losses(straight), rtol=1e-5, atol=1e-6)
-
-
-def test_resume_refuses_a_checkpoint_of_other_settings_and_a_stop_at_the_end_finishes(world, tmp_path):
-    layers = discover_sources(world["cache"], "pivot")
-    run = tmp_path / "run"
-    train_run(train_config(world, run, save_every=2), layers, run, log=lambda *_: None, stop_after=2)
-    with pytest.raises(ValueError, match="other settings.*'lam'"):
-        train_run(train_config(world, run, save_every=2, resume=True, lam=0.9), layers, run, log=lambda *_: None)
-    final = train_run(train_config(world, run, save_every=2, resume=True), layers, run, log=lambda *_: None,
-                      stop_after=6)  # asked to stop at its last step: it finishes instead of losing the run
-    assert final == run / "final" and (final / "model.safetensors").exists() and len(run_losses(run)) == 6
-
-
-def test_a_run_saved_before_a_setting_existed_counts_as_trained_the_way_it_was(world, tmp_path):
-    """A final model whose saved config predates --shuffle-window and --distill-only-splits was trained with
-    shard-block order and no distill-only split: --resume finds it finished with those values, not with others."""
-    import yaml
-
-    from fuse_trainer.data import FusionData
-
-    layers = discover_sources(world["cache"], "pivot")
-    run = tmp_path / "run"
-    train_run(train_config(world, run, max_steps=2, shuffle_window=1), layers, run, log=lambda *_: None)
-    saved = run / "final" / "fusion_config.yaml"
-    old = {k: v for k, v in yaml.safe_load(saved.read_text()).items() if k not in ("shuffle_window", "distill_only_splits")}
-    saved.write_text(yaml.safe_dump(old))
-    messages = []
-    train_run(train_config(world, run, max_steps=2, shuffle_window=1, resume=True), layers, run, log=messages.append)
-    assert "already trained" in messages[-1]
-    with pytest.raises(ValueError, match="other settings.*'shuffle_window': \\(1, 8\\)"):
-        train_run(train_config(world, run, max_steps=2, shuffle_window=8, resume=True), layers, run, log=messages.append)
-    groups = len(FusionData(layers).index)
-    whole = tmp_path / "whole"  # windows that each hold every shard group: the same batch order, no change
-    train_run(train_config(world, whole, max_steps=2, shuffle_window=groups), layers, whole, log=lambda *_: None)
-    train_run(train_config(world, whole, max_steps=2, shuffle_window=groups + 5, resume=True), layers, whole,
-              log=messages.append)
-    assert "already trained" in messages[-1]
-
-
-def test_micro_batches_pass_over_every_record_once_per_epoch():
-    class Plans:  # epochs of 3, 4, 3, 4 micro-batches, as shuffled length-sorted packing can give
-        def plan(self, epoch, batch_tokens, seed):
-            return [(epoch, np.array([j])) for j in range(3 + epoch % 2)]
-
-    stream = MicroBatchStream(Plans(), batch_tokens=1, seed=0)
-    served = [(e, int(rows[0])) for e, rows in (stream[i] for i in range(14))]
-    assert served == [(e, j) for e in range(4) for j in range(3 + e % 2)] and stream.per_epoch == 3
-
-
-def test_a_shuffle_window_mixes_the_batches_of_its_shard_groups_and_reads_each_once(world, monkeypatch):
-    """Window 1 is the shard-block order of runs recorded before the option; a window of W groups shuffles
-    their micro-batches together, reads each group once per epoch and holds at most W in memory."""
-    import fuse_trainer.data as data_module
-    from fuse_trainer.data import FusionData, token_batches
-
-    layers = discover_sources(world["cache"], "pivot")
-    blocks = FusionData(layers, window=1)
-    groups = len(blocks.index)
-    assert groups >= 3
-    rng = np.random.default_rng([0, 0])  # the order before the option, written out
-    before = [(int(i), rows) for i in rng.permutation(groups) for rows in token_batches(blocks.index[i].num_tokens, 64, rng)]
-    assert [(g, rows.tolist()) for g, rows in blocks.plan(0, 64, seed=0)] == [(g, rows.tolist()) for g, rows in before]
-
-    def switches(plan):
-        return sum(plan[k][0] != plan[k - 1][0] for k in range(1, len(plan)))
-
-    def served(plan):
-        return sorted((g, int(r)) for g, rows in plan for r in rows)
-
-    mixed = FusionData(layers, window=groups).plan(0, 64, seed=0)
-    assert served(mixed) == served(before)  # every record once per epoch either way
-    assert switches(before) == groups - 1 and switches(mixed) > groups
-
-    from cache_builder.reader import read_shard
-
-    two, reads = FusionData(layers, window=2), []
-
-    def counting_read(folder, path, *args):
-        reads.append(path)
-        return read_shard(folder, path, *args)
-
-    monkeypatch.setattr(data_module, "read_shard", counting_read)
-    for g, _ in two.plan(0, 64, seed=0):
-        two.shard(g)
-        assert len(two._loaded) <= 2
-    assert len(reads) == groups * len(layers)  # each group read once per source, never again in the epoch
 
 
 def test_sources_that_disagree_are_refused(world, tmp_path):
@@ -320,14 +199,14 @@ def test_ddp_two_processes_match_one(world, tmp_path):
     cfg = train_config(world, single, grad_accum=2, max_steps=3)
     train_run(cfg, discover_sources(world["cache"], "pivot"), single, log=lambda *_: None)
     ddp = tmp_path / "ddp"
+    recipe = tmp_path / "recipe.yaml"  # the single process's settings, as a recipe
+    recipe.write_text(dump_yaml(cfg))
     script = (
         "import sys; from fuse_trainer.cli import train; sys.argv[0] = 'fuse-train'; train()"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "--no-python", sys.executable, "-c", script, "--shards", cfg.shards, "--pivot", cfg.pivot,
-           "--lr", str(cfg.lr), "--batch-tokens", "256", "--grad-accum", "2", "--max-steps", "3", "--out", str(ddp),
-           "--save-every", "0", "--lambda", "0.5", "--loss", "topk-kl"]
+           "--no-python", sys.executable, "-c", script, "--recipe", str(recipe), "--out", str(ddp)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = load_file(single / "final" / "model.safetensors"), load_file(ddp / "final" / "model.safetensors")
@@ -353,12 +232,13 @@ def test_rescore_passes_on_the_real_signals_and_catches_forged_ones(world, tmp_p
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from cache_builder.format import shard_info
     from cache_builder.rescore import rescore_problems
+    from tests.fake_cache import resign
 
     folder = tmp_path / "srcq"
     shutil.copytree(world["cache"] / "srcq", folder, ignore=shutil.ignore_patterns("aligned"))  # the source layer alone
-    assert rescore_problems(folder, 3) == []
+    model = world["settings"]["srcq"].model
+    assert rescore_problems(folder, 3, model_name=model) == []
     manifest = json.loads((folder / "manifest.json").read_text())
     shard = manifest["shards"][0]["path"]
     table = pq.read_table(folder / shard)
@@ -366,10 +246,9 @@ def test_rescore_passes_on_the_real_signals_and_catches_forged_ones(world, tmp_p
     forged = pa.ListArray.from_arrays(original.offsets, pc.add(original.flatten(), pa.scalar(1.0, pa.float32())))
     index = table.schema.get_field_index("logsumexp")
     pq.write_table(table.set_column(index, table.schema.field("logsumexp"), forged), folder / shard, compression="zstd")
-    manifest["shards"][0] = shard_info(folder, shard).__dict__
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    resign(folder, manifest)
     assert verify_cache(folder) == []  # checksums cannot tell: the forger re-signed the shard
-    problems = rescore_problems(folder, 24)
+    problems = rescore_problems(folder, 24, model_name=model)
     assert any("logsumexp differs" in p for p in problems)
 
 
@@ -475,29 +354,6 @@ def test_lambda_scope_distilled_keeps_full_sft_weight_where_no_source_is_distill
     assert torch.allclose(loose["objective_sum"], candidate["objective_sum"])
 
 
-def test_mince_scores_every_source_in_nats_per_pivot_token(world):
-    """The unified weighting's CE of a source for a record: its kept chunks' log-likelihood over the pivot tokens
-    those chunks span (one unit whatever the tokenizer), checked per row against a loop over the aligned positions."""
-    from fuse_trainer.config import TrainConfig
-    from fuse_trainer.data import FusionData, collate
-    from fuse_trainer.train import source_scores
-
-    data = FusionData(discover_sources(world["cache"], "pivot"))
-    shard, rows = data.plan(0, 256, seed=0)[0]
-    batch = collate(data.shard(shard), rows)
-    scores = source_scores(batch, TrainConfig(mode="unified", weighting="mince").validate())  # (S, B)
-    assert scores.shape == (2, len(batch.input_ids)) and bool(torch.isfinite(scores).all())
-    for s, src in enumerate(batch.sources.values()):
-        for r in range(len(batch.input_ids)):
-            starts = src.pos[src.row == r].tolist()
-            chunk_lp = src.chunk_logprob[src.row == r].tolist()
-            ends = starts[1:] + [int(batch.num_positions[r])]
-            kept = [k for k, t in enumerate(starts) if batch.loss_mask[r, t]]
-            nats = -sum(chunk_lp[k] for k in kept)
-            tokens = sum(ends[k] - starts[k] for k in kept)
-            assert scores[s, r].item() == pytest.approx(nats / tokens, rel=1e-5)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run by benchmarks/gpu_check.sh)")
 @pytest.mark.parametrize("loss", ["topk-kl", "infifusion", "alm"])
 def test_a_micro_batch_on_the_gpu_equals_the_cpu(world, loss):
@@ -511,7 +367,7 @@ def test_a_micro_batch_on_the_gpu_equals_the_cpu(world, loss):
     data = FusionData(discover_sources(world["cache"], "pivot"))
     shard, rows = data.plan(0, 256, seed=0)[0]
     batch = collate(data.shard(shard), rows)
-    cfg = TrainConfig(mode="unified", loss=loss, gate="token", weighting="mince", top_k=4).validate()
+    cfg = TrainConfig(mode="unified", loss=loss, gate="token", weighting="mince", uld_top_k=4).validate()
     model = AutoModelForCausalLM.from_pretrained(world["models"]["pivot"]).eval()
     cpu = micro_batch_terms(model, batch, cfg)
     gpu = micro_batch_terms(model.cuda(), batch.to(torch.device("cuda")), cfg)
@@ -525,9 +381,9 @@ def test_realigning_after_the_source_changed_rewrites_every_shard(world, tmp_pat
     cache = tmp_path / "cache"
     shutil.copytree(world["cache"], cache)
     aligned = cache / "srcq" / "aligned" / "pivot"
-    messages = []
-    align_cache(cache / "srcq", str(world["models"]["pivot"]), log=messages.append)
-    assert any("nothing to do" in m for m in messages)
+    shipped = {p.name: p.read_bytes() for p in (aligned / "shards").glob("*.parquet")}
+    align_cache(cache / "srcq", str(world["models"]["pivot"]), log=lambda *_: None)  # always rebuilt, never reused
+    assert {p.name: p.read_bytes() for p in (aligned / "shards").glob("*.parquet")} == shipped  # deterministic
     before = {p.name: p.stat().st_mtime_ns for p in (aligned / "shards").glob("*.parquet")}
     time.sleep(0.01)
     align_cache(cache / "srcq", str(world["models"]["pivot"]), strategy="exact", log=lambda *_: None)

@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PhiConfig
 
-from cache_builder.scoring import (FIELDS, ScoredSequence, cached_output_head, length_buckets, output_head,
-                                   score_batch, verify_output_head)
+from cache_builder.scoring import (FIELDS, LogitMoments, OutputHead, ScoredSequence, cached_output_head,
+                                   length_buckets, output_head, score_batch, top_k_by_groups, trunk_hidden,
+                                   verify_output_head)
 from tests.tiny import make_tiny_model
 
 TOP_K = 5
@@ -68,6 +69,76 @@ def test_every_field_matches_full_logits(tmp_path, arch, overrides):
         assert_matches(scored, reference(model, sequence, TOP_K), model, sequence)
 
 
+def direct_moments_float64(head, hidden: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and population std over every output row of scale * (W h + b), all in float64."""
+    logits = hidden.double() @ head.weight.double().T  # (N, V)
+    if head.bias is not None:
+        logits += head.bias.double()
+    logits *= head.scale
+    return logits.mean(-1).numpy(), logits.std(-1, correction=0).numpy()
+
+
+MOMENTS_RTOL = 1e-10  # closed form vs the direct computation, both float64: only summation order differs
+
+
+def assert_moments_match(head, hidden: torch.Tensor) -> None:
+    """The head's closed-form mean and std of hidden's logits equal the direct float64 ones within MOMENTS_RTOL."""
+    mean, std = head.moments.mean_std(hidden)
+    expected_mean, expected_std = direct_moments_float64(head, hidden)
+    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=MOMENTS_RTOL, atol=MOMENTS_RTOL)
+    np.testing.assert_allclose(std.numpy(), expected_std, rtol=MOMENTS_RTOL)
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("llama", {}),  # tied embeddings
+    ("qwen2", {}),  # untied
+    ("gemma3", {}),  # tied, scaled embeddings, no softcap
+])
+def test_closed_form_moments_equal_direct_float64(tmp_path, arch, overrides):
+    model = load(make_tiny_model(tmp_path / arch, arch=arch, seed=1, extra_vocab_rows=3, **overrides))
+    head = output_head(model)
+    assert head.moments is not None and head.weight.shape[0] == model.config.vocab_size  # padded rows included
+    ids = torch.tensor(random_sequences(model.config.vocab_size, [20])[0])[None]
+    with torch.no_grad():
+        hidden = trunk_hidden(model, ids, torch.ones_like(ids))[0]  # (T, D)
+    assert_moments_match(head, hidden)
+
+
+def test_closed_form_moments_with_bias_scale_and_large_offset():
+    """A bias, a logit scale, and rows sharing a large offset (mean logit ~1e3 x the std), where E[z^2] - mean^2
+    in float32 would lose every digit of the variance; the centred float64 form keeps them."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(1001, 24, generator=generator) * 0.1 + 30.0  # (V, D)
+    bias = torch.randn(1001, generator=generator)
+    hidden = torch.rand(7, 24, generator=generator) + 1.0  # (N, D) positive: the offsets add up
+    head = OutputHead(weight=weight, bias=bias, scale=0.125, softcap=None,
+                      moments=LogitMoments.of(weight, bias, 0.125, block_rows=100))
+    mean, std = head.moments.mean_std(hidden)
+    expected_mean, expected_std = direct_moments_float64(head, hidden)
+    assert np.all(np.abs(expected_mean) > 100 * expected_std)
+    np.testing.assert_allclose(mean.numpy(), expected_mean, rtol=MOMENTS_RTOL)
+    np.testing.assert_allclose(std.numpy(), expected_std, rtol=1e-8)
+
+
+def test_softcapped_head_has_no_closed_form_moments(tmp_path):
+    model = load(make_tiny_model(tmp_path / "g", arch="gemma3", seed=2, final_logit_softcapping=1.0))
+    assert output_head(model).moments is None
+
+
+@pytest.mark.parametrize("vocab, k", [(1000, 10), (1003, 7), (50, 10), (12, 12), (160, 10)])
+def test_top_k_by_groups_equals_torch_topk(vocab, k):
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(9, vocab, generator=generator)
+    logits[0] = 1.0  # a row of ties
+    logits[1, :30] = logits[1].max()  # ties at the top across groups
+    logits[2, -3:] = 50.0  # the top in the tail past the groups
+    values, ids = top_k_by_groups(logits, k)
+    expected = torch.topk(logits, k, dim=-1, sorted=True).values
+    assert torch.equal(values, expected)
+    assert torch.equal(logits.gather(1, ids), values)
+    assert all(len(set(row.tolist())) == k for row in ids)
+
+
 def test_softcap_is_applied(tmp_path):
     model = load(make_tiny_model(tmp_path / "g", arch="gemma3", seed=2, final_logit_softcapping=1.0))
     head = output_head(model)
@@ -93,7 +164,7 @@ def test_lm_head_bias_is_applied():
 def test_unhandled_output_transform_fails_loudly(tmp_path):
     model = load(make_tiny_model(tmp_path / "g", arch="gemma3", seed=2, final_logit_softcapping=1.0))
     head = output_head(model)
-    without_cap = type(head)(weight=head.weight, bias=head.bias, scale=head.scale, softcap=None)
+    without_cap = OutputHead(weight=head.weight, bias=head.bias, scale=head.scale, softcap=None)
     with pytest.raises(ValueError, match="output transform"):
         verify_output_head(model, without_cap)
 
@@ -193,3 +264,21 @@ def test_bf16_head_on_cuda_equals_its_float32_copy(tmp_path, arch):
         np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
         for name in FIELDS[1:]:
             np.testing.assert_allclose(getattr(a, name), getattr(b, name), atol=1e-4, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2", "qwen", "gemma3"])
+def test_real_model_closed_form_moments_equal_direct_float64(name):
+    """The three real sources (Qwen2.5's 151,936 rows include padding past its tokenizer): closed-form mean and
+    std against the float64 logits of the same float32 head, within MOMENTS_RTOL."""
+    from cache_builder.models import load_model, load_tokenizer, resolve_model
+
+    source = resolve_model(name)
+    model = load_model(source, torch.float32)
+    head = output_head(model)
+    assert head.moments is not None  # none of the three caps its logits
+    text = "def fibonacci(n):\n    a, b = 0, 1\n    return a\nShall I compare thee to a summer's day?"
+    ids = torch.tensor(load_tokenizer(source)(text)["input_ids"])[None]  # (1, T)
+    with torch.no_grad():
+        hidden = trunk_hidden(model, ids, torch.ones_like(ids))[0]  # (T, D)
+    assert_moments_match(head, hidden)

@@ -1,16 +1,8 @@
-"""benchmarks/target_ceiling.py: the targets-as-predictor distribution against an explicit per-position loop."""
-
-import importlib.util
-import sys
-from pathlib import Path
+"""experiments/target_ceiling.py: the targets-as-predictor distribution against an explicit per-position loop."""
 
 import numpy as np
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the script imports its sibling target_agreement, as when run from there
-_spec = importlib.util.spec_from_file_location("target_ceiling", BENCHMARKS / "target_ceiling.py")
-target_ceiling = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(target_ceiling)
+from experiments import target_ceiling
 
 
 def explicit_distribution(p_model: np.ndarray, ids: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -217,7 +217,7 @@ def write_imported_layer(rows: Iterable[ImportedRow], *, fmt: str, input_dir: Pa
                   for i in range(0, len(good), rows_per_shard)]
         source = {
             "vocab_file": write_vocab(folder, tok.surface), "name": tok.name, "identity": tok.identity,
-            "dtype": "unknown", "add_bos": tok.add_bos, "tokenizer_fingerprint": tok.fingerprint,
+            "add_bos": tok.add_bos, "tokenizer_fingerprint": tok.fingerprint,
             "tokenizer_convention": tok.surface.convention, "tokenizer_size": tok.tokenizer_size,
             "vocab_size": tok.vocab_size, "chat_template": f"as rendered by the {fmt} producer (imported)",
         }

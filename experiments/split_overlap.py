@@ -1,23 +1,20 @@
 """How much of each evaluation split is already in the train split, per domain: the share of non-trivial lines
 (at least --min-chars characters once stripped) that occur verbatim in a train record of the same domain.
 
-    python benchmarks/split_overlap.py out/repro/corpus.jsonl [--min-chars 20]
+    python -m experiments.split_overlap out/repro/corpus.jsonl [--min-chars 20]
 
 A split that shares many lines with train rewards memorising the train records (SFT) over what a source model
-knows beyond them; docs/recipe_search.md uses this to read the validation search. Prints a table and one JSON line.
+knows beyond them; docs/experiments.md uses this to read the validation search. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache_builder.corpus import render  # noqa: E402
+from cache_builder.corpus import render
 
 
 def record_text(record: dict) -> str:

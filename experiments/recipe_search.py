@@ -1,12 +1,12 @@
-"""Recipe search for logit-cache fusion on the VALIDATION split (issue 7).
+"""Recipe search for logit-cache fusion on the VALIDATION split.
 
 For every named configuration below: run `fuse-train` with a common base (same records, same steps),
 evaluate the final (or merged) checkpoint with `fuse-eval --split validation`, and print one table row
 of bits per byte per domain. Results are cached in <out>/<name>/eval.json, so a rerun skips finished
 configurations (resumable). The held-out split is never touched.
 
-    python benchmarks/recipe_search.py --cache out/demo/cache --data data/ --out out/search [--configs a,b]
-    python benchmarks/recipe_search.py --suite repro --cache out/repro/cache --data out/repro/corpus.jsonl \
+    python -m experiments.recipe_search --cache out/demo/cache --data data/ --out out/search [--configs a,b]
+    python -m experiments.recipe_search --suite repro --cache out/repro/cache --data out/repro/corpus.jsonl \
         --out out/search-repro
 
 Five suites: `demo` (the shipped 57-record corpus, 12 steps), `repro` (the 4x corpus of
@@ -25,8 +25,16 @@ import shlex
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import yaml
+
+from fuse_trainer.config import TrainConfig
+
+# Every run starts from the trainer's base values, not the recommended recipe these searches led to: the rows keep
+# the meaning they had when they were run (BASE_RECIPE, written into --out and passed as --recipe).
+BASE_RECIPE = {k: v for k, v in asdict(TrainConfig()).items() if k not in ("shards", "out", "recipe")}
 # Common base for every training run (flags given later in a config override these: click keeps the last).
 BASE = "--max-steps 12 --batch-tokens 1536 --dtype bf16 --save-every 0 --seed 0"
 
@@ -45,21 +53,21 @@ CONFIGS: dict[str, str] = {
     "kl-l0.3-gtok": "--mode unified --loss topk-kl --lambda 0.3 --gate token --lr {LR}",
     "fusellm-l0.3-gtok": "--mode unified --loss fusellm --lambda 0.3 --gate token --lr {LR}",
     "infi-raw-l0.3": "--mode unified --loss infifusion --raw --lambda 0.3 --lr {LR}",
-    "infi-z-t0.1-l0.3": "--mode unified --loss infifusion --standardize --temperature 0.1 --normalize topk "
+    "infi-z-t0.1-l0.3": "--mode unified --loss infifusion --standardize --fusion-temperature 0.1 --normalize topk "
                         "--lambda 0.3 --lr {LR}",
-    "alm-t1-l0.3": "--mode unified --loss alm --temperature 1 --lambda 0.3 --lr {LR}",
-    "alm-t0.1-l0.3": "--mode unified --loss alm --temperature 0.1 --lambda 0.3 --lr {LR}",
+    "alm-t1-l0.3": "--mode unified --loss alm --alm-temperature 1 --lambda 0.3 --lr {LR}",
+    "alm-t0.1-l0.3": "--mode unified --loss alm --alm-temperature 0.1 --lambda 0.3 --lr {LR}",
     # follow-up: the best unified recipe above with its lr scaled by 1/(1-λ) (same SFT step size as SFT 2e-4)
     "infi-raw-l0.3-lr3e-4": "--mode unified --loss infifusion --raw --lambda 0.3 --lr 3e-4",
     "infi-raw-l0.3-seed1": "--mode unified --loss infifusion --raw --lambda 0.3 --lr 2e-4 --seed 1",
     "infi-raw-l0.5": "--mode unified --loss infifusion --raw --lambda 0.5 --lr 2e-4",
     "pw-infi-raw-l0.3": "--mode pairwise --loss infifusion --raw --lambda 0.3 --lr 2e-4",
     "kl-l0.3-gtok-qwen": "--mode unified --sources qwen --loss topk-kl --lambda 0.3 --gate token --lr {LR}",
-    # session 1, after the search: the chunk gate (source and pivot compared on the same text span)
+    # 2026-11-28, after the search: the chunk gate (source and pivot compared on the same text span)
     "kl-l0.3-gchunk": "--mode unified --loss topk-kl --lambda 0.3 --gate chunk --lr {LR}",
     "infi-raw-l0.3-gchunk": "--mode unified --loss infifusion --raw --lambda 0.3 --gate chunk --lr {LR}",
-    "alm-t1-l0.3-gchunk": "--mode unified --loss alm --temperature 1 --lambda 0.3 --gate chunk --lr {LR}",
-    # session 2: four times the steps (48, about 3.4 epochs of the train split), where SFT starts to overfit
+    "alm-t1-l0.3-gchunk": "--mode unified --loss alm --alm-temperature 1 --lambda 0.3 --gate chunk --lr {LR}",
+    # 2026-11-28: four times the steps (48, about 3.4 epochs of the train split), where SFT starts to overfit
     "sft-48-lr1e-4": "--mode sft --lr 1e-4 --max-steps 48",
     "sft-48-lr2e-4": "--mode sft --lr 2e-4 --max-steps 48",
     "kl-48-qwen-l0.7-gtok": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate token --lr 2e-4 "
@@ -77,7 +85,7 @@ CONFIGS: dict[str, str] = {
 # The 4x corpus of examples/reproduce.sh: its training flags, 2 epochs (about 90 steps), ~52 validation records.
 # --shuffle-window 1: these suites were run before the option existed, shard group after shard group.
 REPRO_BASE = "--epochs 2 --lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 0 --seed 0 --shuffle-window 1"
-# Sessions 8 and 9: top-k KL from Qwen alone, λ only where it is distilled, every shard group shuffled together;
+# 2026-11-28 and 2026-11-29: top-k KL from Qwen alone, λ only where it is distilled, every shard group shuffled together;
 # the rows differ in the gate.
 QWEN_KL_SCOPED_W8 = ("--mode unified --sources qwen --loss topk-kl --lambda 0.7 --lambda-scope distilled "
                      "--shuffle-window 8")
@@ -87,11 +95,11 @@ REPRO_CONFIGS: dict[str, str] = {
     "kl-l0.7-mince-gtok": "--mode unified --loss topk-kl --lambda 0.7 --gate token --weighting mince",
     "kl-l0.7-qwen-gtok": "--mode unified --sources qwen --loss topk-kl --lambda 0.7 --gate token",
     "infi-raw-l0.3": "--mode unified --loss infifusion --raw --lambda 0.3",  # the demo's and reproduction's recipe
-    # session 8, in the shipped order (every shard group shuffled together): distil only the targets that name
-    # the pivot's gold token (benchmarks/target_ceiling.py: the others cost more than all the rest gain)
+    # 2026-11-28, in the shipped order (every shard group shuffled together): distil only the targets that name
+    # the pivot's gold token (experiments/target_ceiling.py: the others cost more than all the rest gain)
     "sft-w8": "--mode sft --shuffle-window 8",
     "kl-l0.7-qwen-gcand-w8": f"{QWEN_KL_SCOPED_W8} --gate candidate",
-    # session 9: the candidate gate cost math a little; also require the source to be surer of the gold text than
+    # 2026-11-29: the candidate gate cost math a little; also require the source to be surer of the gold text than
     # the pivot, per next token or per shared-boundary chunk (the same event for both tokenizers)
     "kl-l0.7-qwen-gcandtok-w8": f"{QWEN_KL_SCOPED_W8} --gate candidate+token",
     "kl-l0.7-qwen-gcandchunk-w8": f"{QWEN_KL_SCOPED_W8} --gate candidate+chunk",
@@ -123,7 +131,7 @@ REPRO_CODE_CONFIGS: dict[str, str] = {
     "kl-l0.7-mince-gtok-scoped-lr4e-4": "--mode unified --loss topk-kl --lambda 0.7 --gate token --weighting mince "
                                         "--lambda-scope distilled --lr 4e-4",
     # worse for both arms, fusion more so. Last: does the distillation term pay off only past one epoch, where
-    # it held SFT's overfitting back on the small corpus (session 2)?
+    # it held SFT's overfitting back on the small corpus (the 48-step rows)?
     "sft-2ep": "--mode sft --epochs 2",
     "kl-l0.7-mince-gtok-scoped-2ep": "--mode unified --loss topk-kl --lambda 0.7 --gate token --weighting mince "
                                      "--lambda-scope distilled --epochs 2",
@@ -134,7 +142,7 @@ REPRO_CODE_CONFIGS: dict[str, str] = {
     "sft-seed1": "--mode sft --seed 1",
 }
 
-# Sequence-level distillation (session 5): the repro-code corpus plus Qwen2.5-Coder's own continuations of its
+# Sequence-level distillation (2026-11-28): the repro-code corpus plus Qwen2.5-Coder's own continuations of its
 # code train records (`corpus-generate --model qwen --domain code --samples 2`, split "generated"), cached by both
 # sources. "sft" trains on the gold records alone, as every baseline before; "-gen" rows add the generated ones.
 REPRO_GEN_CONFIGS: dict[str, str] = {
@@ -143,7 +151,7 @@ REPRO_GEN_CONFIGS: dict[str, str] = {
     "infi-raw-l0.3-gen": "--mode unified --loss infifusion --raw --lambda 0.3 --train-splits train,generated",
 }
 
-# On-policy distillation (session 7): the repro-code corpus plus the PIVOT's own continuations of its code train
+# On-policy distillation (2026-11-28): the repro-code corpus plus the PIVOT's own continuations of its code train
 # records (`corpus-generate --model smollm2 --domain code --samples 2 --temperature 1 --top-p 1`, split
 # "onpolicy"), cached by Qwen. Gold records are learned by SFT alone (λ 0); the pivot's own text has no gold to
 # learn, only Qwen's targets on it (`--distill-only-splits`), so the only thing the fused arm adds to SFT is
@@ -203,7 +211,9 @@ def run_config(name: str, suite: str, cache: str, data: str, out: Path, eval_dty
         ckpt = checkpoint_of(run_dir, flags)
         t0 = time.time()
         if not (ckpt / "model.safetensors").exists():
-            cmd = [_bin("fuse-train"), "--shards", cache, *flags, "--out", str(run_dir)]
+            recipe = out / "base_recipe.yaml"
+            recipe.write_text(yaml.safe_dump(BASE_RECIPE, sort_keys=True))
+            cmd = [_bin("fuse-train"), "--shards", cache, "--recipe", str(recipe), *flags, "--out", str(run_dir)]
             print("+", shlex.join(cmd), flush=True)
             with open(d / "train.log", "w") as log:
                 rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode

@@ -1,6 +1,6 @@
 """How good are the cached distillation targets for the pivot's own next token? Read from an aligned cache only.
 
-    python benchmarks/target_agreement.py out/repro/cache [--pivot smollm2] [--split train]
+    python -m experiments.target_agreement out/repro/cache [--pivot smollm2] [--split train]
 
 For every source aligned to the pivot, at the aligned response positions of the split, per domain and per kind
 of position:
@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache_builder.reader import read_rows  # noqa: E402
-from fuse_trainer.data import discover_sources  # noqa: E402
+from cache_builder.reader import read_rows
+from fuse_trainer.data import discover_sources
 
 PER_RECORD = ["token_ids", "loss_mask", "aligned_pos", "src_pos", "topk_ids", "topk_logits", "logsumexp",
               "gold_logprob", "kept_mass"]  # the arguments of record_figures, by name

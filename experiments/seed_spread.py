@@ -6,7 +6,7 @@ the same flags on the same cache for other seeds, evaluates each seed's arms on 
 recipe is fixed: nothing is selected here), and reports per domain the mean and spread over seeds, the
 per-seed difference fused - SFT, and the share of the code gap to a source model that each fused arm closes.
 
-    python benchmarks/seed_spread.py --cache out/repro/cache --data out/repro/corpus.jsonl \
+    python -m experiments.seed_spread --cache out/repro/cache --data out/repro/corpus.jsonl \
         --out out/seeds --seeds 1,2 --recorded out/repro/results.json --jobs 2
 
 --recorded adds an existing fuse-eval JSON (the reproduction's results.json, seed 0) as one more seed and
@@ -23,13 +23,12 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from recipe_search import DOMAINS, _bin
+from experiments.recipe_search import DOMAINS, _bin
 
-# The reproduction's flags (examples/reproduce.sh), except checkpoints: only the final one is needed here.
-TRAIN_FLAGS = "--epochs 2 --lr 2e-4 --batch-tokens 1536 --dtype bf16 --save-every 0"
-FUSION_FLAGS = ("--loss topk-kl --lambda 0.7 --gate candidate+chunk --gate-margin -2 --lambda-scope distilled "
-                "--weighting mince")
-ARMS = {"sft": "--mode sft", "unified": "--mode unified {FUSION}", "pairwise+merge": "--mode pairwise {FUSION}"}
+# The reproduction's recipes and epochs (examples/reproduce.sh), except checkpoints: only the final one is needed.
+TRAIN_FLAGS = "--epochs 2 --save-every 0"
+FUSION_FLAGS = "--recipe recommended"
+ARMS = {"sft": "--recipe sft", "unified": "--mode unified {FUSION}", "pairwise+merge": "--mode pairwise {FUSION}"}
 CHECKPOINT = {"sft": "final", "unified": "final", "pairwise+merge": "merged"}
 
 

@@ -1,12 +1,12 @@
 """Which source does MinCE pick for each record, and does the unit of its CE decide it? Read from an aligned cache.
 
-    python benchmarks/source_choice.py out/repro/cache [--pivot smollm2] [--split train]
+    python -m experiments.source_choice out/repro/cache [--pivot smollm2] [--split train]
 
 For every row of the split, each source's CE on the gold text is computed in two units:
   per pivot token   its aligned chunks' log-likelihood over the pivot tokens they span (what the trainer's
                     MinCE / AvgCE use: `fuse_trainer.weighting.record_chunk_ce`)
   per own token     the mean of its cached gold log-probs, one per token of its OWN tokenizer at the aligned
-                    positions (what they used before session 10)
+                    positions (what they used until 2026-11-29)
 and the source with the lowest CE is counted, per domain. A tokenizer with longer tokens spends more nats per own
 token on the same text, so the second unit favours the source with the shorter tokens whatever it knows.
 Prints one JSON line, then a table.
@@ -15,20 +15,17 @@ Prints one JSON line, then a table.
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
-from pathlib import Path
 
 import click
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache_builder.reader import read_rows  # noqa: E402
-from fuse_trainer.data import discover_sources  # noqa: E402
-from fuse_trainer.losses import chunk_spans  # noqa: E402
-from fuse_trainer.weighting import record_chunk_ce  # noqa: E402
+from cache_builder.reader import read_rows
+from fuse_trainer.data import discover_sources
+from fuse_trainer.losses import chunk_spans
+from fuse_trainer.weighting import record_chunk_ce
 
 COLUMNS = ["record_id", "domain", "split", "num_tokens", "loss_mask", "aligned_pos", "gold_logprob", "chunk_logprob"]
 UNITS = ("per pivot token", "per own token")

@@ -1,6 +1,6 @@
 """How much of a source's lead survives into its cached targets? Bits per byte of the targets as a predictor.
 
-    python benchmarks/target_ceiling.py out/repro/cache --source qwen --model sft=out/repro/runs/sft/final \
+    python -m experiments.target_ceiling out/repro/cache --source qwen --model sft=out/repro/runs/sft/final \
         [--split heldout] [--pivot smollm2]
 
 Top-k KL asks the pivot to copy, at every aligned position, the source's top-k candidates mapped into the
@@ -28,19 +28,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cache_builder.models import load_model, resolve_model  # noqa: E402
-from cache_builder.reader import read_rows  # noqa: E402
-from fuse_trainer.data import discover_sources  # noqa: E402
-from target_agreement import same_event  # noqa: E402
+from cache_builder.models import load_model, resolve_model
+from cache_builder.reader import read_rows
+from fuse_trainer.data import discover_sources
+from experiments.target_agreement import same_event
 
 COLUMNS = ["domain", "split", "token_ids", "token_end", "loss_mask", "aligned_pos", "src_pos", "topk_ids",
            "topk_logits", "logsumexp"]

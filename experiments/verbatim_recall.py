@@ -6,7 +6,7 @@ the first: for every record of --split (and --domain), the prompt is its first -
 (cut as corpus-generate cuts them), the model continues greedily for --new-tokens tokens, and we count how
 many characters of the continuation equal the record's own next characters.
 
-    python benchmarks/verbatim_recall.py --data out/repro-code/corpus.jsonl --split validation \
+    python -m experiments.verbatim_recall --data out/repro-code/corpus.jsonl --split validation \
         --domain code --model qwen --model smollm2 --model gemma3
 
 Prints per model: the mean matched characters, and the share of records whose continuation matches the record
