@@ -215,3 +215,65 @@ def generate(model, corpus_path, out, split, domains, samples, prompt_chars, max
     else:
         click.echo(f"done: {summary['records']} records ({summary['generated']} this run), "
                    f"{summary['new_tokens']} new tokens, {summary['seconds']:.0f} s -> {out}")
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("layer", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", required=True, type=click.Choice(["distillkit", "axolotl", "fusellm"]), help="The peer format to write.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (written under a temporary name, renamed when complete).")
+@click.option("--compress", is_flag=True, help="distillkit: compressed columns + compression_config.yaml (default recipe: the first min(k, 16) log-probs exact in bfloat16, a polynomial tail).")
+@click.option("--compression-config", type=click.Path(exists=True, dir_okay=False), default=None, help="distillkit: a compression_config.yaml of DistillKit's to encode with instead (implies --compress).")
+@click.option("--source-index", default=0, type=click.IntRange(0), help="fusellm, pivot-aligned layer: i in per_step_aligned_logits_{i}.")
+@click.option("--rows-per-file", default=256, type=click.IntRange(1), help="Rows per output shard (distillkit, axolotl).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def export(layer, fmt, out, compress, compression_config, source_index, rows_per_file, overwrite):
+    """Write a cache layer (a source folder, or its aligned/<pivot>) in a peer's format for its trainer.
+
+    A source-native layer serves a student that shares the source's tokenizer; a pivot-aligned layer serves
+    the pivot. Position t is the distribution of token t+1 in every format (docs/interop.md).
+    """
+    from pathlib import Path
+
+    import yaml
+
+    from cache_builder.interop import InteropError, export_layer
+    from cache_builder.manifest import CacheError
+
+    try:
+        compression = yaml.safe_load(Path(compression_config).read_text()) if compression_config else None
+        folder = export_layer(layer, fmt, out, compress=compress, compression=compression, source_index=source_index,
+                              batch_rows=rows_per_file, overwrite=overwrite)
+    except (InteropError, CacheError, yaml.YAMLError) as err:
+        _fail(str(err))
+    click.echo(f"exported {layer} as {fmt} -> {folder}")
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", required=True, type=click.Choice(["distillkit", "axolotl", "fusellm"]), help="The peer format to read.")
+@click.option("--model", required=True, help="The model whose tokenizer made the token ids (as for cache-build); text and offsets are rebuilt with it.")
+@click.option("--out", default="cache", type=click.Path(file_okay=False), help="Cache root; the layer goes to OUT/<model-name>/.")
+@click.option("--split", default="train", help="Split of the imported records (fusellm: also the split of a DatasetDict to read).")
+@click.option("--rows-per-shard", default=256, type=click.IntRange(1), help="Rows per Parquet shard.")
+@click.option("--strict", is_flag=True, help="Refuse the import at the first bad row (default: skip bad rows and list them with their reasons).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT/<model-name>/ layer.")
+def import_cache(folder, fmt, model, out, split, rows_per_shard, strict, overwrite):
+    """Read a peer's teacher-signal files into a format-v1 source-native cache layer.
+
+    Statistics the format does not keep (logsumexp, mean, std, standardized logsumexp; the gold log-prob
+    where the gold token is outside the top-k) are stored as nulls and listed in the manifest's
+    missing_statistics: cache-info shows them, fuse-train losses that need them refuse.
+    """
+    from cache_builder.interop import InteropError, import_folder
+    from cache_builder.manifest import CacheError
+
+    try:
+        layer, bad = import_folder(folder, fmt, model, out, split=split, rows_per_shard=rows_per_shard, strict=strict,
+                                   overwrite=overwrite)
+    except (InteropError, CacheError, ValueError, OSError) as err:
+        _fail(str(err))
+    for row in bad[:10]:
+        click.echo(f"skipped {row.origin}: {row.reason}")
+    if len(bad) > 10:
+        click.echo(f"... and {len(bad) - 10} more (all are listed in the manifest's corpus.bad_records)")
+    click.echo(f"imported {folder} ({fmt}) -> {layer}, {len(bad)} bad rows skipped")

@@ -86,6 +86,30 @@ class TrainConfig:
 
         return {argument: getattr(self, setting) for argument, setting in LOSS_SETTINGS[self.loss].items()}
 
+    def needed_statistics(self) -> dict[str, str]:
+        """{cached statistic: the setting that reads it}: an imported cache that lacks one cannot train this run."""
+        needed: dict[str, str] = {}
+        if self.mode == "sft":
+            return needed
+        if self.loss == "topk-kl":
+            needed["logsumexp"] = "--loss topk-kl (the tail mass)"
+        if self.loss == "infifusion" and self.standardize:
+            needed.update(logit_mean="--loss infifusion with --standardize", logit_std="--loss infifusion with --standardize")
+        if self.loss == "infifusion" and self.normalize == "full":
+            needed["z_logsumexp" if self.standardize else "logsumexp"] = "--loss infifusion --normalize full"
+        if self.loss == "alm":
+            needed["chunk_logprob"] = "--loss alm"
+        if self.weighting == "entropy":
+            needed["logsumexp"] = "--weighting entropy"
+        if self.weighting in ("mince", "avgce"):
+            needed["chunk_logprob"] = f"--weighting {self.weighting}"
+        for gate in self.gates:
+            if gate == "token":
+                needed["gold_logprob"] = "--gate token"
+            if gate in ("chunk", "record"):
+                needed["chunk_logprob"] = f"--gate {gate}"
+        return needed
+
     @property
     def gates(self) -> tuple[str, ...]:
         """The gates `gate` combines: "candidate+token" -> ("candidate", "token")."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cache_builder.format import ALIGNED_DIR, MANIFEST
+from cache_builder.format import ALIGNED_DIR, MANIFEST, missing_statistics, topk_values
 from cache_builder.manifest import CacheError, load_manifest
 from cache_builder.reader import Ragged, read_shard
 from cache_builder.untrusted import shown
@@ -76,6 +76,27 @@ def check_pivot(layers: dict[str, Path], tokenizer, embedding_rows: int) -> None
         if pivot["vocab_size"] > embedding_rows:
             raise CacheError(f"{shown(folder)}: pivot vocab_size {pivot['vocab_size']} is more than the "
                              f"{embedding_rows} token rows of the pivot loaded; the layer was made for another pivot")
+
+
+def known_statistics_gaps(manifest: dict) -> set[str]:
+    """Statistics an (imported) layer lacks; a logsumexp of raw log-probs is known (0) and not a gap."""
+    missing = set(missing_statistics(manifest))
+    if topk_values(manifest) == "logprobs":
+        missing.discard("logsumexp")
+    return missing
+
+
+def check_statistics(layers: dict[str, Path], needed: dict[str, str]) -> None:
+    """Refuse sources that lack a statistic the run needs (imported caches store only what their format kept)."""
+    problems = []
+    for name, folder in layers.items():
+        manifest = load_manifest(folder)
+        for stat in sorted(known_statistics_gaps(manifest) & set(needed)):
+            problems.append(f"source {name}: {stat} is missing (the cache was imported from a format that does not "
+                            f"keep it), and {needed[stat]} needs it; choose a loss/weighting/gate that does not, e.g. "
+                            "--loss fusellm --weighting uniform --gate none")
+    if problems:
+        raise CacheError("refusing to train on these caches:\n  " + "\n  ".join(problems))
 
 
 @dataclass
@@ -158,6 +179,9 @@ class FusionData:
             raise ValueError(f"the shuffle window must hold at least one shard group, got {window}")
         self.layers, self.window, self.distill_only = layers, window, distill_only
         self.index = index_shards(layers, splits)
+        self.zero_lse = {name for name, folder in layers.items()
+                         if topk_values(manifest := load_manifest(folder)) == "logprobs"
+                         and "logsumexp" in missing_statistics(manifest)}
         self._loaded: OrderedDict[int, FusionDataset] = OrderedDict()  # the last `window` groups used
 
     def __len__(self) -> int:
@@ -170,6 +194,8 @@ class FusionData:
             sources, first = {}, None
             for name, folder in self.layers.items():
                 data, rows = read_shard(folder, entry.path), entry.rows[name]
+                if name in self.zero_lse:  # raw log-probs: their full-vocabulary logsumexp is 0
+                    data["logsumexp"] = Ragged(np.zeros_like(data["logsumexp"].values), data["logsumexp"].offsets)
                 first = first or (data, rows)
                 sources[name] = {f: take_rows(data[f], rows) for f in SOURCE_FIELDS}
             data, rows = first

@@ -44,7 +44,8 @@ from fuse_trainer.checkpoint import (
     save_hf,
 )
 from fuse_trainer.config import TrainConfig, dump_yaml
-from fuse_trainer.data import Batch, FusionData, check_pivot, check_sources, collate, discover_sources
+from fuse_trainer.data import (Batch, FusionData, check_pivot, check_sources, check_statistics, collate,
+                                 discover_sources)
 from fuse_trainer.gates import teacher_gate
 from fuse_trainer.guard import stop_if_not_finite
 from fuse_trainer.losses import FUSION_LOSSES, FusionInputs, chunk_spans, pivot_uld_stats, record_ratio, sft_loss
@@ -90,7 +91,9 @@ def source_scores(batch: Batch, cfg: TrainConfig) -> torch.Tensor:
             scores.append(record_ratio(entropy * kept, kept, src.row, B).float())
         else:
             start, end = chunk_spans(src.row, src.pos, batch.num_positions, T)  # (N,) flat pivot spans
-            scores.append(record_chunk_ce(src.chunk_logprob, end - start, src.row, keep, B))
+            chunk = src.chunk_logprob  # uniform reads availability only: a missing (NaN) chunk of an imported cache is 0
+            chunk = torch.where(chunk.isnan(), 0.0, chunk) if cfg.weighting == "uniform" else chunk
+            scores.append(record_chunk_ce(chunk, end - start, src.row, keep, B))
     return torch.stack(scores)  # (S, B)
 
 
@@ -213,6 +216,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, Path], out: Path, log=print, s
             return out / FINAL_DIR
     torch.manual_seed(cfg.seed)
     check_sources(layers)
+    check_statistics(layers, cfg.needed_statistics())
     data = FusionData(layers, tuple(cfg.train_splits), cfg.shuffle_window, tuple(cfg.distill_only_splits))
     provenance = provenance_of(layers)
     pivot = resolve_model(cfg.pivot)
