@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA path end to end, in one short run: GPU-vs-CPU parity tests, cache-build scoring against the bare trunk
 # (bf16, chunked top-k) for the three real architectures, the cache-build and fuse-train commands on cuda, the
-# cache checked by CPU rescoring, the fusion/SFT and online/cached step ratios, and torch.profiler tables.
+# cache checked by CPU rescoring, the fusion/SFT and online/cached step ratios, torch.profiler tables, and
+# cache-build with a device map against the plain build, and fuse-train --fsdp on every visible GPU (bf16 FSDP2,
+# sharded checkpoint, kill and resume) against data-parallel training.
 # Every figure lands in $OUT/gpu_check.log.
 #
 #   bash benchmarks/gpu_check.sh                      # the real models (smollm2, qwen, gemma3)
@@ -12,7 +14,7 @@
 #     cp $m/config.json $m/tokenizer_config.json $d/; xz -c $m/tokenizer.json > $d/tokenizer.json.xz; done
 # Knobs: DEVICE (cuda), COPIES (10: the corpus is scored this many times), REPEATS (5), RECORDS (1000: at most
 # this many records of data/, spread over it), CHUNK (2048: --position-chunk of the scoring), STEPS (30),
-# PY (python3), OUT, WORK.
+# PY (python3), OUT, WORK, NGPU (every visible GPU: ranks of the --fsdp check).
 set -euo pipefail
 DEVICE=${DEVICE:-cuda}
 COPIES=${COPIES:-10}
@@ -50,16 +52,16 @@ else
   PIVOT=smollm2 QWEN=qwen GEMMA=gemma3
 fi
 
-echo "== 1/6 parity on the GPU: a fusion micro-batch equals the CPU; the bf16 head equals its float32 copy"
+echo "== 1/8 parity on the GPU: a fusion micro-batch equals the CPU; the bf16 head equals its float32 copy"
 "$PY" -m pytest -q -p no:cacheprovider tests/test_pipeline.py tests/test_scoring.py -k "gpu or cuda"
 
-echo "== 2/6 scoring vs the bare trunk, bf16, $COPIES copies of data/"
+echo "== 2/8 scoring vs the bare trunk, bf16, $COPIES copies of data/"
 for model in "$PIVOT" "$QWEN" "$GEMMA"; do
   "$PY" benchmarks/build_throughput.py --model "$model" --device "$DEVICE" --dtype bf16 --copies "$COPIES" \
     --records "$RECORDS" --batch-tokens 16384 --ways floor,ours --repeats "$REPEATS" --position-chunk "$CHUNK"
 done
 
-echo "== 3/6 cache-build on $DEVICE over $COPIES copies of data/, then cache-verify (with CPU rescoring for real weights)"
+echo "== 3/8 cache-build on $DEVICE over $COPIES copies of data/, then cache-verify (with CPU rescoring for real weights)"
 "$PY" - "$WORK/corpus.jsonl" "$COPIES" "$RECORDS" <<'PYEOF'
 import json, sys
 out, copies, most = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -85,19 +87,49 @@ else
   cli cache-verify "$WORK/cache" --rescore 8 --device cpu || echo "cache-verify FAILED (exit $?)"
 fi
 
-echo "== 4/6 fusion step / SFT step, and online distillation / fusion step, on $DEVICE (2 sources)"
+echo "== 4/8 fusion step / SFT step, and online distillation / fusion step, on $DEVICE (2 sources)"
 for loss in topk-kl infifusion; do
   "$PY" -m benchmarks.train_step --cache "$WORK/cache" --pivot "$PIVOT" --device "$DEVICE" --loss "$loss" \
     --batch-tokens 8192 --repeats "$REPEATS" --online --sources "qwen=$QWEN,gemma3=$GEMMA"
 done
 
-echo "== 5/6 fuse-train unified ($STEPS steps) and fuse-eval on $DEVICE"
+echo "== 5/8 fuse-train unified ($STEPS steps) and fuse-eval on $DEVICE"
 cli fuse-train --shards "$WORK/cache" --pivot "$PIVOT" --mode unified --recipe uld-raw \
   --max-steps "$STEPS" --batch-tokens 8192 --dtype bf16 --device "$DEVICE" --save-every 0 --out "$WORK/runs/unified"
 tail -n 1 "$WORK/runs/unified/metrics.jsonl"
 cli fuse-eval --model "pivot=$PIVOT" --model "fused=$WORK/runs/unified/final" --data "$WORK/corpus.jsonl" \
   --split heldout --dtype bf16 --device "$DEVICE"
-echo "== 6/6 torch.profiler: cache-build scoring (qwen) and fuse-train micro-batches on $DEVICE"
+echo "== 6/8 torch.profiler: cache-build scoring (qwen) and fuse-train micro-batches on $DEVICE"
 "$PY" -m benchmarks.profile_steps build --model "$QWEN" --device "$DEVICE" --batch-tokens 16384
 "$PY" -m benchmarks.profile_steps train --cache "$WORK/cache" --pivot "$PIVOT" --device "$DEVICE" --batch-tokens 8192
+NGPU=${NGPU:-$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))")}
+echo "== 7/8 cache-build --device-map auto: $(basename "$QWEN") with 700 MiB of GPU memory for weights, the rest in CPU memory"
+cli cache-build --model "$QWEN" --corpus "$WORK/corpus.jsonl" --out "$WORK/cache-spread" --dtype bf16 --device "$DEVICE" \
+  --batch-tokens 16384 --position-chunk "$CHUNK" --device-map auto --max-memory gpu=700MiB
+for shard in "$WORK/cache/$(basename "$QWEN")"/shards/*.parquet; do
+  cmp "$shard" "$WORK/cache-spread/$(basename "$QWEN")/shards/$(basename "$shard")" || echo "DIFFERS from the plain build: $shard"
+done
+echo "== 8/8 fuse-train --fsdp on $NGPU GPU(s): bf16 FSDP2, a sharded checkpoint, a resume, the gathered model; memory and step time against DDP"
+torchrun_train() {  # torchrun_train OUT FLAGS...: fuse-train on NGPU ranks of this machine
+  local out=$1; shift
+  "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NGPU" --no-python "$PY" -c "import sys
+from fuse_trainer.cli import train
+sys.argv[0] = 'fuse-train'
+train()" --shards "$WORK/cache" --pivot "$PIVOT" --mode unified --recipe uld-raw --fsdp \
+    --dtype bf16 --activation-checkpointing --batch-tokens 8192 --grad-accum "$NGPU" --device "$DEVICE" --out "$out" "$@"
+}
+rm -rf "$WORK/runs/fsdp"
+torchrun_train "$WORK/runs/fsdp" --max-steps 12 --save-every 2 & launcher=$!
+until [ -e "$WORK/runs/fsdp/checkpoint/trainer_state.pt" ] || ! kill -0 "$launcher" 2>/dev/null; do sleep 0.2; done
+"$PY" -c "import psutil, sys
+launcher = psutil.Process(int(sys.argv[1]))
+for p in [launcher, *launcher.children(recursive=True)]: p.kill()" "$launcher" || true  # kill -9, every rank
+wait "$launcher" || true
+echo "killed after $(wc -l < "$WORK/runs/fsdp/metrics.jsonl") steps; resuming"
+torchrun_train "$WORK/runs/fsdp" --max-steps 12 --save-every 2 --resume
+cut -c 1-120 "$WORK/runs/fsdp/metrics.jsonl"
+"$PY" -c "import sys; from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); print('gathered model loads:', sum(p.numel() for p in m.parameters()), 'parameters')" "$WORK/runs/fsdp/final"
+"$PY" -m benchmarks.train_fsdp --shards "$WORK/cache" --pivot "$PIVOT" --world "$NGPU" --device "$DEVICE" --dtype bf16 \
+  --batch-tokens 8192 --steps 6
 echo "== done"

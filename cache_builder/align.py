@@ -39,11 +39,15 @@ from cache_builder.format import (
     MANIFEST,
     STAT_COLUMNS,
     aligned_schema,
+    missing_statistics,
     new_manifest,
+    nullable_ragged,
     ragged,
     ragged_topk,
     sha256_file,
     table_from_columns,
+    topk_values,
+    with_missing,
     write_manifest,
     write_shard,
     write_text_atomic,
@@ -59,7 +63,8 @@ VOCAB_MAP_FILE = "vocab_map.npz"
 DEFAULT_VOCAB_STRATEGY = "exact+first-token"
 
 
-def align_row(text: str, spans, src: dict, piv_tokenizer, piv_surface, piv_bos: bool, src_to_piv: np.ndarray) -> dict:
+def align_row(text: str, spans, src: dict, piv_tokenizer, piv_surface, piv_bos: bool, src_to_piv: np.ndarray,
+              values_are_logprobs: bool = False) -> dict:
     """One source-native row -> the aligned row's arrays (see docs/contracts.md).
 
     A source row cut at cache-build's --max-tokens covers a prefix of the text; the pivot row then covers
@@ -69,8 +74,10 @@ def align_row(text: str, spans, src: dict, piv_tokenizer, piv_surface, piv_bos: 
         text = data[:src_bytes].decode("utf-8", errors="ignore")
     piv_ids, piv_end = tokenize(text, piv_tokenizer, piv_surface, piv_bos, max_tokens=None)  # (T_p,), (T_p,)
     piv_pos, src_pos = align_positions(piv_end, src["token_end"])  # (A,), (A,)
+    # An imported layer of raw log-probs has no stored logsumexp; the log-probs' own is 0 (kept mass = sum p).
+    lse = np.zeros(len(src_pos)) if values_are_logprobs else src["logsumexp"][src_pos]
     topk_ids, topk_logits, kept = project_topk(
-        src["topk_ids"][src_pos], src["topk_logits"][src_pos].astype(np.float32), src["logsumexp"][src_pos], src_to_piv
+        src["topk_ids"][src_pos], src["topk_logits"][src_pos].astype(np.float32), lse, src_to_piv
     )
     return {
         "token_ids": piv_ids,
@@ -87,8 +94,9 @@ def align_row(text: str, spans, src: dict, piv_tokenizer, piv_surface, piv_bos: 
     }
 
 
-def aligned_table(batch: dict, rows: list[dict], k: int) -> pa.Table:
-    """Aligned rows (dicts of arrays) + their source batch's per-row fields -> a table in aligned_schema(k)."""
+def aligned_table(batch: dict, rows: list[dict], k: int, missing: tuple[str, ...] = ()) -> pa.Table:
+    """Aligned rows (dicts of arrays) + their source batch's per-row fields -> a table in aligned_schema(k);
+    NaN in the `missing` statistics (of an imported source) is written as null."""
     n_tok = np.array([len(r["token_ids"]) for r in rows], dtype=np.int32)
     n_pos = np.maximum(n_tok - 1, 0)
     n_al = np.array([len(r["aligned_pos"]) for r in rows], dtype=np.int32)
@@ -111,8 +119,18 @@ def aligned_table(batch: dict, rows: list[dict], k: int) -> pa.Table:
         "native_topk_logits": ragged_topk(cat("native_topk_logits", np.float32).reshape(-1, k), n_al, pa.float32()),
     }
     for name in STAT_COLUMNS + ("kept_mass", "chunk_logprob"):
-        columns[name] = ragged(cat(name, np.float32), n_al, pa.float32())
-    return table_from_columns(aligned_schema(k), columns)
+        columns[name] = (nullable_ragged if name in missing else ragged)(cat(name, np.float32), n_al, pa.float32())
+    return table_from_columns(with_missing(aligned_schema(k), missing), columns)
+
+
+def aligned_missing(src_manifest: dict) -> tuple[str, ...]:
+    """Statistics an aligned layer lacks because its (imported) source lacks them."""
+    missing = [name for name in missing_statistics(src_manifest) if name in STAT_COLUMNS]
+    if "logsumexp" in missing and topk_values(src_manifest) != "logprobs":
+        missing.append("kept_mass")
+    if "gold_logprob" in missing:
+        missing.append("chunk_logprob")
+    return tuple(missing)
 
 
 def source_row(batch: dict, i: int) -> dict:
@@ -163,11 +181,12 @@ def align_cache(cache: str | Path, pivot: str, *, strategy: str = DEFAULT_VOCAB_
                 for batch in iter_shard_batches(cache, [shard["path"]]):
                     rows = [
                         align_row(batch["text"][i], [tuple(s) for s in batch["response_spans"].row(i)], source_row(batch, i),
-                                  piv_tokenizer, piv_surface, piv_source.add_bos, src_to_piv)
+                                  piv_tokenizer, piv_surface, piv_source.add_bos, src_to_piv,
+                                  topk_values(src_manifest) == "logprobs")
                         for i in range(len(batch["record_id"]))
                     ]
-                    tables.append(aligned_table(batch, rows, k))
-                empty = aligned_schema(k).empty_table()
+                    tables.append(aligned_table(batch, rows, k, aligned_missing(src_manifest)))
+                empty = with_missing(aligned_schema(k), aligned_missing(src_manifest)).empty_table()
                 shards.append(write_shard(pa.concat_tables(tables) if tables else empty, work, shard["path"]))
             coverage = alignment_figures(work, [s.path for s in shards])
             pivot_info = {
@@ -185,13 +204,17 @@ def align_cache(cache: str | Path, pivot: str, *, strategy: str = DEFAULT_VOCAB_
                 build={**settings, "seconds": round(time.time() - started, 1)},
                 shards=shards, pivot=pivot_info,
             )
+            if missing_statistics(src_manifest):  # an imported source: say what it lacks and what its values are
+                manifest["missing_statistics"] = list(aligned_missing(src_manifest))
+                manifest["topk_values"] = topk_values(src_manifest)
             write_text_atomic(work / CARD, dataset_card(manifest))
             write_manifest(work, manifest)
             folder = replace_folder(work, parent / piv_source.name)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    kept = coverage["mean_kept_mass"]
     log(f"aligned {cache.name} -> {piv_source.name}: coverage {coverage['coverage']:.3f} of response positions, "
-        f"mean kept top-k mass {coverage['mean_kept_mass']:.3f}")
+        f"mean kept top-k mass {'unknown (missing in the source)' if kept is None else f'{kept:.3f}'}")
     return folder
 
 
@@ -222,11 +245,12 @@ def alignment_figures(folder: Path, shard_paths: list[str]) -> dict:
         row_start = mask.offsets[:-1]
         rows = np.repeat(np.arange(len(pos)), pos.lengths)
         aligned += int(mask.values[row_start[rows] + pos.values].sum())
-        kept_sum += float(batch["kept_mass"].values.sum())
-        kept_n += batch["kept_mass"].values.size
+        known = batch["kept_mass"].values[~np.isnan(batch["kept_mass"].values)]  # null where the source lacks it
+        kept_sum += float(known.sum())
+        kept_n += known.size
     return {
         "response_positions": response,
         "aligned_response_positions": aligned,
         "coverage": aligned / max(response, 1),
-        "mean_kept_mass": kept_sum / max(kept_n, 1),
+        "mean_kept_mass": kept_sum / kept_n if kept_n else None,
     }

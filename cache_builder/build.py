@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from alignment import token_byte_ends, token_surface, tokenizer_fingerprint
 from cache_builder.card import dataset_card
 from cache_builder.corpus import DEFAULT_WINDOW_CHARS, RENDER_VERSION, Corpus, Record, load_corpus
+from cache_builder.device_map import load_spread
 from cache_builder.format import (
     CARD,
     MANIFEST,
@@ -243,11 +245,15 @@ def build_cache(
     device: str = "cpu",
     overwrite: bool = False,
     strict: bool = False,
+    spread: dict[str, int] | None = None,
     log=print,
 ) -> BuildSummary:
     """Run the source model over this rank's records and write its shards (see the module docstring).
 
     strict: refuse (BuildError) a corpus with bad records instead of skipping them.
+    spread: for a model larger than one device, spread it over this rank's GPUs (or the CPU with `device` cpu),
+        then CPU memory, then disk (cache_builder.device_map), with these weight budgets ({"gpu": bytes, "cpu":
+        bytes}; {} for the defaults). The rows are those of a build on one device.
     """
     started = time.time()
     corpus = load_corpus(corpus_path, max_chars=settings.window_chars, limit=settings.limit)
@@ -278,7 +284,14 @@ def build_cache(
             return _summary(folder, corpus, plan, 0, started, True)
         tokenizer = load_tokenizer(source)
         surface = token_surface(tokenizer)
-        model = load_model(source, DTYPES[settings.dtype], device) if todo else None
+        offload = folder / f".offload-r{rank:05d}"
+        if not todo:
+            model = None
+        elif spread is not None:
+            reserve = 2 * settings.position_chunk * output_vocab_size(source) * 4  # scoring's (chunk, V) buffers
+            model = load_spread(source, DTYPES[settings.dtype], device, spread, reserve, offload, log)
+        else:
+            model = load_model(source, DTYPES[settings.dtype], device)
         total_bytes = sum(len(r.text.encode()) for _, recs in todo for r in recs)  # the bar's ETA is in text bytes
         log(f"{source.name}: {len(plan) - len(todo)} of {len(plan)} shards already done on rank {rank}")
         scored_tokens, scoring_started = 0, time.time()
@@ -293,6 +306,7 @@ def build_cache(
             for path, records in todo:
                 rows = score_shard(model, tokenizer, surface, records, settings, source.add_bos, progress)
                 write_shard(source_table(rows, settings.top_k, settings.logit_dtype), folder, path)
+        shutil.rmtree(offload, ignore_errors=True)  # weights accelerate could not read in place
         (folder / RANKS_DIR).mkdir(exist_ok=True)
         write_text_atomic(marker, json.dumps({"shards": [p for p, _ in plan]}) + "\n")
         info = source_description(source, tokenizer, settings, surface, write_vocab(folder, surface))

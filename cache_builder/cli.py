@@ -63,6 +63,8 @@ def _local(path: str, store: str | None, allow_insecure: bool, **selection) -> P
 @click.option("--logit-dtype", default="float16", type=click.Choice(["float16", "float32"]), help="Storage type of the top-k logits (statistics are always float32).")
 @click.option("--rows-per-shard", default=256, type=click.IntRange(1), help="Record windows per Parquet shard.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="auto: cuda when available.")
+@click.option("--device-map", default=None, type=click.Choice(["auto"]), help="For a source larger than one device: spread its decoder layers over this rank's GPUs (the GPUs visible to a node, split evenly between its ranks; with --device cpu: the CPU), then CPU memory, then disk. Same rows as a build on one device.")
+@click.option("--max-memory", default=None, help="With --device-map: memory for the weights on each GPU and in RAM, e.g. gpu=70GiB,cpu=200GiB (default: 85% of each GPU's free memory less the scoring buffers, 80% of the free RAM shared by the node's ranks).")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Use only the first N records of the corpus.")
 @click.option("--rank", default=None, type=click.IntRange(0), help="This process's rank (default: $RANK from torchrun, else 0).")
 @click.option("--world-size", default=None, type=click.IntRange(1), help="Number of ranks (default: $WORLD_SIZE, else 1).")
@@ -70,7 +72,7 @@ def _local(path: str, store: str | None, allow_insecure: bool, **selection) -> P
 @click.option("--strict", is_flag=True, help="Refuse to start when the corpus has bad records (default: skip and report them).")
 @one_line_errors
 def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch_tokens, position_chunk, dtype,
-          logit_dtype, rows_per_shard, device, limit, rank, world_size, overwrite, strict):
+          logit_dtype, rows_per_shard, device, device_map, max_memory, limit, rank, world_size, overwrite, strict):
     """Run ONE source model once over a corpus and write its sparse top-k signals to Parquet shards.
 
     Resumable: rerun the same command after a crash and finished shards are kept. Re-running a finished
@@ -78,16 +80,21 @@ def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch
     the manifest is written when every rank is done.
     """
     from cache_builder.build import BuildError, BuildSettings, build_cache, rank_from_env
+    from cache_builder.device_map import parse_max_memory
     from cache_builder.models import pick_device
 
+    if max_memory and not device_map:
+        _fail("--max-memory budgets a device map: add --device-map auto")
     try:
+        spread = parse_max_memory(max_memory or "") if device_map else None
         rank, world_size = rank_from_env(rank, world_size)
         device = pick_device(device)
         settings = BuildSettings(model=model, top_k=top_k, window_chars=window_chars, max_tokens=max_tokens,
                                  batch_tokens=batch_tokens, position_chunk=position_chunk, dtype=dtype,
                                  logit_dtype=logit_dtype, rows_per_shard=rows_per_shard, limit=limit,
                                  world_size=world_size)
-        summary = build_cache(corpus_path, settings, out, rank=rank, device=device, overwrite=overwrite, strict=strict)
+        summary = build_cache(corpus_path, settings, out, rank=rank, device=device, overwrite=overwrite, strict=strict,
+                              spread=spread)
     except (BuildError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     except OSError as err:  # disk full, permissions: finished shards are safe, the partial one was removed
@@ -286,3 +293,65 @@ def pull(url, dest, sources, layer_kinds, workers, allow_insecure):
 
     pull_cache(open_location(url, allow_insecure=allow_insecure), dest, workers=workers, log=click.echo,
                sources=tuple(s for s in sources.split(",") if s), layers=layer_kinds)
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("layer", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", required=True, type=click.Choice(["distillkit", "axolotl", "fusellm"]), help="The peer format to write.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (written under a temporary name, renamed when complete).")
+@click.option("--compress", is_flag=True, help="distillkit: compressed columns + compression_config.yaml (default recipe: the first min(k, 16) log-probs exact in bfloat16, a polynomial tail).")
+@click.option("--compression-config", type=click.Path(exists=True, dir_okay=False), default=None, help="distillkit: a compression_config.yaml of DistillKit's to encode with instead (implies --compress).")
+@click.option("--source-index", default=0, type=click.IntRange(0), help="fusellm, pivot-aligned layer: i in per_step_aligned_logits_{i}.")
+@click.option("--rows-per-file", default=256, type=click.IntRange(1), help="Rows per output shard (distillkit, axolotl).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+def export(layer, fmt, out, compress, compression_config, source_index, rows_per_file, overwrite):
+    """Write a cache layer (a source folder, or its aligned/<pivot>) in a peer's format for its trainer.
+
+    A source-native layer serves a student that shares the source's tokenizer; a pivot-aligned layer serves
+    the pivot. Position t is the distribution of token t+1 in every format (docs/interop.md).
+    """
+    from pathlib import Path
+
+    import yaml
+
+    from cache_builder.interop import InteropError, export_layer
+    from cache_builder.manifest import CacheError
+
+    try:
+        compression = yaml.safe_load(Path(compression_config).read_text()) if compression_config else None
+        folder = export_layer(layer, fmt, out, compress=compress, compression=compression, source_index=source_index,
+                              batch_rows=rows_per_file, overwrite=overwrite)
+    except (InteropError, CacheError, yaml.YAMLError) as err:
+        _fail(str(err))
+    click.echo(f"exported {layer} as {fmt} -> {folder}")
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "fmt", required=True, type=click.Choice(["distillkit", "axolotl", "fusellm"]), help="The peer format to read.")
+@click.option("--model", required=True, help="The model whose tokenizer made the token ids (as for cache-build); text and offsets are rebuilt with it.")
+@click.option("--out", default="cache", type=click.Path(file_okay=False), help="Cache root; the layer goes to OUT/<model-name>/.")
+@click.option("--split", default="train", help="Split of the imported records (fusellm: also the split of a DatasetDict to read).")
+@click.option("--rows-per-shard", default=256, type=click.IntRange(1), help="Rows per Parquet shard.")
+@click.option("--strict", is_flag=True, help="Refuse the import at the first bad row (default: skip bad rows and list them with their reasons).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT/<model-name>/ layer.")
+def import_cache(folder, fmt, model, out, split, rows_per_shard, strict, overwrite):
+    """Read a peer's teacher-signal files into a format-v1 source-native cache layer.
+
+    Statistics the format does not keep (logsumexp, mean, std, standardized logsumexp; the gold log-prob
+    where the gold token is outside the top-k) are stored as nulls and listed in the manifest's
+    missing_statistics: cache-info shows them, fuse-train losses that need them refuse.
+    """
+    from cache_builder.interop import InteropError, import_folder
+    from cache_builder.manifest import CacheError
+
+    try:
+        layer, bad = import_folder(folder, fmt, model, out, split=split, rows_per_shard=rows_per_shard, strict=strict,
+                                   overwrite=overwrite)
+    except (InteropError, CacheError, ValueError, OSError) as err:
+        _fail(str(err))
+    for row in bad[:10]:
+        click.echo(f"skipped {row.origin}: {row.reason}")
+    if len(bad) > 10:
+        click.echo(f"... and {len(bad) - 10} more (all are listed in the manifest's corpus.bad_records)")
+    click.echo(f"imported {folder} ({fmt}) -> {layer}, {len(bad)} bad rows skipped")

@@ -259,8 +259,56 @@ def new_manifest(layer: str, *, top_k: int, logit_dtype: str, source: dict, corp
 
 def expected_schema(manifest: dict) -> pa.Schema:
     if manifest["layer"] == "source":
-        return source_schema(manifest["top_k"], manifest["logit_dtype"])
-    return aligned_schema(manifest["top_k"])
+        schema = source_schema(manifest["top_k"], manifest["logit_dtype"])
+    else:
+        schema = aligned_schema(manifest["top_k"])
+    return with_missing(schema, missing_statistics(manifest))
+
+
+# ----------------------------------------------------------------------------------------------
+# Imported layers: statistics their producer did not keep (cache-import)
+#
+# A cache imported from another tool's format (DistillKit, axolotl, FuseLLM) holds top-k values
+# only. The statistics those tools never stored are written as nulls, never invented, and named in
+# the manifest's `missing_statistics`; `topk_values` says what the top-k values are. Per-position
+# nulls sit inside the lists (the row keeps one entry per position); `mean_nll` becomes a nullable
+# scalar. Readers see the nulls as NaN (reader.column_to_numpy).
+# ----------------------------------------------------------------------------------------------
+
+# What `topk_logits` holds: raw logits (our builds), raw log-probs (logits - logsumexp, whose
+# full-vocabulary logsumexp is 0 by definition), or log-probs renormalised over the kept k.
+TOPK_VALUES = ("logits", "logprobs", "renormalized-logprobs")
+NULLABLE_EXTRA = ("mean_nll", "kept_mass", "chunk_logprob")  # besides STAT_COLUMNS, which may all be missing
+
+
+def missing_statistics(manifest: dict) -> tuple[str, ...]:
+    """Statistics stored as nulls in this layer (wholly or at some positions); () for a built cache."""
+    return tuple(manifest.get("missing_statistics", ()))
+
+
+def topk_values(manifest: dict) -> str:
+    """What the layer's top-k values are (one of TOPK_VALUES); "logits" for a built cache."""
+    return manifest.get("topk_values", "logits")
+
+
+def with_missing(schema: pa.Schema, missing: tuple[str, ...]) -> pa.Schema:
+    """`schema` with the named statistic columns nullable (a null mean_nll; per-position lists already take nulls)."""
+    nullable = STAT_COLUMNS + NULLABLE_EXTRA
+    for name in missing:
+        if name not in nullable:
+            raise ValueError(f"{name!r} cannot be missing; only {nullable} can")
+        if name in schema.names:
+            i = schema.get_field_index(name)
+            schema = schema.set(i, schema.field(i).with_nullable(True))
+    return schema
+
+
+def nullable_ragged(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType = pa.float32()) -> pa.ListArray:
+    """Like `ragged` for a float statistic, with NaN written as null (a missing value)."""
+    values = np.asarray(values, dtype=np.float32)
+    nan = np.isnan(values)
+    inner = pa.array(values, value_type, mask=nan if nan.any() else None)
+    return pa.ListArray.from_arrays(pa.array(offsets_from_lengths(lengths)), inner)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,9 +330,10 @@ class SourceRow:
 STAT_COLUMNS = ("logsumexp", "logit_mean", "logit_std", "z_logsumexp", "gold_logprob")
 
 
-def source_table(rows: list[SourceRow], k: int, logit_dtype: str) -> pa.Table:
-    """Source-native rows -> a table in `source_schema(k, logit_dtype)`."""
-    schema = source_schema(k, logit_dtype)
+def source_table(rows: list[SourceRow], k: int, logit_dtype: str, missing: tuple[str, ...] = ()) -> pa.Table:
+    """Source-native rows -> a table in `source_schema(k, logit_dtype)`; NaN in the `missing` statistics
+    (an imported layer's) is written as null."""
+    schema = with_missing(source_schema(k, logit_dtype), missing)
     n_tokens = np.array([len(r.token_ids) for r in rows], dtype=np.int32)
     n_pos = np.maximum(n_tokens - 1, 0)
     records = [r.record for r in rows]
@@ -303,12 +352,12 @@ def source_table(rows: list[SourceRow], k: int, logit_dtype: str) -> pa.Table:
         "text": pa.array([r.text for r in records], pa.string()),
         "response_spans": pa.array(spans, schema.field("response_spans").type),
         "num_tokens": pa.array(n_tokens, pa.int32()),
-        "mean_nll": pa.array([r.mean_nll for r in rows], pa.float32()),
+        "mean_nll": pa.array([r.mean_nll for r in rows], pa.float32(), from_pandas="mean_nll" in missing),
         "token_ids": ragged(np.concatenate([r.token_ids for r in rows]).astype(np.int32), n_tokens, pa.int32()),
         "token_end": ragged(np.concatenate([r.token_end for r in rows]).astype(np.int32), n_tokens, pa.int32()),
         "topk_ids": ragged_topk(cat("topk_ids", np.int32).reshape(-1, k), n_pos, pa.int32()),
         "topk_logits": ragged_topk(cat("topk_logits", logit_dtype).reshape(-1, k), n_pos, LOGIT_DTYPES[logit_dtype]),
     }
     for name in STAT_COLUMNS:
-        columns[name] = ragged(cat(name, np.float32), n_pos, pa.float32())
+        columns[name] = (nullable_ragged if name in missing else ragged)(cat(name, np.float32), n_pos, pa.float32())
     return table_from_columns(schema, columns)

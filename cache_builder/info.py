@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cache_builder.format import missing_statistics
 from cache_builder.manifest import find_layers, load_manifest
 from cache_builder.untrusted import refuse_unsafe_tree, shown
 
@@ -33,14 +34,15 @@ def layer_summary(path: str, m: dict) -> dict:
         "bytes": totals["bytes"],
         "bytes_per_token": round(totals["bytes"] / max(totals["tokens"], 1), 2),
         "coverage": round(alignment["coverage"], 4) if "coverage" in alignment else None,
-        "kept_mass": round(alignment["mean_kept_mass"], 4) if "mean_kept_mass" in alignment else None,
+        "kept_mass": round(alignment["mean_kept_mass"], 4) if alignment.get("mean_kept_mass") is not None else None,
         "bad_records": m["corpus"].get("summary", {}).get("bad_records"),
+        "missing": ",".join(missing_statistics(m)) or None,  # statistics an imported layer does not have
     }
 
 
 def format_summary(rows: list[dict]) -> str:
     """A plain-text table of cache_summary rows."""
-    columns = ["layer", "source", "pivot", "tokenizer", "vocab", "k", "logits", "rows", "tokens", "bytes_per_token", "coverage", "kept_mass", "path"]
+    columns = ["layer", "source", "pivot", "tokenizer", "vocab", "k", "logits", "rows", "tokens", "bytes_per_token", "coverage", "kept_mass", "missing", "path"]
     cells = [[("" if r[c] is None else shown(r[c], 80)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]

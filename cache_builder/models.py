@@ -372,9 +372,12 @@ def pick_device(choice: str) -> torch.device:
 
 
 def load_model(name_or_source: str | ModelSource, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu", trust_remote_code: bool = False) -> torch.nn.Module:
+               device: str | torch.device = "cpu", trust_remote_code: bool = False,
+               device_map: dict | None = None, offload_folder: Path | None = None) -> torch.nn.Module:
     """The causal LM in eval mode on `device`, converting a GGUF source first if needed.
 
+    device_map: {module name: GPU index, "cpu" or "disk"} instead of `device`, dispatched by accelerate
+    (cache_builder.device_map); offloaded weights go to `offload_folder` when they cannot be read in place.
     `trust_remote_code` stays off unless the caller passes True: a model folder from elsewhere must not run
     its own code by default.
     """
@@ -382,8 +385,9 @@ def load_model(name_or_source: str | ModelSource, dtype: torch.dtype = torch.flo
 
     folder = ensure_converted(as_source(name_or_source))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
-                                                 trust_remote_code=trust_remote_code)
-    return model.to(device).eval()
+                                                 trust_remote_code=trust_remote_code, device_map=device_map,
+                                                 offload_folder=offload_folder)
+    return (model if device_map else model.to(device)).eval()
 
 
 def load_gguf_directly(source: ModelSource, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

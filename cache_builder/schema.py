@@ -15,6 +15,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from cache_builder.format import NULLABLE_EXTRA, STAT_COLUMNS, TOPK_VALUES
 from cache_builder.untrusted import MAX_JSON_DEPTH, CacheError, depth_of, shown
 
 MAX_VOCAB = 1 << 22  # token ids per vocabulary (the largest real ones have 262,144)
@@ -191,7 +192,7 @@ PIVOT = Obj(
     {"identity": Free(), "add_bos": Bool(),
      "vocab_map": Obj({"strategy": Str(r"[a-z+-]{1,60}"), "exact": COUNT, "fallback": COUNT, "unmapped": COUNT}),
      "alignment": Obj({"response_positions": COUNT, "aligned_response_positions": COUNT,
-                       "coverage": Float(0.0, 1.0), "mean_kept_mass": Float(0.0, 1.0)})},
+                       "coverage": Float(0.0, 1.0), "mean_kept_mass": Nullable(Float(0.0, 1.0))})},  # null: unknown
 )
 CORPUS = Obj(
     {"fingerprint": Str(HEX64)},
@@ -209,7 +210,9 @@ MANIFEST_SPEC = Obj(
      "top_k": Int(1, MAX_TOP_K), "logit_dtype": OneOf(("float16", "float32")), "source": SOURCE,
      "corpus": CORPUS, "build": BUILD, "shards": List(SHARD, MAX_SHARDS),
      "totals": Obj({"rows": COUNT, "tokens": COUNT, "bytes": COUNT})},
-    {"created_by": Str(), "pivot": Nullable(PIVOT)},
+    {"created_by": Str(), "pivot": Nullable(PIVOT),
+     # an imported layer (cache-import): the statistics stored as nulls, and what its top-k values are
+     "missing_statistics": List(OneOf(STAT_COLUMNS + NULLABLE_EXTRA), 16), "topk_values": OneOf(TOPK_VALUES)},
 )
 
 

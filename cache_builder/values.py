@@ -58,15 +58,18 @@ def _lengths(columns: dict, aligned: bool) -> list[str]:
     return problems
 
 
-def _floats(columns: dict, aligned: bool) -> list[str]:
+def _floats(columns: dict, aligned: bool, missing: tuple[str, ...]) -> list[str]:
+    """Value ranges; a statistic an imported layer lacks (`missing`) is null (NaN) there and checked where known."""
     problems = []
     floats = STAT_COLUMNS + ("topk_logits",) + (("native_topk_logits", "kept_mass", "chunk_logprob") if aligned else ())
-    values = {c: columns[c].values.astype(np.float32) for c in floats}
-    for c, v in values.items():
-        if not np.all(np.isfinite(v)):
+    given = {c: columns[c].values.astype(np.float32) for c in floats}
+    for c, v in given.items():
+        if not np.all(np.isfinite(v[~np.isnan(v)] if c in missing else v)):
             problems.append(f"{c} contains NaN or infinite values")
     if problems:
         return problems
+    # known values only, for the range checks; NaN compares false in the elementwise checks against logsumexp
+    values = {c: v[~np.isnan(v)] if c in missing and v.ndim == 1 else v for c, v in given.items()}
     bounded = ("logsumexp", "logit_mean", "z_logsumexp", "topk_logits") + (("native_topk_logits",) if aligned else ())
     problems += [f"{c} outside [-{LOGIT_BOUND:g}, {LOGIT_BOUND:g}]" for c in bounded
                  if values[c].size and np.abs(values[c]).max() > LOGIT_BOUND]
@@ -78,7 +81,7 @@ def _floats(columns: dict, aligned: bool) -> list[str]:
     gold = values["gold_logprob"]
     if gold.size and (gold.max() > PROB_SLACK or gold.min() < -NLL_BOUND):
         problems.append(f"gold_logprob outside [-{NLL_BOUND:g}, 0] (a log-probability)")
-    lse = values["logsumexp"][:, None]
+    lse = given["logsumexp"][:, None]
     slack = 1e-2 + PROB_SLACK * np.abs(lse)
     filled = columns["topk_ids"].values >= 0
     if np.any(((values["topk_logits"] - lse) > slack) & filled):
@@ -94,6 +97,7 @@ def _floats(columns: dict, aligned: bool) -> list[str]:
             problems.append("native top-k logits above the position's logsumexp (a probability above 1)")
     else:
         nll = columns["mean_nll"].astype(np.float32)
+        nll = nll[~np.isnan(nll)] if "mean_nll" in missing else nll
         if not np.all(np.isfinite(nll)) or (nll.size and (nll.min() < 0 or nll.max() > NLL_BOUND)):
             problems.append(f"mean_nll not a finite loss in [0, {NLL_BOUND:g}]")
         if values["topk_logits"].size and np.any(np.diff(values["topk_logits"], axis=1) > 0):
@@ -146,10 +150,11 @@ def _offsets(columns: dict, aligned: bool) -> list[str]:
     return problems
 
 
-def value_problems(columns: dict, layer: str, vocab: int) -> list[str]:
-    """Problems with the values of one row group (`columns` as reader.column_to_numpy gives them)."""
+def value_problems(columns: dict, layer: str, vocab: int, missing: tuple[str, ...] = ()) -> list[str]:
+    """Problems with the values of one row group (`columns` as reader.column_to_numpy gives them); `missing`: the
+    statistics an imported layer stores as nulls (its manifest's missing_statistics)."""
     aligned = layer == "aligned"
     problems = _lengths(columns, aligned)
     if problems:  # the per-row checks below index by the lengths
         return problems
-    return _floats(columns, aligned) + _ids(columns, aligned, vocab) + _offsets(columns, aligned)
+    return _floats(columns, aligned, missing) + _ids(columns, aligned, vocab) + _offsets(columns, aligned)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cache_builder.format import ALIGNED_DIR, MANIFEST, expected_schema, sha256_file
+from cache_builder.format import ALIGNED_DIR, MANIFEST, expected_schema, missing_statistics, sha256_file
 from cache_builder.manifest import CacheError, find_layers, load_manifest, open_layer
 from cache_builder.reader import column_to_numpy, declared_values, open_shard, row_groups
 from cache_builder.schema import MAX_SHARD_BYTES, MAX_VOCAB_PADDING
@@ -83,7 +83,8 @@ def verify_shard(path: Path, shard: dict, manifest: dict, vocab: int, deep: bool
             columns = {n: column_to_numpy(table.column(n)) for n in table.schema.names}
             tokens += int(columns["num_tokens"].astype("int64").sum())
             if deep:
-                problems += [f"{where}: {p}" for p in value_problems(columns, manifest["layer"], vocab)]
+                found = value_problems(columns, manifest["layer"], vocab, missing_statistics(manifest))
+                problems += [f"{where}: {p}" for p in found]
             ids += list(columns["record_id"])
     if tokens != shard["tokens"]:
         problems.append(f"{where}: row or token count differs from the manifest ({tokens} tokens, {shard['tokens']} "

@@ -3,7 +3,8 @@
     out/
       config.yaml          the resolved settings of the run
       metrics.jsonl        one line per optimizer step
-      checkpoint/          the last resumable checkpoint (HF model + trainer_state.pt), gone once final/ exists
+      checkpoint/          the last resumable checkpoint (HF model + trainer_state.pt, or with --fsdp the
+                           ranks' shards in dcp/ + trainer_state.pt), gone once final/ exists
       final/               the trained model (HF format) with fusion_config.yaml and fusion_provenance.json
       best/                with --keep-best, the evaluated step best on validation so far (+ best.json); final/ at the end
 
@@ -35,7 +36,7 @@ CHECKPOINT_DIR = "checkpoint"
 BEST_DIR = "best"
 # Settings that do not change the trained model: a run may resume, or count as finished, with other values.
 RUN_ONLY_SETTINGS = ("resume", "threads", "device", "save_every", "out", "extra", "activation_checkpointing", "recipe",
-                     "cache_dir", "max_local_gb", "allow_insecure")
+                     "cache_dir", "max_local_gb", "allow_insecure", "fsdp")
 # Settings of the fusion term and the pairwise merge: an SFT run (mode sft) is the same model whatever they say.
 FUSION_ONLY_SETTINGS = ("loss", "lam", "lambda_scope", "fusion_temperature", "alm_temperature", "uld_top_k",
                         "standardize", "normalize", "alm_distance", "weighting", "weighting_temperature", "gate",
@@ -73,19 +74,27 @@ def recover_folder(folder: Path, complete: str) -> Path:
     return folder
 
 
-def save_hf(folder: Path, model, tokenizer, cfg: TrainConfig, provenance: dict) -> None:
-    """A checkpoint loadable with AutoModelForCausalLM.from_pretrained, with its config and provenance."""
+def save_settings(folder: Path, cfg: TrainConfig, provenance: dict) -> None:
+    """The run's settings and the caches it was trained on, beside a saved model."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
     (folder / "fusion_config.yaml").write_text(dump_yaml(cfg))
     (folder / "fusion_provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
 
 
-def save_final(out: Path, model, tokenizer, cfg: TrainConfig, provenance: dict) -> Path:
-    """The trained model as `out/final/`; returns that folder."""
+def save_hf(folder: Path, model, tokenizer, cfg: TrainConfig, provenance: dict, state_dict: dict | None = None) -> None:
+    """A checkpoint loadable with AutoModelForCausalLM.from_pretrained, with its config and provenance.
+
+    state_dict: the weights to write instead of the model's own (the gathered weights of a sharded model)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, state_dict=state_dict)
+    tokenizer.save_pretrained(folder)
+    save_settings(folder, cfg, provenance)
+
+
+def save_final(out: Path, model, tokenizer, cfg: TrainConfig, provenance: dict, state_dict: dict | None = None) -> Path:
+    """The trained model as `out/final/`; returns that folder. state_dict: as for `save_hf`."""
     final = out / FINAL_DIR
-    write_folder(final, lambda tmp: save_hf(tmp, model, tokenizer, cfg, provenance))
+    write_folder(final, lambda tmp: save_hf(tmp, model, tokenizer, cfg, provenance, state_dict))
     return final
 
 
@@ -93,10 +102,14 @@ def save_checkpoint(out: Path, model, tokenizer, optimizer, scheduler, step: int
     """Model (HF format) + optimizer, scheduler, step and RNG as `out/checkpoint/`, written whole or not at all."""
     def write(tmp: Path) -> None:
         save_hf(tmp, model, tokenizer, cfg, provenance)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "torch_rng": torch.get_rng_state()}, tmp / STATE_FILE)
+        torch.save({"optimizer": optimizer.state_dict(), **schedule_state(scheduler, step)}, tmp / STATE_FILE)
 
     write_folder(out / CHECKPOINT_DIR, write)
+
+
+def schedule_state(scheduler, step: int) -> dict:
+    """What a checkpoint holds beside the model and the optimizer: the scheduler, the step and the RNG."""
+    return {"scheduler": scheduler.state_dict(), "step": step, "torch_rng": torch.get_rng_state()}
 
 
 def recover_checkpoint(out: Path) -> Path:
@@ -107,7 +120,7 @@ def recover_checkpoint(out: Path) -> Path:
 def clear_run(out: Path) -> None:
     """Remove what an earlier run left in `out` (models, checkpoints, metrics): a fresh run starts clean."""
     for name in (FINAL_DIR, CHECKPOINT_DIR, BEST_DIR):
-        for folder in (name, f".{name}.old", f".{name}.tmp"):
+        for folder in (name, f".{name}.old", f".{name}.tmp", f".{name}.shards"):
             shutil.rmtree(out / folder, ignore_errors=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
 

@@ -81,6 +81,7 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--grad-accum", default=DEFAULTS.grad_accum, type=int, help="Micro-batches per optimizer step (split across DDP ranks).")
 @click.option("--dtype", default=DEFAULTS.dtype, type=click.Choice(DTYPES), help="bf16: autocast matmuls to bfloat16; weights and optimizer state stay float32.")
 @click.option("--activation-checkpointing/--no-activation-checkpointing", default=DEFAULTS.activation_checkpointing, help="Recompute each layer's activations in the backward pass instead of keeping them: a lower memory peak for a somewhat slower step, and the same model (benchmarks/train_memory.py).")
+@click.option("--fsdp/--no-fsdp", default=DEFAULTS.fsdp, help="Under torchrun: shard the pivot's weights, gradients and AdamW state across the ranks (PyTorch FSDP2) instead of a full copy on each, for a pivot that does not fit one device. Same model as data-parallel training; sharded checkpoints (torch.distributed.checkpoint) that resume on any number of ranks; the final model is one Hugging Face folder.")
 @click.option("--seed", default=DEFAULTS.seed, type=int)
 @click.option("--device", default=DEFAULTS.device, type=click.Choice(DEVICES), help="auto: cuda when available. Under torchrun each process takes the GPU of its LOCAL_RANK.")
 @click.option("--threads", default=None, type=int, help="CPU threads for torch (default: all cores; use 1 when other jobs share the cores).")

@@ -65,6 +65,7 @@ class TrainConfig:
     grad_accum: int = 1
     dtype: str = "fp32"  # bf16: autocast matmuls to bfloat16, weights and optimizer state stay float32
     activation_checkpointing: bool = False  # recompute each layer's activations in the backward: less memory, same model
+    fsdp: bool = False  # shard weights, gradients and AdamW state across the torchrun ranks (fuse_trainer.sharding)
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     threads: int | None = None  # torch CPU threads (default: torch's choice, all cores)
@@ -89,6 +90,30 @@ class TrainConfig:
         from fuse_trainer.losses import LOSS_SETTINGS
 
         return {argument: getattr(self, setting) for argument, setting in LOSS_SETTINGS[self.loss].items()}
+
+    def needed_statistics(self) -> dict[str, str]:
+        """{cached statistic: the setting that reads it}: an imported cache that lacks one cannot train this run."""
+        needed: dict[str, str] = {}
+        if self.mode == "sft":
+            return needed
+        if self.loss == "topk-kl":
+            needed["logsumexp"] = "--loss topk-kl (the tail mass)"
+        if self.loss == "infifusion" and self.standardize:
+            needed.update(logit_mean="--loss infifusion with --standardize", logit_std="--loss infifusion with --standardize")
+        if self.loss == "infifusion" and self.normalize == "full":
+            needed["z_logsumexp" if self.standardize else "logsumexp"] = "--loss infifusion --normalize full"
+        if self.loss == "alm":
+            needed["chunk_logprob"] = "--loss alm"
+        if self.weighting == "entropy":
+            needed["logsumexp"] = "--weighting entropy"
+        if self.weighting in ("mince", "avgce"):
+            needed["chunk_logprob"] = f"--weighting {self.weighting}"
+        for gate in self.gates:
+            if gate == "token":
+                needed["gold_logprob"] = "--gate token"
+            if gate in ("chunk", "record"):
+                needed["chunk_logprob"] = f"--gate {gate}"
+        return needed
 
     @property
     def gates(self) -> tuple[str, ...]:
@@ -126,6 +151,8 @@ class TrainConfig:
             (self.gate_margin == 0.0 or set(self.gates) & set(LIKELIHOOD_GATES),
              f"gate_margin compares likelihoods; only the {'/'.join(LIKELIHOOD_GATES)} gates do: drop gate_margin"),
             (self.eval_every >= 0, "eval_every must be 0 (no evaluation during training) or a number of steps"),
+            (not (self.fsdp and self.eval_every), "eval_every scores the pivot on rank 0 alone, which a sharded pivot "
+             "cannot do: leave out eval_every with fsdp and score the final model with fuse-eval"),
             (self.eval_split not in self.train_splits,
              f"eval_split {self.eval_split!r} is trained on (train_splits): evaluate on a split the run does not learn"),
             (self.keep_best is None or self.eval_every > 0,

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import torch
 
-from cache_builder.format import ALIGNED_DIR, MANIFEST
+from cache_builder.format import ALIGNED_DIR, MANIFEST, missing_statistics, topk_values
 from cache_builder.manifest import CacheError
 from cache_builder.reader import Ragged
 from cache_builder.store import VerifiedLayer, ShardStore, open_local_layer, open_remote_layer
@@ -146,6 +146,27 @@ def check_pivot(layers: dict[str, VerifiedLayer], tokenizer, embedding_rows: int
                              f"{embedding_rows} token rows of the pivot loaded; the layer was made for another pivot")
 
 
+def known_statistics_gaps(manifest: dict) -> set[str]:
+    """Statistics an (imported) layer lacks; a logsumexp of raw log-probs is known (0) and not a gap."""
+    missing = set(missing_statistics(manifest))
+    if topk_values(manifest) == "logprobs":
+        missing.discard("logsumexp")
+    return missing
+
+
+def check_statistics(layers: dict[str, VerifiedLayer], needed: dict[str, str]) -> None:
+    """Refuse sources that lack a statistic the run needs (imported caches store only what their format kept)."""
+    problems = []
+    for name, layer in layers.items():
+        manifest = layer.manifest
+        for stat in sorted(known_statistics_gaps(manifest) & set(needed)):
+            problems.append(f"source {name}: {stat} is missing (the cache was imported from a format that does not "
+                            f"keep it), and {needed[stat]} needs it; choose a loss/weighting/gate that does not, e.g. "
+                            "--loss fusellm --weighting uniform --gate none")
+    if problems:
+        raise CacheError("refusing to train on these caches:\n  " + "\n  ".join(problems))
+
+
 @dataclass
 class FusionDataset:
     """Records of one shard group, joined across sources; arrays stay columnar (Ragged), never per token."""
@@ -262,6 +283,8 @@ class FusionData:
             raise ValueError(f"the shuffle window must hold at least one shard group, got {window}")
         self.layers, self.window, self.distill_only = layers, window, distill_only
         self.index = index_shards(layers, splits, join)
+        self.zero_lse = {name for name, layer in layers.items()
+                         if topk_values(layer.manifest) == "logprobs" and "logsumexp" in missing_statistics(layer.manifest)}
         self._loaded: OrderedDict[int, FusionDataset] = OrderedDict()  # the last `window` groups used
 
     def __len__(self) -> int:
@@ -281,9 +304,14 @@ class FusionData:
             first = next(iter(self.layers))
             (_, rows), = entry.rows[first]  # the first source: one piece, the group's own shard
             data = self.layers[first].read(entry.path)
+            if first in self.zero_lse:  # raw log-probs: their full-vocabulary logsumexp is 0
+                data["logsumexp"] = Ragged(np.zeros_like(data["logsumexp"].values), data["logsumexp"].offsets)
             sources = {first: {f: take_rows(data[f], rows) for f in SOURCE_FIELDS}}
             for name, layer in list(self.layers.items())[1:]:
                 sources[name] = gather_rows(layer, entry.rows[name], SOURCE_FIELDS)
+                if name in self.zero_lse:
+                    lse = sources[name]["logsumexp"]
+                    sources[name]["logsumexp"] = Ragged(np.zeros_like(lse.values), lse.offsets)
             self._loaded[i] = FusionDataset(list(data["record_id"][rows]), list(data["domain"][rows]),
                                             ~np.isin(data["split"][rows], self.distill_only),
                                             take_rows(data["token_ids"], rows), take_rows(data["loss_mask"], rows),

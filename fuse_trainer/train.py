@@ -10,6 +10,8 @@ One run, top to bottom:
      the gradients, clips and steps; metrics go to metrics.jsonl and the progress bar; every `eval_every` steps the
      pivot is scored on the `eval_split` records (fuse_trainer/validation.py), and `keep_best` keeps the best step;
   4. saves a Hugging Face checkpoint with the resolved config and the caches' fingerprints.
+With --fsdp each rank holds a shard of the pivot, its gradients and AdamW state instead of a full copy
+(fuse_trainer.sharding): same steps, sharded checkpoints, and the final model gathered into one folder.
 Pairwise mode runs 1-4 once per source, then merges the pivots in weight space.
 """
 
@@ -43,10 +45,19 @@ from fuse_trainer.checkpoint import (
     save_hf,
 )
 from fuse_trainer.config import TrainConfig, dump_yaml
-from fuse_trainer.data import Batch, FusionData, check_pivot, check_sources, collate, discover_sources
+from fuse_trainer.data import (Batch, FusionData, check_pivot, check_sources, check_statistics, collate,
+                                 discover_sources)
 from fuse_trainer.gates import teacher_gate
 from fuse_trainer.guard import stop_if_not_finite
 from fuse_trainer.losses import FUSION_LOSSES, FusionInputs, chunk_spans, pivot_uld_stats, record_ratio, sft_loss
+from fuse_trainer.sharding import (
+    check_checkpoint_kind,
+    consolidated_state_dict,
+    full_value,
+    load_sharded_checkpoint,
+    load_sharded_pivot,
+    save_sharded_checkpoint,
+)
 from fuse_trainer.stream import MicroBatchStream
 from fuse_trainer.validation import Validator, cache_records, evaluate_merged
 from fuse_trainer.weighting import record_chunk_ce, source_weights, topk_entropy
@@ -81,7 +92,9 @@ def source_scores(batch: Batch, cfg: TrainConfig) -> torch.Tensor:
             scores.append(record_ratio(entropy * kept, kept, src.row, B).float())
         else:
             start, end = chunk_spans(src.row, src.pos, batch.num_positions, T)  # (N,) flat pivot spans
-            scores.append(record_chunk_ce(src.chunk_logprob, end - start, src.row, keep, B))
+            chunk = src.chunk_logprob  # uniform reads availability only: a missing (NaN) chunk of an imported cache is 0
+            chunk = torch.where(chunk.isnan(), 0.0, chunk) if cfg.weighting == "uniform" else chunk
+            scores.append(record_chunk_ce(chunk, end - start, src.row, keep, B))
     return torch.stack(scores)  # (S, B)
 
 
@@ -162,10 +175,11 @@ def lr_lambda(warmup: int, total: int):
     return factor
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size); initialises a gloo/nccl process group when launched by torchrun."""
+def distributed(sharded: bool = False) -> tuple[int, int]:
+    """(rank, world size); initialises a gloo/nccl process group when launched by torchrun with several processes,
+    or with one when `sharded` (FSDP shards over a process group, even of one)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or (sharded and "RANK" in os.environ)) and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
@@ -184,7 +198,10 @@ def train_run(cfg: TrainConfig, layers: dict[str, VerifiedLayer], out: Path, log
     device = pick_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the process group: NCCL binds each rank to its GPU
-    rank, world = distributed()
+    rank, world = distributed(sharded=cfg.fsdp)
+    if cfg.fsdp and not dist.is_initialized():
+        raise ValueError("--fsdp shards the pivot across the processes of torchrun: launch with torchrun "
+                         "--nproc-per-node N, or leave out --fsdp")
     if cfg.grad_accum % world:
         raise ValueError(f"--grad-accum {cfg.grad_accum} must be a multiple of the {world} processes: the micro-batches "
                          "of each optimizer step are split between them")
@@ -200,15 +217,21 @@ def train_run(cfg: TrainConfig, layers: dict[str, VerifiedLayer], out: Path, log
             return out / FINAL_DIR
     torch.manual_seed(cfg.seed)
     check_sources(layers, cfg.join)
+    check_statistics(layers, cfg.needed_statistics())
     data = FusionData(layers, tuple(cfg.train_splits), cfg.shuffle_window, tuple(cfg.distill_only_splits), cfg.join)
     provenance = provenance_of(layers)
     pivot = resolve_model(cfg.pivot)
     tokenizer = load_tokenizer(pivot)
     resuming = cfg.resume and (resume_dir / STATE_FILE).exists()
-    model = load_model(resume_dir if resuming else pivot, dtype=torch.float32, device=device).train()
+    if resuming:
+        check_checkpoint_kind(resume_dir, cfg.fsdp)
+    if cfg.fsdp:  # from the pivot; a resumed run then loads its shards from the checkpoint
+        model = load_sharded_pivot(pivot, device, bf16=cfg.dtype == "bf16", recompute=cfg.activation_checkpointing)
+    else:
+        model = load_model(resume_dir if resuming else pivot, dtype=torch.float32, device=device).train()
+        if cfg.activation_checkpointing:
+            model.activation_checkpointing_enable()
     check_pivot(layers, tokenizer, model.get_input_embeddings().num_embeddings)
-    if cfg.activation_checkpointing:
-        model.activation_checkpointing_enable()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = MicroBatchStream(data, cfg.batch_tokens, cfg.seed)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * stream.per_epoch) // cfg.grad_accum)
@@ -216,7 +239,10 @@ def train_run(cfg: TrainConfig, layers: dict[str, VerifiedLayer], out: Path, log
     start = 0
     if resuming:
         state = torch.load(resume_dir / STATE_FILE, weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(state["optimizer"])  # moves the moments onto the parameters' device
+        if cfg.fsdp:
+            load_sharded_checkpoint(resume_dir, model, optimizer)
+        else:
+            optimizer.load_state_dict(state["optimizer"])  # moves the moments onto the parameters' device
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
@@ -245,11 +271,12 @@ def train_run(cfg: TrainConfig, layers: dict[str, VerifiedLayer], out: Path, log
             loss.backward()
             for k in TERMS:
                 sums[k] += float(terms[k].detach())
-        if world > 1:
+        if world > 1 and not cfg.fsdp:  # FSDP reduce-scatters the gradients in each backward
             for p in model.parameters():
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
+        if world > 1:
             packed = torch.tensor([sums[k] for k in TERMS], dtype=torch.float64, device=device)
             dist.all_reduce(packed)
             sums = dict(zip(TERMS, packed.tolist()))
@@ -267,7 +294,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, VerifiedLayer], out: Path, log
             "fusion": sums["fusion_sum"] / max(n_response, 1),
             "kept_mass": sums["kept_mass_sum"] / max(sums["fusion_positions"], 1),
             "gated_in": sums["gated_in"] / max(sums["fusion_positions"], 1),
-            "grad_norm": float(grad_norm),
+            "grad_norm": full_value(grad_norm),
             "lr": lr,
             "tokens": n_response,
             "tokens_per_s": sum(stream.tokens(mb) for mb in group) / (time.time() - t0),
@@ -282,19 +309,23 @@ def train_run(cfg: TrainConfig, layers: dict[str, VerifiedLayer], out: Path, log
                         **(validator.postfix() if validator else {}))
         stopping = stop_after is not None and step + 1 == stop_after and step + 1 < total_steps
         periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
-        if rank == 0 and (stopping or periodic) and step + 1 < total_steps:
-            save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1, cfg, provenance)
+        if (stopping or periodic) and step + 1 < total_steps:
+            if cfg.fsdp:
+                save_sharded_checkpoint(out, model, optimizer, scheduler, step + 1, cfg, provenance)
+            elif rank == 0:
+                save_checkpoint(out, model, tokenizer, optimizer, scheduler, step + 1, cfg, provenance)
         if stopping:
             bar.close()
             if metrics:
                 metrics.close()
             return None
     final = out / FINAL_DIR
+    weights = consolidated_state_dict(model) if cfg.fsdp else None  # gathered on rank 0; every rank takes part
     if rank == 0:
         if cfg.keep_best:
             validator.promote_best(log)
         else:
-            save_final(out, model, tokenizer, cfg, provenance)
+            save_final(out, model, tokenizer, cfg, provenance, weights)
         metrics.close()
         shutil.rmtree(resume_dir, ignore_errors=True)  # the final model supersedes the last resumable checkpoint
     if world > 1:

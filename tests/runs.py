@@ -1,7 +1,10 @@
 """Test support: command lines and configurations for runs over the `world` fixture (tests/conftest.py)."""
 
 import json
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from fuse_trainer.config import TrainConfig
@@ -22,3 +25,13 @@ def train_config(world, out: Path, **overrides) -> TrainConfig:
 
 def run_losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def kill_9_when(command: list[str], path: Path, timeout: float = 120) -> None:
+    """Run `command` and kill -9 it as soon as `path` exists (or after `timeout` seconds)."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and not path.exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -23,7 +23,7 @@ from cache_builder.verify import verify_cache
 from fuse_trainer.config import dump_yaml
 from fuse_trainer.data import discover_sources
 from fuse_trainer.train import fuse_train, train_run
-from tests.runs import build_command, run_losses, train_config
+from tests.runs import build_command, kill_9_when, run_losses, train_config
 
 KILL_TRIALS = 10
 
@@ -63,12 +63,7 @@ def test_kill_9_of_fuse_train_resumes_to_the_same_losses(world, tmp_path):
     recipe = tmp_path / "recipe.yaml"  # a recipe is a config file: the straight run's settings, saved every 2 steps
     recipe.write_text(dump_yaml(train_config(world, killed, max_steps=8, save_every=2)))
     command = [sys.executable, "-c", "from fuse_trainer.cli import train; train()", "--recipe", str(recipe)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "checkpoint" / "trainer_state.pt").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_9_when(command, killed / "checkpoint" / "trainer_state.pt")
     assert not (killed / "final").exists()  # killed before the end, after a checkpoint
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr

@@ -171,7 +171,7 @@ def test_aligned_logits_of_3e38_are_refused_by_verify_and_fuse_train(setup):
 def test_a_non_finite_step_stops_training_and_saves_no_final_model(setup):
     run_dir = setup["tmp"] / "run"
     code, output = run(train, ["--shards", setup["root"], "--pivot", setup["pivot"], "--lr", "1e30",
-                               "--batch-tokens", "256", "--max-steps", "6", "--top-k", "4", "--save-every", "0",
+                               "--batch-tokens", "256", "--max-steps", "6", "--save-every", "0",
                                "--out", run_dir])
     line = one_line_error(output)
     assert code == 2 and "not both finite" in line and "no final model" in line

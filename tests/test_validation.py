@@ -5,21 +5,19 @@ The fixture's corpus has train and heldout records; these runs score the heldout
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from cache_builder.manifest import CacheError
-from fuse_trainer.config import TrainConfig
+from fuse_trainer.config import TrainConfig, dump_yaml
 from fuse_trainer.data import discover_sources
 from fuse_trainer.evaluate import evaluate_model
 from fuse_trainer.plot import plot_runs
 from fuse_trainer.train import fuse_train, train_run
 from fuse_trainer.validation import cache_records
-from tests.runs import run_losses, train_config
+from tests.runs import kill_9_when, run_losses, train_config
 
 QUIET = dict(log=lambda *_: None)
 # a high rate: the heldout code figure passes its minimum at step 3 and rises after it (the pooled one keeps falling)
@@ -85,16 +83,10 @@ def test_kill_9_and_resume_keep_the_best(world, tmp_path):
     train_run(train_config(world, straight, keep_best="code", **SCORED), discover_sources(world["cache"], "pivot"),
               straight, **QUIET)
     killed = tmp_path / "killed"
-    command = [sys.executable, "-c", "from fuse_trainer.cli import train; train()", "--shards", str(world["cache"]),
-               "--pivot", str(world["models"]["pivot"]), "--lr", "0.1", "--batch-tokens", "256", "--max-steps", "8",
-               "--save-every", "4", "--top-k", "4", "--eval-split", "heldout", "--eval-every", "1", "--keep-best",
-               "code", "--out", str(killed)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (killed / "checkpoint" / "trainer_state.pt").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    recipe = tmp_path / "recipe.yaml"  # the straight run's settings, as a recipe
+    recipe.write_text(dump_yaml(train_config(world, killed, keep_best="code", save_every=4, **SCORED)))
+    command = [sys.executable, "-c", "from fuse_trainer.cli import train; train()", "--recipe", str(recipe)]
+    kill_9_when(command, killed / "checkpoint" / "trainer_state.pt")
     assert not (killed / "final").exists() and (killed / "best" / "best.json").exists()  # killed past a best and a checkpoint
     resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
