@@ -42,15 +42,24 @@ def reference(world, tmp_path_factory):
 @pytest.mark.parametrize("trial", range(KILL_TRIALS))
 def test_kill_9_at_a_random_time_loses_nothing(world, reference, tmp_path, trial):
     shards_before, seconds = reference
-    delay = random.Random(trial).uniform(0.05, 0.8) * seconds  # from model loading to the last shards
+    shards = tmp_path / "srcq" / "shards"
+    rng = random.Random(trial)
+    # The kill lands at a random point of the build, measured in progress rather than seconds so that a loaded
+    # machine cannot let the build finish first: during start-up and model loading, or right after a random number
+    # of the first half of the shards got their final names (the shards themselves take a small part of the build).
+    finished = rng.randrange(0, len(shards_before) // 2)
     proc = subprocess.Popen(build_command(world, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(delay)
+    if finished == 0:
+        time.sleep(rng.uniform(0.05, 0.3) * seconds)
+    else:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(shards.glob("*.parquet"))) < finished:
+            time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (tmp_path / "srcq" / MANIFEST).exists()  # really interrupted
     rerun = subprocess.run(build_command(world, tmp_path), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    shards = tmp_path / "srcq" / "shards"
     assert {p.name: p.read_bytes() for p in shards.glob("*.parquet")} == shards_before
     assert not list(shards.glob(".*")) and verify_cache(tmp_path / "srcq") == []
 
