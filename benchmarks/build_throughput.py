@@ -7,9 +7,10 @@ Four ways over the same length-bucketed batches of the shipped corpus, `--repeat
 batch (each batch runs every way, in an order that rotates), so that other processes' load falls on all of them:
   floor    the bare trunk forward (hidden states only): no output layer at all
   logits   the logit forward: the trunk, then the output layer in the cache's precision (float32 logits, as
-           `OutputHead.logits`) over the same real positions and position chunks, into one reused buffer, and
-           nothing else: the logits are discarded. No logit cache can be faster than this.
-  ours     `score_batch`: the logit forward + top-k and statistics on device
+           `OutputHead.logits`) over the same real positions and position chunks, into one buffer reused by
+           every batch, and nothing else: the logits are discarded. No logit cache can be faster than this.
+  ours     `score_batch`: the logit forward + top-k and statistics on device, with the scratch buffers reused by
+           every batch, as cache-build does
   naive    padding every record to the longest, full [batch, seq, vocab] logits, softmax over the vocab,
            top-k and statistics on CPU in numpy, one row at a time (the same batches, padded to the longest record)
 Prints tokens/s (median), the ratios ours/logits (target >= 0.85), ours/floor and ours/naive, and a JSON line.
@@ -30,7 +31,8 @@ from alignment import token_surface
 from cache_builder.build import DTYPES, BuildSettings, tokenize
 from cache_builder.corpus import load_corpus
 from cache_builder.models import load_model, load_tokenizer, resolve_model
-from cache_builder.scoring import cached_output_head, length_buckets, pad_right, score_batch, trunk_hidden
+from cache_builder.scoring import (cached_output_head, length_buckets, pad_right, score_batch, scoring_buffers,
+                                   trunk_hidden)
 
 
 def padded(sequences: list[np.ndarray], device: torch.device, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,14 +59,14 @@ def floor(model, batch) -> None:
 
 
 @torch.inference_mode()
-def logit_forward(model, batch, position_chunk: int) -> None:
+def logit_forward(model, batch, position_chunk: int, buffer: torch.Tensor) -> None:
+    """buffer: (position_chunk, V) float32, the logits' destination, reused by every batch."""
     head = cached_output_head(model)
     ids, mask = pad_right(batch, model.device)  # (B, T)
     hidden = trunk_hidden(model, ids, mask)[:, :-1][mask[:, 1:].bool()]  # (N, D) the real positions
-    buffer = torch.empty((min(position_chunk, len(hidden)), head.weight.shape[0]), dtype=torch.float32,
-                         device=model.device)  # (C, V)
     for start in range(0, len(hidden), position_chunk):
-        head.logits(hidden[start:start + position_chunk], out=buffer[: len(hidden) - start])
+        chunk = hidden[start:start + position_chunk]  # (C, D)
+        head.logits(chunk, out=buffer[: len(chunk)])
     synchronize(model.device)
 
 
@@ -104,9 +106,10 @@ def main(name, dtype, repeats, records, batch_tokens, top_k, corpus, copies, dev
     batches = [[sequences[i] for i in bucket] for bucket in length_buckets([len(s) for s in sequences], batch_tokens)]
     tokens = sum(len(s) for s in sequences)
     longest = max(len(s) for s in sequences)
+    buffers = scoring_buffers(model, position_chunk)  # (2, C, V): one job's scratch, as in cache-build
     everything = {"floor": lambda batch: floor(model, batch),
-                  "logits": lambda batch: logit_forward(model, batch, position_chunk),
-                  "ours": lambda batch: score_batch(model, batch, top_k, position_chunk),
+                  "logits": lambda batch: logit_forward(model, batch, position_chunk, buffers[0]),
+                  "ours": lambda batch: score_batch(model, batch, top_k, position_chunk, buffers=buffers),
                   "naive": lambda batch: naive(model, batch, top_k, longest)}
     ways = {k: everything[k] for k in ways.split(",")}
     cuda = model.device.type == "cuda"

@@ -44,7 +44,7 @@ from cache_builder.format import (
     write_text_atomic,
 )
 from cache_builder.models import ModelSource, ensure_converted, load_model, load_tokenizer, resolve_model
-from cache_builder.scoring import length_buckets, score_batch
+from cache_builder.scoring import length_buckets, score_batch, scoring_buffers
 from cache_builder.untrusted import refuse_unsafe_tree, shown
 from cache_builder.vocab_file import write_vocab
 
@@ -173,14 +173,16 @@ def response_positions(token_end: np.ndarray, spans, n_bytes: int) -> np.ndarray
 
 
 def score_shard(model, tokenizer, surface, records: list[Record], settings: BuildSettings, add_bos: bool,
-                progress: Callable[[int, int], None] = lambda text_bytes, tokens: None) -> list[SourceRow]:
+                progress: Callable[[int, int], None] = lambda text_bytes, tokens: None,
+                buffers: torch.Tensor | None = None) -> list[SourceRow]:
     """Tokenize and score one shard's records; rows come back in record order. `progress(text bytes, tokens)`
-    is called after every batch."""
+    is called after every batch; buffers: the job's `scoring_buffers`, reused by every batch."""
     tokenized = [tokenize(r.text, tokenizer, surface, add_bos, settings.max_tokens) for r in records]
     scored: list = [None] * len(records)
     lengths = [len(ids) for ids, _ in tokenized]
     for bucket in length_buckets(lengths, settings.batch_tokens):
-        results = score_batch(model, [tokenized[i][0] for i in bucket], settings.top_k, settings.position_chunk)
+        results = score_batch(model, [tokenized[i][0] for i in bucket], settings.top_k, settings.position_chunk,
+                              buffers=buffers)
         for i, result in zip(bucket, results):
             scored[i] = result
         progress(sum(len(records[i].text.encode()) for i in bucket), sum(lengths[i] for i in bucket))
@@ -303,8 +305,9 @@ def build_cache(
                 bar.update(text_bytes)
                 bar.set_postfix(tokens=scored_tokens, tok_s=f"{scored_tokens / (time.time() - scoring_started):.0f}")
 
+            buffers = scoring_buffers(model, settings.position_chunk) if todo else None
             for path, records in todo:
-                rows = score_shard(model, tokenizer, surface, records, settings, source.add_bos, progress)
+                rows = score_shard(model, tokenizer, surface, records, settings, source.add_bos, progress, buffers)
                 write_shard(source_table(rows, settings.top_k, settings.logit_dtype), folder, path)
         shutil.rmtree(offload, ignore_errors=True)  # weights accelerate could not read in place
         (folder / RANKS_DIR).mkdir(exist_ok=True)

@@ -260,7 +260,8 @@ def score_positions(head: OutputHead, hidden: torch.Tensor, targets: torch.Tenso
     allocates no vocabulary-wide tensor (on CPU each fresh one costs page faults on every 4 KiB page).
     After the output GEMM, an affine head's chunk is read three times: the group maxima of the top-k, then
     two log_softmax kernels (each keeps its row in cache for its max, exp-sum and write): one of the logits
-    (logsumexp and gold log-prob) and one of the logits divided by the std (the standardized logsumexp).
+    into the scratch buffer (logsumexp and gold log-prob), then, in place, one of the logits divided by the std
+    (the standardized logsumexp); in place, the second writes to memory it has just read.
     """
     C = hidden.shape[0]
     logits = head.logits(hidden, out=buffers[0, :C])  # (C, V) float32
@@ -274,19 +275,29 @@ def score_positions(head: OutputHead, hidden: torch.Tensor, targets: torch.Tenso
     lse = row_max - log_probs.gather(1, argmax)[:, 0]  # (C,) = row_max + log sum exp(logits - row_max)
     gold = log_probs.gather(1, targets[:, None])[:, 0]  # (C,)
     safe_std = std.clamp_min(STD_FLOOR)  # (C,)
-    z_log_probs = torch.log_softmax(logits.div_(safe_std[:, None]), dim=-1, out=buffers[1, :C])  # (C, V)
+    z_log_probs = torch.log_softmax(logits.div_(safe_std[:, None]), dim=-1, out=logits)  # (C, V)
     z_lse = (row_max - mean) / safe_std - z_log_probs.gather(1, argmax)[:, 0]  # (C,) logsumexp((logits - mean) / std)
     return {"topk_ids": top_ids.int(), "topk_logits": top_logits, "logsumexp": lse, "logit_mean": mean,
             "logit_std": std, "z_logsumexp": z_lse, "gold_logprob": gold}
 
 
+def scoring_buffers(model: torch.nn.Module, position_chunk: int) -> torch.Tensor:
+    """(2, position_chunk, V) float32 scratch for `score_batch`, on the model's device: allocate it once per job
+    and pass it to every batch. On CPU a fresh buffer this size costs a page fault per 4 KiB page in every batch
+    (Gemma-3, chunk 256: 0.5 GB, 131,072 faults)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return torch.empty((2, position_chunk, vocab), dtype=torch.float32, device=model_device(model))
+
+
 def score_batch(model: torch.nn.Module, sequences: Sequence[Sequence[int] | np.ndarray], top_k: int,
-                position_chunk: int = 128, head: OutputHead | None = None) -> list[ScoredSequence]:
+                position_chunk: int = 128, head: OutputHead | None = None,
+                buffers: torch.Tensor | None = None) -> list[ScoredSequence]:
     """Score a bucket of token id sequences with one trunk forward; returns one ScoredSequence per sequence.
 
     sequences: token ids, each of length >= 1 (a length-1 sequence has no positions and gives empty arrays).
     position_chunk: positions projected to the vocabulary at once (bounds memory, see the module docstring).
     head: `output_head(model)`; when omitted, a verified head cached per model is used.
+    buffers: `scoring_buffers(model, position_chunk)`, reused across batches; when omitted, allocated here.
     """
     if not sequences or min(len(seq) for seq in sequences) < 1:
         raise ValueError("score_batch needs a non-empty list of non-empty token id sequences")
@@ -301,7 +312,11 @@ def score_batch(model: torch.nn.Module, sequences: Sequence[Sequence[int] | np.n
         scored = mask[:, 1:].bool()  # (B, T-1): position t of row b predicts a real token t+1
         flat_hidden = hidden[:, :-1][scored]  # (N, D), row by row, position by position
         targets = ids[:, 1:][scored]  # (N,)
-        buffers = torch.empty((2, min(position_chunk, len(targets)), vocab), dtype=torch.float32, device=device)
+        if buffers is None:
+            buffers = torch.empty((2, min(position_chunk, len(targets)), vocab), dtype=torch.float32, device=device)
+        elif buffers.shape[0] != 2 or buffers.shape[1] < min(position_chunk, len(targets)) or buffers.shape[2] != vocab:
+            raise ValueError(f"buffers of shape {tuple(buffers.shape)} cannot hold chunks of {position_chunk} "
+                             f"positions over {vocab} logits; make them with scoring_buffers(model, position_chunk)")
         chunks = [score_positions(head, flat_hidden[start:start + position_chunk],
                                   targets[start:start + position_chunk], top_k, buffers)
                   for start in range(0, flat_hidden.shape[0], position_chunk)]

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, PhiConfig
 
 from cache_builder.scoring import (FIELDS, LogitMoments, OutputHead, ScoredSequence, cached_output_head,
-                                   length_buckets, output_head, score_batch, top_k_by_groups, trunk_hidden,
+                                   length_buckets, output_head, score_batch, scoring_buffers, top_k_by_groups, trunk_hidden,
                                    verify_output_head)
 from tests.tiny import make_tiny_model
 
@@ -180,6 +180,21 @@ def test_batched_equals_alone_and_is_deterministic(tmp_path):
         for name in FIELDS:
             np.testing.assert_allclose(getattr(together, name), getattr(alone, name), atol=1e-5, err_msg=name)
             assert np.array_equal(getattr(together, name), getattr(repeat, name)), name  # bitwise
+
+
+def test_buffers_reused_across_batches_give_the_same_bytes(tmp_path):
+    model = load(make_tiny_model(tmp_path / "m", arch="llama", seed=3))
+    sequences = random_sequences(model.config.vocab_size, [30, 3, 19], seed=4)
+    buffers = scoring_buffers(model, 16)
+    buffers.fill_(float("nan"))  # leftovers of an earlier batch must not reach a result
+    for batch in ([sequences[0]], sequences[1:], sequences):
+        fresh = score_batch(model, batch, TOP_K, position_chunk=16)
+        reused = score_batch(model, batch, TOP_K, position_chunk=16, buffers=buffers)
+        for ours, theirs in zip(reused, fresh):
+            for name in FIELDS:
+                assert np.array_equal(getattr(ours, name), getattr(theirs, name)), name
+    with pytest.raises(ValueError, match="scoring_buffers"):
+        score_batch(model, sequences, TOP_K, position_chunk=32, buffers=buffers)
 
 
 def test_bf16_trunk_gives_float32_outputs_close_to_fp32(tmp_path):
