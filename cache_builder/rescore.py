@@ -20,12 +20,16 @@ from cache_builder.reader import read_shard
 from cache_builder.scoring import score_batch
 
 # Differences allowed between a stored value and a fresh rescoring in the build's trunk dtype, on possibly
-# other hardware and in another batch composition (relative to the values' magnitude, at least 1), and the
-# share of positions whose top-1 id must agree (near-ties may flip in reduced precision).
+# other hardware and in another batch composition (relative to the values' magnitude, at least 1); "close":
+# the share of a row's positions whose statistics and top-k logits must be that close; "top1": the share whose
+# top-1 id must agree (near-ties may flip in reduced precision). In fp32 every position must be close. In a
+# half-precision trunk the batch composition changes the rounding of every layer, and a few positions of a
+# long row drift past any useful tolerance (Gemma-3 bf16: a logit mean 0.22 away, the row's others within
+# 0.01), while another model or forged values are far off almost everywhere.
 TOLERANCES = {
-    "fp32": {"stats": 2e-3, "logits": 2e-3, "top1": 0.99},
-    "bf16": {"stats": 3e-2, "logits": 3e-2, "top1": 0.95},
-    "fp16": {"stats": 1e-2, "logits": 1e-2, "top1": 0.97},
+    "fp32": {"stats": 2e-3, "logits": 2e-3, "close": 1.0, "top1": 0.99},
+    "bf16": {"stats": 3e-2, "logits": 3e-2, "close": 0.95, "top1": 0.95},
+    "fp16": {"stats": 1e-2, "logits": 1e-2, "close": 0.97, "top1": 0.97},
 }
 FP16_STORAGE_TOLERANCE = 1e-3  # float16 storage of the top-k logits (relative)
 
@@ -74,14 +78,24 @@ def row_problems(rows: dict, i: int, fresh, tol: dict, logit_tol: float) -> list
         return [f"row {rid[:12]}: the tokenizer gives other token ids than the cache holds"]
     problems = []
     for name in STAT_COLUMNS:
-        diff = np.abs(getattr(fresh, name) - rows[name].row(i)).max(initial=0.0)
-        if diff > tol["stats"] * max(1.0, float(np.abs(rows[name].row(i)).max(initial=1.0))):
-            problems.append(f"row {rid[:12]}: {name} differs by {diff:.4g} from a fresh scoring")
-    stored_logits = rows["topk_logits"].row(i).astype(np.float32)
-    diff = np.abs(fresh.topk_logits - stored_logits).max(initial=0.0)
-    if diff > logit_tol * max(1.0, float(np.abs(stored_logits).max(initial=1.0))):
-        problems.append(f"row {rid[:12]}: top-k logits differ by {diff:.4g} from a fresh scoring")
+        stored = rows[name].row(i)  # (T-1,)
+        if far_positions(np.abs(getattr(fresh, name) - stored), stored, tol["stats"], tol["close"]):
+            diff = np.abs(getattr(fresh, name) - stored).max(initial=0.0)
+            problems.append(f"row {rid[:12]}: {name} differs by up to {diff:.4g} from a fresh scoring")
+    stored_logits = rows["topk_logits"].row(i).astype(np.float32)  # (T-1, K)
+    worst = np.abs(fresh.topk_logits - stored_logits).max(axis=1, initial=0.0)  # (T-1,)
+    if far_positions(worst, stored_logits, logit_tol, tol["close"]):
+        problems.append(f"row {rid[:12]}: top-k logits differ by up to {worst.max(initial=0.0):.4g} from a fresh scoring")
     same_top1 = np.mean(fresh.topk_ids[:, 0] == rows["topk_ids"].row(i)[:, 0]) if len(fresh.topk_ids) else 1.0
     if same_top1 < tol["top1"]:
         problems.append(f"row {rid[:12]}: only {same_top1:.1%} of top-1 ids agree with a fresh scoring")
     return problems
+
+
+def far_positions(diff: np.ndarray, stored: np.ndarray, relative: float, close_share: float) -> bool:
+    """Whether more than 1 - close_share of a row's positions differ by more than `relative` x the row's
+    largest stored magnitude (at least 1). diff: (T-1,) absolute differences per position."""
+    if not diff.size:
+        return False
+    bound = relative * max(1.0, float(np.abs(stored).max(initial=1.0)))
+    return float(np.mean(diff <= bound)) < close_share
