@@ -15,6 +15,12 @@
 #    ($OUT/validation.txt).
 # 4. Every arm on the held-out split and, beside it, on the out-of-distribution set data-ood/ood.jsonl (another
 #    author's prose, click's code, mathgenerator's math: sources the corpus never draws on) ($OUT/ood.txt).
+# BEST_EVERY=N (default 0: off) scores the validation split every N steps and keeps each arm's best step
+# (--eval-split validation --eval-every N --keep-best; pairwise: per source, before the merge), so that arms are
+# compared each at its best rather than at one step count. SEED (default 0) seeds every arm's training. A second
+# seed on the same corpus and caches:
+#   mkdir -p out/repro-s1 && cp -r out/repro/corpus.jsonl out/repro/cache out/repro-s1/
+#   OUT=out/repro-s1 SEED=1 BEST_EVERY=10 EPOCHS=4 bash examples/reproduce.sh
 # GENERATE_SAMPLES=N (default 0: off) adds sequence-level distillation before step 2: Qwen2.5-Coder writes N
 # continuations of every code train record (corpus-generate, split "generated"), both sources cache them with
 # the gold records, and the fused arms train on train + generated while SFT-only keeps the gold records alone.
@@ -23,6 +29,8 @@ cd "$(dirname "$0")/.."
 SCALE=${SCALE:-4}
 CODE_TRAIN_SCALE=${CODE_TRAIN_SCALE:-1}  # >1: that many times the code TRAIN records (held-out unchanged)
 EPOCHS=${EPOCHS:-2}
+BEST_EVERY=${BEST_EVERY:-0}
+SEED=${SEED:-0}
 GENERATE_SAMPLES=${GENERATE_SAMPLES:-0}
 OUT=${OUT:-out/repro}
 make setup
@@ -48,7 +56,10 @@ if [ "$GENERATE_SAMPLES" -gt 0 ]; then
   CORPUS=$OUT/corpus_gen
   FUSION_FLAGS="$FUSION_FLAGS --train-splits train,generated"
 fi
-TRAIN_FLAGS="--save-every 10"
+TRAIN_FLAGS="--save-every 10 --seed $SEED"
+if [ "$BEST_EVERY" -gt 0 ]; then
+  TRAIN_FLAGS="$TRAIN_FLAGS --eval-split validation --eval-every $BEST_EVERY --keep-best"
+fi
 OUT=$OUT CORPUS=$CORPUS RECIPE=$RECIPE FUSION_FLAGS="$FUSION_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS --epochs $EPOCHS" \
   bash scripts/demo.sh
 
