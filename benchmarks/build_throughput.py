@@ -14,6 +14,8 @@ batch (each batch runs every way, in an order that rotates), so that other proce
   naive    padding every record to the longest, full [batch, seq, vocab] logits, softmax over the vocab,
            top-k and statistics on CPU in numpy, one row at a time (the same batches, padded to the longest record)
 Prints tokens/s (median), the ratios ours/logits (target >= 0.85), ours/floor and ours/naive, and a JSON line.
+On a machine other jobs load unevenly, the paired figure is the steadier one: for each batch of each repeat, the
+two ways' times taken back to back, their ratio, and the median of those ratios.
 On cuda it also prints each way's peak GPU memory above the model's own (torch.cuda.max_memory_allocated).
 """
 
@@ -118,6 +120,7 @@ def main(name, dtype, repeats, records, batch_tokens, top_k, corpus, copies, dev
         run(batches[0])
     # Interleaved batch by batch, the order of the ways rotating: load from other processes falls on every way.
     seconds = {k: [0.0] * repeats for k in ways}
+    per_batch = {k: [] for k in ways}  # (repeats x batches,) seconds, in the same order for every way
     peak = {k: 0.0 for k in ways}
     names = list(ways)
     for repeat in range(repeats):
@@ -128,7 +131,9 @@ def main(name, dtype, repeats, records, batch_tokens, top_k, corpus, copies, dev
                     torch.cuda.reset_peak_memory_stats()
                 start = time.perf_counter()
                 ways[k](batch)
-                seconds[k][repeat] += time.perf_counter() - start
+                elapsed = time.perf_counter() - start
+                seconds[k][repeat] += elapsed
+                per_batch[k].append(elapsed)
                 if cuda:
                     peak[k] = max(peak[k], (torch.cuda.max_memory_allocated() - weights_bytes) / 2**20)
     peak = peak if cuda else {}
@@ -137,12 +142,19 @@ def main(name, dtype, repeats, records, batch_tokens, top_k, corpus, copies, dev
     def ratio(a: str, b: str) -> float | None:
         return rate[a] / rate[b] if a in rate and b in rate else None
 
+    def paired(a: str, b: str) -> float | None:
+        """Median over batch runs of b's time / a's time (a's throughput over b's on the same batch)."""
+        if a not in per_batch or b not in per_batch:
+            return None
+        return statistics.median(tb / ta for ta, tb in zip(per_batch[a], per_batch[b]))
+
     result = {"benchmark": "build_throughput", "model": name, "dtype": dtype, "device": str(model.device),
               "position_chunk": position_chunk, "batch_tokens": batch_tokens,
               "gpu": torch.cuda.get_device_name() if cuda else None, "tokens": tokens, "repeats": repeats,
               "tokens_per_s": rate, "ours_over_logits": ratio("ours", "logits"),
               "ours_over_floor": ratio("ours", "floor"), "logits_over_floor": ratio("logits", "floor"),
-              "ours_over_naive": ratio("ours", "naive"), "seconds": seconds,
+              "ours_over_naive": ratio("ours", "naive"), "paired_ours_over_logits": paired("ours", "logits"),
+              "paired_ours_over_floor": paired("ours", "floor"), "seconds": seconds,
               "peak_mib_above_weights": peak or None, "vocab": model.config.vocab_size, "threads": torch.get_num_threads()}
     print(f"{name} {dtype} on {result['gpu'] or 'cpu'}: {tokens} tokens, median of {repeats}")
     for k, v in rate.items():
@@ -152,6 +164,8 @@ def main(name, dtype, repeats, records, batch_tokens, top_k, corpus, copies, dev
                          ("ours", "naive", "")]:
         if ratio(a, b) is not None:
             print(f"  {a} / {b} = {ratio(a, b):.2f}{target}")
+    if paired("ours", "logits") is not None:
+        print(f"  paired, median over {len(per_batch['ours'])} batch runs: ours / logits = {paired('ours', 'logits'):.2f}")
     print(json.dumps(result))
 
 
