@@ -7,8 +7,10 @@ over positions, has the ids as nodes and their joint activation as edge weights.
 the teacher's by a Gromov-Wasserstein (GW) distance, which the paper approximates in closed form by sorting, in
 O(n log n) for n nodes instead of GW's O(n^4).
 
-What this module computes, for one sequence with the T positions the term reads (response positions the gates let
-in), given the teacher's top-k ids mapped into the pivot's vocabulary:
+The graph construction above is the paper's. The closed form below is ours, a sorted comparison of node strengths
+with its GW bound proved here; the paper's own expression may differ in normalisation or power. For one sequence
+with the T positions the term reads (response positions the gates let in), given the teacher's top-k ids mapped
+into the pivot's vocabulary:
 
     nodes     the n pivot ids in the union of the positions' top-k sets (empty slots, id -1, are no node)
     X, Y      (T, n)  X[t, i] = teacher probability of node i at position t if i is in t's top-k, else 0;
@@ -20,9 +22,12 @@ in), given the teacher's top-k ids mapped into the pivot's vocabulary:
 The strengths need no (n, n) graph: d_i = (1/T) sum_t X[t, i] * (sum_j X[t, j]), a sum over the (T, k) values. The
 sorted comparison is the 1-D optimal transport (W1) between the two graphs' strength distributions, which is a
 lower bound of GW: with uniform node weights 1/n and row means s = d / n, for every coupling pi of the nodes
-    s_A(i) - s_B(j) = sum_kl (A_ik - B_jl) pi_kl,   so   W1(s_A, s_B) <= sum_ijkl |A_ik - B_jl| pi_ij pi_kl,
-and 1-D W1 between two uniform n-point measures is the mean absolute difference of their sorted values. Hence
-loss = n^2 * W1(s_A, s_B) <= n^2 * GW1(A, B). The L1 form matches the sorted L1 of InfiFusion's ULD (losses.uld_loss).
+    s_A(i) - s_B(j) = sum_kl (A_ik - B_jl) pi_kl,  so
+    sum_ij |s_A(i) - s_B(j)| pi_ij <= sum_ijkl |A_ik - B_jl| pi_ij pi_kl;
+the left side is at least W1(s_A, s_B), the right side's minimum over pi is GW1(A, B), and 1-D W1 between two
+uniform n-point measures is the mean absolute difference of their sorted values. Hence
+    loss = n^2 * W1(s_A, s_B) <= n^2 * GW1(A, B).
+The L1 form matches the sorted L1 of InfiFusion's ULD (losses.uld_loss).
 
 Choices of ours, where the paper's text leaves room (documented here, checked by tests/test_graph_loss.py):
 - Activations are probabilities (exp(logit - logsumexp), exact for the teacher from its cached logsumexp), not raw
