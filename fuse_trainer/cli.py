@@ -17,7 +17,7 @@ DEFAULTS = resolve_config({})  # the recommended recipe: what fuse-train trains 
 # Knobs a recipe sets; still accepted as flags, and listed apart in --help.
 RESEARCH = ("loss", "lam", "lambda_scope", "fusion_temperature", "alm_temperature", "uld_top_k", "standardize",
             "normalize", "weighting", "gate", "gate_margin", "distill_only_splits", "shuffle_window", "warmup_steps",
-            "merge")
+            "merge", "graph_weight")
 
 
 class ResearchHelp(click.Command):
@@ -97,6 +97,7 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--uld-top-k", default=DEFAULTS.uld_top_k, type=int, help="K of InfiFusion's ULD (the cache's K is cache-build --top-k).")
 @click.option("--standardize/--raw", default=DEFAULTS.standardize, help="InfiFusion: z-score the logits (paper) or use raw probabilities.")
 @click.option("--normalize", default=DEFAULTS.normalize, type=click.Choice(["topk", "full"]), help="InfiFusion: normalise within the top-K or over the full vocabulary.")
+@click.option("--graph-weight", default=DEFAULTS.graph_weight, type=float, help="Weight of InfiGFusion's graph-on-logits term, added to the objective: per record, the co-activation graph of the source's top-k probabilities over the positions the gates let in, against the pivot's at the same ids, compared by their sorted node strengths (a lower bound of the Gromov-Wasserstein distance; fuse_trainer/graph_loss.py). 0: off.")
 @click.option("--distill-only-splits", default="", help="Comma-separated splits of --train-splits learned from the sources alone, with no SFT term: text the pivot wrote itself (corpus-generate --model <pivot>), which the sources score (on-policy distillation). Their fusion term has weight 1, not --lambda.")
 @click.option("--shuffle-window", default=DEFAULTS.shuffle_window, type=int, help="Shard groups whose micro-batches are shuffled together, and held in memory at once: a corpus stored in domain order is then not learned one domain after another. 1: shard group after shard group (runs recorded before 2026-11-28).")
 @click.option("--warmup-steps", default=DEFAULTS.warmup_steps, type=int)

@@ -50,6 +50,7 @@ class TrainConfig:
     standardize: bool = True  # InfiFusion: z-score the logits before the softmax
     normalize: str = "topk"  # InfiFusion: "topk" or "full" vocabulary normalisation
     alm_distance: str = "kl"
+    graph_weight: float = 0.0  # weight of InfiGFusion's graph-on-logits term (fuse_trainer/graph_loss.py); 0: off
     weighting: str = "uniform"  # unified mode: uniform | mince | avgce | entropy
     weighting_temperature: float = 1.0
     gate: str = "none"  # where a source teaches: a GATES name, or several joined by "+" (all must let it in)
@@ -106,6 +107,8 @@ class TrainConfig:
             needed["chunk_logprob"] = "--loss alm"
         if self.weighting == "entropy":
             needed["logsumexp"] = "--weighting entropy"
+        if self.graph_weight:
+            needed["logsumexp"] = "--graph-weight (the sources' probabilities)"
         if self.weighting in ("mince", "avgce"):
             needed["chunk_logprob"] = f"--weighting {self.weighting}"
         for gate in self.gates:
@@ -157,6 +160,9 @@ class TrainConfig:
              f"eval_split {self.eval_split!r} is trained on (train_splits): evaluate on a split the run does not learn"),
             (self.keep_best is None or self.eval_every > 0,
              "keep_best picks among the evaluated steps: give eval_every too (e.g. --eval-every 10)"),
+            (self.graph_weight >= 0.0, "graph_weight must be 0 (off) or positive"),
+            (self.mode != "sft" or not self.graph_weight,
+             "mode sft learns the gold text only: drop graph_weight (the graph term distils the sources)"),
             (self.mode != "sft" or not self.distill_only_splits,
              "mode sft learns the gold text only: drop distill_only_splits (and those splits from train_splits)"),
         ]

@@ -6,7 +6,8 @@ One run, top to bottom:
   3. each optimizer step takes `grad_accum` token-budgeted micro-batches (this rank takes every
      world_size-th), computes (1-λ)·SFT + λ·fusion normalised by the step's response tokens (with
      `lambda_scope: distilled`, λ only where a source is distilled: elsewhere SFT keeps weight 1; records of a
-     `distill_only_splits` split, text the pivot wrote itself, get the fusion term alone at weight 1), all-reduces
+     `distill_only_splits` split, text the pivot wrote itself, get the fusion term alone at weight 1), plus
+     `graph_weight` times InfiGFusion's graph term (fuse_trainer/graph_loss.py) where it is on, all-reduces
      the gradients, clips and steps; metrics go to metrics.jsonl and the progress bar; every `eval_every` steps the
      pivot is scored on the `eval_split` records (fuse_trainer/validation.py), and `keep_best` keeps the best step;
   4. saves a Hugging Face checkpoint with the resolved config and the caches' fingerprints.
@@ -48,8 +49,10 @@ from fuse_trainer.config import TrainConfig, dump_yaml
 from fuse_trainer.data import (Batch, FusionData, check_pivot, check_sources, check_statistics, collate,
                                  discover_sources)
 from fuse_trainer.gates import teacher_gate
+from fuse_trainer.graph_loss import graph_loss
 from fuse_trainer.guard import stop_if_not_finite
-from fuse_trainer.losses import FUSION_LOSSES, FusionInputs, chunk_spans, pivot_uld_stats, record_ratio, sft_loss
+from fuse_trainer.losses import (FUSION_LOSSES, FusionInputs, chunk_spans, pivot_uld_stats, record_ratio, sft_loss,
+                                 valid_positions)
 from fuse_trainer.sharding import (
     check_checkpoint_kind,
     consolidated_state_dict,
@@ -63,12 +66,33 @@ from fuse_trainer.validation import Validator, cache_records, evaluate_merged
 from fuse_trainer.weighting import record_chunk_ce, source_weights, topk_entropy
 
 # summed per step; objective_sum is the loss before the division by the step's response tokens
-TERMS = ("objective_sum", "sft_sum", "fusion_sum", "n_tokens", "kept_mass_sum", "gated_in", "fusion_positions")
+TERMS = ("objective_sum", "sft_sum", "fusion_sum", "n_tokens", "kept_mass_sum", "gated_in", "fusion_positions",
+         "graph_sum")
 
 
 # ----------------------------------------------------------------------------------------------
 # The loss of one micro-batch
 # ----------------------------------------------------------------------------------------------
+
+
+def logprobs_at(logits: torch.Tensor, log_z: torch.Tensor, row: torch.Tensor, pos: torch.Tensor,
+                ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits, (B, T) normaliser -> (N, K) log-probs at `ids` (N, K) of positions (row, pos) (N,); an empty
+    slot (id -1) reads id 0."""
+    return logits[row[:, None], pos[:, None], ids.clamp_min(0)] - log_z[row, pos].unsqueeze(-1)
+
+
+def source_graph_sum(logits: torch.Tensor, log_z: torch.Tensor, src, include: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+    """One source's GLD term (fuse_trainer.graph_loss) summed over the batch's records, each record's loss counted
+    once per position it reads (so dividing by the step's response tokens gives a per-token mean, like the other
+    terms) and times the record's source weight (B,). include (N,): the aligned positions the graph is built from."""
+    at = include.nonzero().squeeze(-1)  # (M,) the positions read
+    row, ids = src.row[at], src.topk_ids[at]  # (M,), (M, K)
+    piv_p = logprobs_at(logits, log_z, row, src.pos[at], ids).exp()  # (M, K) pivot probabilities at the candidates
+    src_p = (src.topk_logits[at] - src.lse[at].unsqueeze(-1)).exp()  # (M, K) source probabilities
+    per_record = graph_loss(src_p, piv_p, ids, row, len(weights))  # (B,)
+    return (per_record * torch.bincount(row, minlength=len(weights)) * weights).sum()
 
 
 def gold_logprobs(logits: torch.Tensor, labels: torch.Tensor, log_z: torch.Tensor) -> torch.Tensor:
@@ -105,8 +129,8 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logits = logits.float()  # (B, T, V)
     terms = {"fusion_sum": logits.new_zeros(()), "kept_mass_sum": logits.new_zeros(()), "gated_in": logits.new_zeros(()),
-             "fusion_positions": logits.new_zeros(())}
-    if cfg.mode == "sft" or (cfg.lam == 0.0 and bool(batch.gold_text.all())):
+             "fusion_positions": logits.new_zeros(()), "graph_sum": logits.new_zeros(())}
+    if cfg.mode == "sft" or (cfg.lam == 0.0 and not cfg.graph_weight and bool(batch.gold_text.all())):
         sft_sum, n_tokens = sft_loss(logits, batch.labels, batch.loss_mask)
         return {**terms, "objective_sum": sft_sum, "sft_sum": sft_sum, "n_tokens": n_tokens.float()}
     log_z = torch.logsumexp(logits, dim=-1)  # (B, T): one pass over the vocabulary, shared by every term
@@ -130,8 +154,7 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
         inputs = FusionInputs(
             piv_logits=None,  # every loss gets what it needs below, never an (N, V) copy
             piv_uld_stats={k: v[src.row, src.pos] for k, v in uld_stats.items()} if uld_stats else None,
-            piv_topk_logprob=(logits[src.row[:, None], src.pos[:, None], topk_ids.clamp_min(0)]
-                              - log_z[src.row, src.pos].unsqueeze(-1)) if sparse else None,  # (N, K)
+            piv_topk_logprob=logprobs_at(logits, log_z, src.row, src.pos, topk_ids) if sparse else None,  # (N, K)
             src_topk_ids=topk_ids, src_topk_logits=topk_logits, src_lse=src.lse, src_mean=src.mean,
             src_std=src.std, src_zlse=src.zlse, src_gold_logprob=src.gold_logprob,
             piv_gold_logprob=piv_gold[src.row, src.pos],
@@ -139,7 +162,8 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
             src_chunk_logprob=src.chunk_logprob, num_positions=batch.num_positions,
         )
         per_position, valid = FUSION_LOSSES[cfg.loss](inputs, **cfg.loss_kwargs())  # (N,), (N,)
-        mask = (keep & valid & teacher_gate(batch, src, piv_gold, cfg)).float()  # (N,)
+        gate = teacher_gate(batch, src, piv_gold, cfg)  # (N,)
+        mask = (keep & valid & gate).float()  # (N,)
         weighted = per_position * mask * weights[s, src.row]  # (N,)
         terms["fusion_sum"] = terms["fusion_sum"] + weighted.sum()
         fusion_objective = fusion_objective + (weighted * fusion_scale[src.row]).sum()
@@ -147,7 +171,12 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
         terms["kept_mass_sum"] += (src.kept_mass * keep).sum()
         terms["gated_in"] += mask.sum()
         terms["fusion_positions"] += keep.float().sum()
+        if cfg.graph_weight:
+            included = keep & gate & valid_positions(src.topk_ids)  # (N,) where the gates let the source in
+            terms["graph_sum"] = terms["graph_sum"] + source_graph_sum(logits, log_z, src, included, weights[s])
     terms["objective_sum"] = weighted_sft_sum(ce, distilled, cfg) + fusion_objective
+    if cfg.graph_weight:
+        terms["objective_sum"] = terms["objective_sum"] + cfg.graph_weight * terms["graph_sum"]
     return terms
 
 
@@ -292,6 +321,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, VerifiedLayer], out: Path, log
             "loss": sums["objective_sum"] / max(n_response, 1),
             "sft": sums["sft_sum"] / max(n_response, 1),
             "fusion": sums["fusion_sum"] / max(n_response, 1),
+            **({"graph": sums["graph_sum"] / max(n_response, 1)} if cfg.graph_weight else {}),
             "kept_mass": sums["kept_mass_sum"] / max(sums["fusion_positions"], 1),
             "gated_in": sums["gated_in"] / max(sums["fusion_positions"], 1),
             "grad_norm": full_value(grad_norm),
