@@ -43,9 +43,9 @@ def export_layer(layer: str | Path, fmt: str, out: str | Path, *, compress: bool
                               else default_config(vocab, manifest["top_k"]))
                 except CodecError as err:
                     raise InteropError(str(err)) from None
-            distillkit.export(batches, folder, config)
+            distillkit.export(batches, folder, config, batch_rows)
         elif fmt == "axolotl":
-            axolotl.export(batches, folder)
+            axolotl.export(batches, folder, batch_rows)
         else:
             fusellm.export(batches, folder, source_index)
     return Path(out)
