@@ -133,7 +133,9 @@ def response_spans(token_end: np.ndarray, response_tokens: np.ndarray | None, n_
     starts = np.concatenate([[0], token_end[:-1]])
     kept = np.asarray(response_tokens, dtype=bool) & (starts != token_end)  # (T,)
     s, e = starts[kept], token_end[kept]
-    opens = np.flatnonzero(np.concatenate([[True], s[1:] != e[:-1]])) if len(s) else np.zeros(0, np.int64)
+    if not len(s):
+        return ()
+    opens = np.flatnonzero(np.concatenate([[True], s[1:] != e[:-1]]))  # a span opens where bytes are not adjacent
     closes = np.concatenate([opens[1:], [len(s)]]) - 1
     return tuple((int(a), int(b)) for a, b in zip(s[opens], e[closes]))
 
