@@ -5,8 +5,9 @@
 
 One module per format (distillkit.py, axolotl.py, fusellm.py) maps columns each way; targets.py reads our
 layers as next-token targets, source_layer.py writes imported rows as a source-native layer, and
-logprob_codec.py / bitpack.py implement DistillKit's compressed columns. Output folders appear under their
-final name only when complete (staging.py). docs/interop.md has the table of what each format keeps.
+logprob_codec.py / bitpack.py implement DistillKit's compressed columns, and writer.py writes files on
+background threads while the next rows are converted. Output folders appear under their final name only when
+complete (staging.py). docs/interop.md has the table of what each format keeps.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def export(batches: Iterator[TargetBatch], folder: Path, config: CompressionConf
                                "the same either way)")
         (folder / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
     write_peer_files((export_table(batch, config) for batch in batches), folder, "data_{}.parquet".format,
-                     rows_per_file)
+                     rows_per_file, use_dictionary=config is not None)  # byte columns: smaller and faster with one
 
 
 def shard_files(folder: Path) -> list[Path]:

@@ -19,7 +19,8 @@ from cache_builder.format import write_parquet_atomic
 T = TypeVar("T")
 WRITER_THREADS = 2
 # Files for a peer's reader: one row group, no statistics (no peer reads them), no dictionary pages (top-k
-# values have too many distinct values for one, and trying costs a quarter of the write).
+# values have too many distinct values for one, and trying costs a quarter of the write); an exporter whose
+# columns are all small integers (DistillKit's compressed bytes) turns dictionaries back on.
 PEER_PARQUET = dict(compression="zstd", use_dictionary=False, write_statistics=False)
 
 
@@ -68,12 +69,13 @@ def grouped_tables(tables: Iterable[pa.Table], min_rows: int) -> Iterator[pa.Tab
         yield pa.concat_tables(group).combine_chunks()
 
 
-def write_peer_files(tables: Iterable[pa.Table], folder: Path, name: Callable[[int], str], min_rows: int) -> int:
-    """Write the tables, joined to at least `min_rows` rows each, as folder/name(i) on writer threads; returns
-    the number of files."""
+def write_peer_files(tables: Iterable[pa.Table], folder: Path, name: Callable[[int], str], min_rows: int,
+                     **options) -> int:
+    """Write the tables, joined to at least `min_rows` rows each, as folder/name(i) on writer threads, with
+    PEER_PARQUET updated by `options`; returns the number of files."""
     count = 0
     with BackgroundWriter() as writer:
         for i, table in enumerate(grouped_tables(tables, min_rows)):
-            writer.submit(write_parquet_atomic, table, folder / name(i), **PEER_PARQUET)
+            writer.submit(write_parquet_atomic, table, folder / name(i), **{**PEER_PARQUET, **options})
             count = i + 1
     return count
