@@ -98,7 +98,7 @@ def small_model_layer(model: str, corpus: Path, top_k: int, root: Path) -> tuple
 @click.option("--model", required=True, help="The layer's source model (its tokenizer rebuilds the text on import).")
 @click.option("--corpus", default="data/corpus.jsonl", type=click.Path(exists=True), help="Corpus of the layer built without --layer.")
 @click.option("--top-k", default=10, type=click.IntRange(1), help="k of the layer built without --layer.")
-@click.option("--copies", default=1, type=click.IntRange(1), help="Copies of the corpus in the layer built without --layer (import pays a fixed cost per call, loading the tokenizer and writing its vocabulary, that a larger layer amortises).")
+@click.option("--copies", default=1, type=click.IntRange(1), help="Copies of the corpus in the layer built without --layer (import pays a fixed cost per call, loading the tokenizer, that a larger layer amortises).")
 @click.option("--repeats", default=5, type=click.IntRange(1), help="Interleaved runs per timing; the median is kept.")
 def main(layer, model, corpus, top_k, copies, repeats):
     """Export/import tokens/s vs a Parquet scan, and bytes per token of every format."""
