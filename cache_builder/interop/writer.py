@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 
 from cache_builder.format import write_parquet_atomic
 
-T = TypeVar("T")
 WRITER_THREADS = 2
 # Files for a peer's reader: one row group, no statistics (no peer reads them), no dictionary pages (top-k
 # values have too many distinct values for one, and trying costs a quarter of the write); an exporter whose
@@ -32,8 +31,12 @@ class BackgroundWriter:
         self._pending: list[Future] = []
         self._limit = threads
 
-    def submit(self, fn: Callable[..., T], *args, **kwargs) -> None:
-        """Run fn(*args, **kwargs) on a writer thread; blocks while as many writes as threads are still queued."""
+    def submit(self, fn: Callable, *args, **kwargs) -> None:
+        """Run fn(*args, **kwargs) on a writer thread; blocks while as many writes as threads are still queued,
+        and raises the failure of an earlier write as soon as it is seen."""
+        for future in self._pending:
+            if future.done() and future.exception() is not None:
+                future.result()
         waiting = [f for f in self._pending if not f.done()]
         if len(waiting) >= self._limit:
             waiting[0].result()  # memory stays bounded by a few tables
@@ -70,12 +73,9 @@ def grouped_tables(tables: Iterable[pa.Table], min_rows: int) -> Iterator[pa.Tab
 
 
 def write_peer_files(tables: Iterable[pa.Table], folder: Path, name: Callable[[int], str], min_rows: int,
-                     **options) -> int:
+                     **options) -> None:
     """Write the tables, joined to at least `min_rows` rows each, as folder/name(i) on writer threads, with
-    PEER_PARQUET updated by `options`; returns the number of files."""
-    count = 0
+    PEER_PARQUET updated by `options`."""
     with BackgroundWriter() as writer:
         for i, table in enumerate(grouped_tables(tables, min_rows)):
             writer.submit(write_parquet_atomic, table, folder / name(i), **{**PEER_PARQUET, **options})
-            count = i + 1
-    return count
