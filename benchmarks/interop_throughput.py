@@ -1,24 +1,30 @@
 """cache-export / cache-import speed against a plain Parquet scan of the same layer, and bytes per token of
 each exported format against our layer at the same k.
 
-    python benchmarks/interop_throughput.py --layer cache/smollm2 --model smollm2
-    python benchmarks/interop_throughput.py --model smollm2 --corpus data/corpus.jsonl --top-k 10 --copies 8
+    python -m benchmarks.interop_throughput --layer cache/smollm2 --model smollm2
+    python -m benchmarks.interop_throughput --model smollm2 --corpus data/corpus.jsonl --top-k 10 --copies 32
 
 The second form needs no cached layer: it builds one with cache-build from a small random-weight model (2 layers,
 hidden 64) over MODEL's tokenizer, so token ids, offsets and the id width are real and the build takes seconds; the
 logit values are a random model's (zstd sizes of raw values are indicative only; DistillKit's compressed columns
 have a fixed size per position). For every format (distillkit raw, distillkit --compress with its default recipe,
-axolotl, fusellm) the layer is exported to a temporary folder and imported back with the model's tokenizer. Each
-timing is the best of --repeats runs; a ratio is tokens/s of the operation over tokens/s of reading every column of
-every shard with pyarrow (the floor any reader of the layer pays); the Parquet copy (read every shard, write it
-again with zstd) is the floor of anything that writes the layer's content. Bytes per token count every file an
-export writes. Prints a table and one JSON line.
+axolotl, fusellm) the layer is exported to a temporary folder and imported back with the model's tokenizer.
+
+Every timing is repeated --repeats times, interleaved (scan, copy, then each format's export, import and import
+fixed cost, then again), and the median is kept, so a machine that gets busier for a while slows every column
+alike. A ratio is the scan's time over the operation's: the scan reads every column of every shard with pyarrow
+(the floor any reader of the layer pays); the Parquet copy (read every shard, write it again with zstd) is the
+floor of anything that writes the layer's content. An import pays a fixed cost per call whatever the layer's
+size, measured on its own: loading the tokenizer and its per-vocabulary tables, before any row is read. Its
+steady-state ratio leaves that cost out (scan / (import - fixed)), the speed a large import approaches. Bytes
+per token count every file an export writes. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +33,7 @@ import click
 import pyarrow.parquet as pq
 
 from cache_builder.interop import export_layer, import_folder
+from cache_builder.interop.source_layer import Tokenizer
 from cache_builder.manifest import load_manifest
 
 VARIANTS = {  # name -> (format, export options)
@@ -37,14 +44,16 @@ VARIANTS = {  # name -> (format, export options)
 }
 
 
-def best_seconds(action, repeats: int) -> float:
-    """The fastest of `repeats` runs of action()."""
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        action()
-        best = min(best, time.perf_counter() - started)
-    return best
+def seconds(action) -> float:
+    """Wall-clock seconds of one run of action()."""
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def import_fixed_cost(model: str) -> None:
+    """What every import pays first, whatever its size: loading the tokenizer and its per-vocabulary tables."""
+    Tokenizer.load(model)
 
 
 def folder_bytes(folder: Path) -> int:
@@ -89,8 +98,8 @@ def small_model_layer(model: str, corpus: Path, top_k: int, root: Path) -> tuple
 @click.option("--model", required=True, help="The layer's source model (its tokenizer rebuilds the text on import).")
 @click.option("--corpus", default="data/corpus.jsonl", type=click.Path(exists=True), help="Corpus of the layer built without --layer.")
 @click.option("--top-k", default=10, type=click.IntRange(1), help="k of the layer built without --layer.")
-@click.option("--copies", default=1, type=click.IntRange(1), help="Copies of the corpus in the layer built without --layer (import pays a fixed cost per call, loading the tokenizer and writing its vocabulary, that a larger layer amortises).")
-@click.option("--repeats", default=3, type=click.IntRange(1), help="Runs per timing; the best is kept.")
+@click.option("--copies", default=1, type=click.IntRange(1), help="Copies of the corpus in the layer built without --layer (import pays a fixed cost per call, loading the tokenizer, that a larger layer amortises).")
+@click.option("--repeats", default=5, type=click.IntRange(1), help="Interleaved runs per timing; the median is kept.")
 def main(layer, model, corpus, top_k, copies, repeats):
     """Export/import tokens/s vs a Parquet scan, and bytes per token of every format."""
     work = Path(tempfile.mkdtemp(prefix="interop-bench-"))
@@ -106,30 +115,45 @@ def run(layer: Path, model: str, work: Path, repeats: int) -> None:
     manifest = load_manifest(layer)
     tokens = manifest["totals"]["tokens"]
     shards = [layer / s["path"] for s in manifest["shards"]]
-    scan = best_seconds(lambda: [pq.read_table(p) for p in shards], repeats)
-    copy = best_seconds(lambda: [pq.write_table(pq.read_table(p), work / "copy.parquet", compression="zstd")
-                                 for p in shards], repeats)
-    results = {"layer": str(layer), "k": manifest["top_k"], "tokens": tokens, "scan_tokens_per_s": tokens / scan,
-               "copy_tokens_per_s": tokens / copy, "ours_bytes_per_token": manifest["totals"]["bytes"] / tokens,
-               "formats": {}}
+    actions = {
+        "scan": lambda: [pq.read_table(p) for p in shards],
+        "copy": lambda: [pq.write_table(pq.read_table(p), work / "copy.parquet", compression="zstd") for p in shards],
+    }
     for name, (fmt, options) in VARIANTS.items():
-        out, cache = work / f"{fmt}-out", work / f"{fmt}-cache"
-        export_s = best_seconds(lambda: export_layer(layer, fmt, out, overwrite=True, **options), repeats)
-        size = folder_bytes(out)
-        import_s = best_seconds(lambda: import_folder(out, fmt, model, cache, overwrite=True), repeats)
+        out, cache = work / f"{name.replace(' ', '')}-out", work / f"{name.replace(' ', '')}-cache"
+        actions[f"{name} export"] = lambda fmt=fmt, out=out, options=options: export_layer(
+            layer, fmt, out, overwrite=True, **options)
+        actions[f"{name} import"] = lambda fmt=fmt, out=out, cache=cache: import_folder(
+            out, fmt, model, cache, overwrite=True)
+    actions["import fixed"] = lambda: import_fixed_cost(model)
+    times: dict[str, list[float]] = {name: [] for name in actions}
+    for _ in range(repeats):  # interleaved: every action once per round
+        for name, action in actions.items():
+            times[name].append(seconds(action))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    scan, fixed = median["scan"], median["import fixed"]
+    results = {"layer": str(layer.name), "k": manifest["top_k"], "tokens": tokens, "repeats": repeats,
+               "scan_tokens_per_s": tokens / scan, "copy_tokens_per_s": tokens / median["copy"],
+               "copy_vs_scan": scan / median["copy"], "import_fixed_s": fixed,
+               "ours_bytes_per_token": manifest["totals"]["bytes"] / tokens, "formats": {}}
+    for name, (fmt, _) in VARIANTS.items():
+        export_s, import_s = median[f"{name} export"], median[f"{name} import"]
         results["formats"][name] = {
             "export_tokens_per_s": tokens / export_s, "export_vs_scan": scan / export_s,
             "import_tokens_per_s": tokens / import_s, "import_vs_scan": scan / import_s,
-            "bytes_per_token": size / tokens,
+            "import_steady_vs_scan": scan / max(import_s - fixed, 1e-9),
+            "bytes_per_token": folder_bytes(work / f"{name.replace(' ', '')}-out") / tokens,
         }
-        shutil.rmtree(out)
-    click.echo(f"layer {layer}: k={results['k']}, {tokens} tokens; Parquet scan {results['scan_tokens_per_s']:,.0f} "
-               f"tokens/s, Parquet copy (read + zstd write) {results['copy_tokens_per_s']:,.0f} tokens/s; ours "
-               f"{results['ours_bytes_per_token']:.1f} B/token")
-    click.echo(f"{'format':<24}{'export tok/s':>14}{'vs scan':>9}{'import tok/s':>14}{'vs scan':>9}{'B/token':>9}")
+    click.echo(f"layer {layer.name}: k={results['k']}, {tokens} tokens, median of {repeats} interleaved runs; Parquet "
+               f"scan {results['scan_tokens_per_s']:,.0f} tokens/s, Parquet copy (read + zstd write) "
+               f"{results['copy_tokens_per_s']:,.0f} tokens/s ({results['copy_vs_scan']:.2f} of the scan); import "
+               f"fixed cost {fixed:.2f} s; ours {results['ours_bytes_per_token']:.1f} B/token")
+    click.echo(f"{'format':<24}{'export tok/s':>14}{'vs scan':>9}{'import tok/s':>14}{'vs scan':>9}"
+               f"{'steady':>8}{'B/token':>9}")
     for name, r in results["formats"].items():
         click.echo(f"{name:<24}{r['export_tokens_per_s']:>14,.0f}{r['export_vs_scan']:>9.2f}"
-                   f"{r['import_tokens_per_s']:>14,.0f}{r['import_vs_scan']:>9.2f}{r['bytes_per_token']:>9.1f}")
+                   f"{r['import_tokens_per_s']:>14,.0f}{r['import_vs_scan']:>9.2f}{r['import_steady_vs_scan']:>8.2f}"
+                   f"{r['bytes_per_token']:>9.1f}")
     click.echo(json.dumps(results))
 
 

@@ -19,11 +19,12 @@ import yaml
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alignment import token_surface
+from alignment import token_byte_ends, token_surface
 from cache_builder.align import align_cache
 from cache_builder.cli import export, import_cache
 from cache_builder.info import cache_summary
 from cache_builder.interop import InteropError, export_layer, import_folder
+from cache_builder.interop import writer
 from cache_builder.interop.bitpack import index_bits, pack_bits, unpack_bits
 from cache_builder.interop.logprob_codec import (
     CodecError,
@@ -33,6 +34,7 @@ from cache_builder.interop.logprob_codec import (
     encode_logprobs,
     round_to,
 )
+from cache_builder.interop.source_layer import Tokenizer, rebuild_text, response_spans
 from cache_builder.manifest import CacheError, load_manifest
 from cache_builder.reader import read_rows
 from cache_builder.verify import verify_cache
@@ -72,10 +74,10 @@ def reference_pack(values, bits) -> bytes:
     return bytes(int(stream[i : i + 8], 2) for i in range(0, len(stream), 8))
 
 
-@pytest.mark.parametrize("bits", [1, 3, 8, 13, 17, 33])
+@pytest.mark.parametrize("bits", [1, 3, 8, 13, 16, 17, 24, 33, 64])
 def test_bit_packing_is_msb_first_and_inverts(bits):
     rng = np.random.default_rng(bits)
-    values = rng.integers(0, 2**bits, size=(4, 11), dtype=np.uint64)
+    values = rng.integers(0, 2 ** min(bits, 63), size=(4, 11), dtype=np.uint64) << np.uint64(max(bits - 63, 0))
     packed = pack_bits(values, bits)
     assert [bytes(row) for row in packed] == [reference_pack(row, bits) for row in values]
     assert np.array_equal(unpack_bits(packed, bits, 11), values.astype(np.int64))
@@ -315,6 +317,109 @@ def test_a_hand_made_fusellm_dataset_imports_with_positions_padded_past_the_toke
     assert list(imported["text"]) == TEXTS
     assert np.allclose(imported["mean_nll"], [2.5, 3.5, 4.5])
     assert "mean_nll" not in load_manifest(layer)["missing_statistics"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Text from token ids: the per-vocabulary tables against the simple way and the tokenizer itself
+# ----------------------------------------------------------------------------------------------
+
+SPELLING_TEXTS = TEXTS + [" leading space", "Zwölf Boxkämpfer, crème brûlée, €7, 日本語, 🙂\n\n\ttab", "\n"]
+
+
+def reference_spelling(ids, surface) -> tuple[bytes, np.ndarray]:
+    """Token after token: join every piece, sum every width, drop a dummy-prefix space."""
+    spelled = b"".join(surface.pieces[i] for i in ids)
+    ends = np.cumsum([len(surface.pieces[i]) for i in ids], dtype=np.int64)
+    if surface.dummy_prefix and spelled.startswith(b" "):
+        spelled, ends = spelled[1:], np.maximum(ends - 1, 0)
+    return spelled, ends
+
+
+def assert_spelled_like_the_tokenizer(tok: Tokenizer, tokenizer):
+    for text in SPELLING_TEXTS:
+        ids = np.array(tokenizer(text)["input_ids"])
+        rebuilt, ends = rebuild_text(ids, tok)
+        # a dummy-prefix tokenizer spells " x" as it spells "x": the import keeps the text without the space
+        assert rebuilt == (text[1:] if tok.surface.dummy_prefix and text.startswith(" ") else text)
+        assert np.array_equal(ends, token_byte_ends(ids.tolist(), tok.surface, rebuilt))  # as cache-build finds them
+    every_id = np.random.default_rng(0).permutation(tok.tokenizer_size)  # byte tokens, specials, added ones
+    for ids in np.array_split(every_id, max(1, tok.tokenizer_size // 97)):
+        spelled, ends = tok.spell(ids)
+        want, want_ends = reference_spelling(ids, tok.surface)
+        if tok.surface.dummy_prefix and spelled.startswith(b" "):
+            spelled, ends = spelled[1:], np.maximum(ends - 1, 0)
+        assert spelled == want and np.array_equal(ends, want_ends)
+
+
+@pytest.mark.parametrize("name", ["pivot", "srcq", "srcg"])  # byte-level BPE twice, SentencePiece with byte fallback
+def test_text_from_the_vocabulary_tables_equals_the_simple_way_and_the_tokenizer(world, name):
+    folder = world["models"][name]
+    assert_spelled_like_the_tokenizer(Tokenizer.load(str(folder)), AutoTokenizer.from_pretrained(folder))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2", "qwen", "gemma3"])
+def test_text_from_the_vocabulary_tables_of_the_real_tokenizers(name):
+    from cache_builder.models import load_tokenizer
+
+    assert_spelled_like_the_tokenizer(Tokenizer.load(name), load_tokenizer(name))
+
+
+def reference_spans(token_end, response_tokens) -> tuple:
+    starts = np.concatenate([[0], token_end[:-1]])
+    spans: list[list[int]] = []
+    for t in np.flatnonzero(response_tokens):
+        if starts[t] == token_end[t]:
+            continue
+        if spans and spans[-1][1] == starts[t]:
+            spans[-1][1] = int(token_end[t])
+        else:
+            spans.append([int(starts[t]), int(token_end[t])])
+    return tuple(tuple(s) for s in spans)
+
+
+def test_response_spans_merge_byte_adjacent_tokens_like_a_token_by_token_walk():
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        n = int(rng.integers(1, 30))
+        token_end = np.cumsum(rng.choice([0, 0, 1, 2, 3], size=n))  # zero-width (special) tokens included
+        mask = rng.random(n) < rng.random()
+        assert response_spans(token_end, mask, int(token_end[-1])) == reference_spans(token_end, mask)
+    assert response_spans(np.array([2, 5]), None, 5) == ((0, 5),)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing: files of at least --rows-per-file rows, in order, on writer threads; a failed write leaves nothing
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt,pattern", [("distillkit", "data_{}.parquet"), ("axolotl", "data-{:05d}.parquet")])
+def test_exported_files_hold_at_least_rows_per_file_rows_in_layer_order(world, tmp_path, fmt, pattern):
+    layer = world["cache"] / "srcq"  # shards of 5 rows
+    export_layer(layer, fmt, tmp_path / "peer", batch_rows=7)
+    files = [tmp_path / "peer" / pattern.format(i) for i in range(len(list((tmp_path / "peer").glob("*.parquet"))))]
+    tables = [pq.read_table(f) for f in files]
+    assert all(t.num_rows >= 7 for t in tables[:-1]) and 0 < tables[-1].num_rows
+    assert all(pq.ParquetFile(f).metadata.num_row_groups == 1 for f in files)
+    written = [ids for t in tables for ids in t.column("input_ids").to_pylist()]
+    tokens = read_rows(layer, ["token_ids"])["token_ids"]
+    assert written == [tokens.row(r).tolist() for r in range(len(tokens.lengths))]
+
+
+def test_a_failed_background_write_fails_the_export_and_leaves_nothing(world, tmp_path, monkeypatch):
+    real = writer.write_parquet_atomic
+    calls = []
+
+    def second_fails(table, final, **options):
+        calls.append(final)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real(table, final, **options)
+
+    monkeypatch.setattr(writer, "write_parquet_atomic", second_fails)
+    with pytest.raises(OSError, match="disk full"):
+        export_layer(world["cache"] / "srcq", "axolotl", tmp_path / "peer", batch_rows=2)
+    assert len(calls) >= 2 and not (tmp_path / "peer").exists()
 
 
 # ----------------------------------------------------------------------------------------------

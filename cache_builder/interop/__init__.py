@@ -5,8 +5,9 @@
 
 One module per format (distillkit.py, axolotl.py, fusellm.py) maps columns each way; targets.py reads our
 layers as next-token targets, source_layer.py writes imported rows as a source-native layer, and
-logprob_codec.py / bitpack.py implement DistillKit's compressed columns. Output folders appear under their
-final name only when complete (staging.py). docs/interop.md has the table of what each format keeps.
+logprob_codec.py / bitpack.py implement DistillKit's compressed columns, and writer.py writes files on
+background threads while the next rows are converted. Output folders appear under their final name only when
+complete (staging.py). docs/interop.md has the table of what each format keeps.
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ def export_layer(layer: str | Path, fmt: str, out: str | Path, *, compress: bool
                               else default_config(vocab, manifest["top_k"]))
                 except CodecError as err:
                     raise InteropError(str(err)) from None
-            distillkit.export(batches, folder, config)
+            distillkit.export(batches, folder, config, batch_rows)
         elif fmt == "axolotl":
-            axolotl.export(batches, folder)
+            axolotl.export(batches, folder, batch_rows)
         else:
             fusellm.export(batches, folder, source_index)
     return Path(out)

@@ -22,11 +22,12 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 
-from cache_builder.format import ragged, write_parquet_atomic
+from cache_builder.format import ragged
 from cache_builder.interop.nested import Nested, nested_array
 from cache_builder.interop.source_layer import ImportedRow
 from cache_builder.interop.staging import InteropError
 from cache_builder.interop.targets import TargetBatch
+from cache_builder.interop.writer import write_peer_files
 from cache_builder.reader import column_to_numpy
 
 PAD_LOGPROB = -1e9
@@ -64,9 +65,9 @@ def export_table(batch: TargetBatch) -> pa.Table:
     ], schema=SCHEMA)
 
 
-def export(batches: Iterator[TargetBatch], folder: Path) -> None:
-    for i, batch in enumerate(batches):
-        write_parquet_atomic(export_table(batch), folder / f"data-{i:05d}.parquet", compression="zstd")
+def export(batches: Iterator[TargetBatch], folder: Path, rows_per_file: int) -> None:
+    """Write data-{i:05d}.parquet of at least `rows_per_file` rows each into `folder`."""
+    write_peer_files((export_table(batch) for batch in batches), folder, "data-{:05d}.parquet".format, rows_per_file)
 
 
 def read_tables(folder: Path) -> Iterator[tuple[str, pa.Table]]:

@@ -27,13 +27,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from cache_builder.format import ragged, write_parquet_atomic
+from cache_builder.format import ragged
 from cache_builder.interop.bitpack import pack_bits, unpack_bits
 from cache_builder.interop.logprob_codec import CONFIG_FILE, CodecError, CompressionConfig, decode_logprobs, encode_logprobs
 from cache_builder.interop.nested import Nested, nested_array
 from cache_builder.interop.source_layer import ImportedRow
 from cache_builder.interop.staging import InteropError
 from cache_builder.interop.targets import TargetBatch
+from cache_builder.interop.writer import write_peer_files
 from cache_builder.reader import column_to_numpy
 
 FILL_BELOW = 30.0
@@ -78,15 +79,15 @@ def export_table(batch: TargetBatch, config: CompressionConfig | None) -> pa.Tab
                                  nested_array(packed_ids, n_pos, pa.uint8())], schema=COMPRESSED_SCHEMA)
 
 
-def export(batches: Iterator[TargetBatch], folder: Path, config: CompressionConfig | None) -> None:
-    """Write data_{i}.parquet, one per batch (and compression_config.yaml) into `folder`."""
+def export(batches: Iterator[TargetBatch], folder: Path, config: CompressionConfig | None, rows_per_file: int) -> None:
+    """Write data_{i}.parquet of at least `rows_per_file` rows each (and compression_config.yaml) into `folder`."""
     if config is not None:
         if config.error_diffusion:
             raise InteropError("error_diffusion: true is not supported by our encoder; set it to false (files decode "
                                "the same either way)")
         (folder / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=True))
-    for i, batch in enumerate(batches):
-        write_parquet_atomic(export_table(batch, config), folder / f"data_{i}.parquet", compression="zstd")
+    write_peer_files((export_table(batch, config) for batch in batches), folder, "data_{}.parquet".format,
+                     rows_per_file, use_dictionary=config is not None)  # byte columns: smaller and faster with one
 
 
 def shard_files(folder: Path) -> list[Path]:

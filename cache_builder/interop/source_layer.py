@@ -21,7 +21,7 @@ from typing import Iterable
 
 import numpy as np
 
-from alignment import TokenSurface, token_surface, tokenizer_fingerprint
+from alignment import TokenSurface, surface_fingerprint, token_surface
 from cache_builder.build import output_vocab_size
 from cache_builder.card import dataset_card
 from cache_builder.corpus import Record, sha256_hex
@@ -36,6 +36,7 @@ from cache_builder.format import (
     write_text_atomic,
 )
 from cache_builder.interop.staging import InteropError, staged_folder
+from cache_builder.interop.writer import BackgroundWriter
 from cache_builder.models import load_tokenizer, resolve_model
 from cache_builder.vocab_file import write_vocab
 
@@ -73,7 +74,7 @@ class RowError(ValueError):
 
 @dataclass(frozen=True)
 class Tokenizer:
-    """What an import needs of the named model: its token bytes and sizes."""
+    """What an import needs of the named model: its token bytes and sizes, as per-vocabulary tables."""
 
     name: str
     identity: dict
@@ -83,6 +84,8 @@ class Tokenizer:
     tokenizer_size: int
     vocab_size: int  # rows of the output layer: top-k ids must be below it
     widths: np.ndarray  # (V,) int64 byte width of every token (surface.widths, computed once)
+    piece_bytes: np.ndarray  # (sum of widths,) uint8 every token's bytes, token after token
+    piece_starts: np.ndarray  # (V,) int64 where token i's bytes start in piece_bytes
 
     @classmethod
     def load(cls, model: str) -> "Tokenizer":
@@ -92,9 +95,18 @@ class Tokenizer:
             vocab_size = output_vocab_size(source)
         except (OSError, ValueError):  # a tokenizer-only folder: the tokenizer's own size
             vocab_size = len(tokenizer)
-        surface = token_surface(tokenizer)
-        return cls(source.name, source.identity, source.add_bos, surface, tokenizer_fingerprint(tokenizer),
-                   len(tokenizer), max(vocab_size, len(tokenizer)), surface.widths.astype(np.int64))
+        surface = token_surface(tokenizer)  # built once: the fingerprint is the surface's (tokenizer_fingerprint)
+        widths = surface.widths.astype(np.int64)
+        return cls(source.name, source.identity, source.add_bos, surface, surface_fingerprint(surface),
+                   len(tokenizer), max(vocab_size, len(tokenizer)), widths,
+                   np.frombuffer(b"".join(surface.pieces), dtype=np.uint8), np.cumsum(widths) - widths)
+
+    def spell(self, ids: np.ndarray) -> tuple[bytes, np.ndarray]:
+        """(the tokens' bytes joined, (T,) int64 byte end of every token): a gather from the per-vocabulary tables."""
+        lengths = self.widths[ids]  # (T,)
+        ends = np.cumsum(lengths)  # (T,)
+        first = np.repeat(self.piece_starts[ids] - (ends - lengths), lengths)  # (bytes,) source minus output offset
+        return self.piece_bytes[first + np.arange(len(first))].tobytes(), ends
 
 
 def rebuild_text(ids: np.ndarray, tok: Tokenizer) -> tuple[str, np.ndarray]:
@@ -102,8 +114,7 @@ def rebuild_text(ids: np.ndarray, tok: Tokenizer) -> tuple[str, np.ndarray]:
 
     The text is the tokens' pieces, so the ends are their cumulative widths (as alignment.token_byte_ends
     finds them), less the leading space a dummy-prefix tokenizer puts in front."""
-    spelled = b"".join([tok.surface.pieces[i] for i in ids.tolist()])
-    ends = np.cumsum(tok.widths[ids])  # (T,)
+    spelled, ends = tok.spell(ids)
     if tok.surface.dummy_prefix and spelled.startswith(b" "):  # the space the tokenizer itself put in front
         spelled, ends = spelled[1:], np.maximum(ends - 1, 0)
     try:
@@ -115,19 +126,18 @@ def rebuild_text(ids: np.ndarray, tok: Tokenizer) -> tuple[str, np.ndarray]:
 
 
 def response_spans(token_end: np.ndarray, response_tokens: np.ndarray | None, n_bytes: int) -> tuple:
-    """Byte spans [start, end) of the response tokens, consecutive tokens merged; the whole text if None."""
+    """Byte spans [start, end) of the response tokens, byte-adjacent ones merged (zero-width tokens skipped);
+    the whole text if None."""
     if response_tokens is None:
         return ((0, n_bytes),)
     starts = np.concatenate([[0], token_end[:-1]])
-    spans: list[list[int]] = []
-    for t in np.flatnonzero(response_tokens):
-        if starts[t] == token_end[t]:
-            continue  # zero-width (special) token
-        if spans and spans[-1][1] == starts[t]:
-            spans[-1][1] = int(token_end[t])
-        else:
-            spans.append([int(starts[t]), int(token_end[t])])
-    return tuple(tuple(s) for s in spans)
+    kept = np.asarray(response_tokens, dtype=bool) & (starts != token_end)  # (T,)
+    s, e = starts[kept], token_end[kept]
+    if not len(s):
+        return ()
+    opens = np.flatnonzero(np.concatenate([[True], s[1:] != e[:-1]]))  # a span opens where bytes are not adjacent
+    closes = np.concatenate([opens[1:], [len(s)]]) - 1
+    return tuple((int(a), int(b)) for a, b in zip(s[opens], e[closes]))
 
 
 def source_row(row: ImportedRow, tok: Tokenizer, k: int, kind: str, split: str) -> SourceRow:
@@ -181,13 +191,9 @@ def missing_of(rows: list[SourceRow]) -> tuple[str, ...]:
     return tuple(name for name in (*STAT_COLUMNS, "mean_nll") if name in missing)
 
 
-def write_imported_layer(rows: Iterable[ImportedRow], *, fmt: str, input_dir: Path, model: str, out: str | Path,
-                         kind: str, split: str = "train", rows_per_shard: int = 256, strict: bool = False,
-                         overwrite: bool = False, extra: dict | None = None) -> tuple[Path, list[BadRow]]:
-    """Write `out`/<model name>/ from imported rows; returns (its folder, the rows skipped with reasons)."""
-    started = time.time()
-    tok = Tokenizer.load(model)
-    final = Path(out) / tok.name
+def convert_rows(rows: Iterable[ImportedRow], tok: Tokenizer, kind: str, split: str,
+                 strict: bool) -> tuple[list[SourceRow], list[BadRow], int | None]:
+    """(rows of the layer, rows skipped with their reasons, k); InteropError at the first bad row if strict."""
     good: list[SourceRow] = []
     bad: list[BadRow] = []
     seen: dict[str, str] = {}
@@ -207,16 +213,32 @@ def write_imported_layer(rows: Iterable[ImportedRow], *, fmt: str, input_dir: Pa
             bad.append(BadRow(row.origin, f"the same text as {first} (duplicate record)"))
             continue
         good.append(converted)
-    if not good:
-        first = f"; first: {bad[0].origin}: {bad[0].reason}" if bad else ""
-        raise InteropError(f"{input_dir}: no row could be imported ({len(bad)} bad rows{first})")
-    missing = missing_of(good)
-    with staged_folder(final, overwrite) as folder:
-        shards = [write_shard(source_table(good[i : i + rows_per_shard], k, "float32", missing), folder,
-                              f"shards/part-r00000-{i // rows_per_shard:05d}.parquet")
-                  for i in range(0, len(good), rows_per_shard)]
+    return good, bad, k
+
+
+def write_imported_layer(rows: Iterable[ImportedRow], *, fmt: str, input_dir: Path, model: str, out: str | Path,
+                         kind: str, split: str = "train", rows_per_shard: int = 256, strict: bool = False,
+                         overwrite: bool = False, extra: dict | None = None) -> tuple[Path, list[BadRow]]:
+    """Write `out`/<model name>/ from imported rows; returns (its folder, the rows skipped with reasons).
+
+    vocab.parquet is written on a writer thread while the rows are converted, and the shards two at a time
+    (cache_builder.interop.writer)."""
+    started = time.time()
+    tok = Tokenizer.load(model)
+    final = Path(out) / tok.name
+    with staged_folder(final, overwrite) as folder, BackgroundWriter() as writer:
+        writer.submit(write_vocab, folder, tok.surface)
+        good, bad, k = convert_rows(rows, tok, kind, split, strict)
+        if not good:
+            first = f"; first: {bad[0].origin}: {bad[0].reason}" if bad else ""
+            raise InteropError(f"{input_dir}: no row could be imported ({len(bad)} bad rows{first})")
+        missing = missing_of(good)
+        for i in range(0, len(good), rows_per_shard):
+            writer.submit(write_shard, source_table(good[i : i + rows_per_shard], k, "float32", missing), folder,
+                          f"shards/part-r00000-{i // rows_per_shard:05d}.parquet")
+        vocab_file, *shards = writer.results()
         source = {
-            "vocab_file": write_vocab(folder, tok.surface), "name": tok.name, "identity": tok.identity,
+            "vocab_file": vocab_file, "name": tok.name, "identity": tok.identity,
             "add_bos": tok.add_bos, "tokenizer_fingerprint": tok.fingerprint,
             "tokenizer_convention": tok.surface.convention, "tokenizer_size": tok.tokenizer_size,
             "vocab_size": tok.vocab_size, "chat_template": f"as rendered by the {fmt} producer (imported)",
