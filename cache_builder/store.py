@@ -52,7 +52,7 @@ class ShardStore:
                 os.utime(path)  # most recently used
             else:
                 self._make_room(entry.bytes)
-                download_verified(loc, entry, path)
+                download_verified(loc, [(entry, path)])
                 self.fetched += 1
             self._checked.add(entry.sha256)
             return path
