@@ -1,19 +1,22 @@
 """Sharing costs against a real S3-compatible server on localhost (moto's server mode), ratios in one run.
 
-    python benchmarks/share_throughput.py [--shards 16] [--rows-per-shard 64] [--repeats 3] [--train-steps 20]
+    python -m benchmarks.share_throughput [--shards 16] [--rows-per-shard 64] [--repeats 9] [--train-steps 20]
+        [--train-model smollm2] [--train-repeats 2]
 
 1. pull: `cache-pull` (every file hashed as it arrives, renamed only when its sha256 matches the manifest) against a
-   plain fsspec copy of the same files (`fs.get`, s3fs's concurrent download), same server, alternating, best of
+   plain fsspec copy of the same files (`fs.get`, s3fs's concurrent download), same server, alternating, median of
    `--repeats`; target: throughput ratio >= 0.9.
 2. re-push after one shard changed: bytes uploaded against that shard's size (target: that shard only, plus the
    manifest and the card).
-3. fuse-train from `s3://` against the local folder (`--train-steps` steps of the tiny test models): median step
-   tokens/s ratio, target >= 0.95, with an unbounded store (every shard fetched and verified when the caches are
-   opened) and with a store bounded below the caches' size (shards evicted and fetched again during training).
-   A warm-up run comes first and the order of the runs alternates.
+3. fuse-train from `s3://` against the local folder (`--train-steps` steps per run): median step tokens/s ratio,
+   target >= 0.95, with an unbounded store (every shard fetched and verified when the caches are opened) and with a
+   store bounded below the caches' size (shards evicted and fetched again during training). A warm-up run comes
+   first, then `--train-repeats` rounds of the three runs in alternating order. The tiny test models' steps take
+   milliseconds; `--train-model smollm2` trains a real pivot (seconds a step on a CPU) on a cache cache-build makes
+   of the shipped data/ with the same model as its source.
 
-The cache is synthetic (random but valid signals, written by the real writer; tests/fake_cache.py). Prints one
-line per measurement and a JSON line.
+The pulled cache is synthetic (random but valid signals, written by the real writer; tests/fake_cache.py). Prints
+one line per measurement and a JSON line.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +38,7 @@ from cache_builder.share import layer_files, pull_cache, push_cache
 from tests.fake_cache import rewrite_shard, write_fake_cache
 
 QUIET = dict(log=lambda *_: None)
+REPO = Path(__file__).resolve().parent.parent
 
 
 def start_server() -> tuple[object, str]:
@@ -54,7 +59,7 @@ def start_server() -> tuple[object, str]:
 
 
 def time_pull(url: str, cache: Path, work: Path, repeats: int) -> dict:
-    """Best-of-`repeats` seconds of cache-pull and of a plain fsspec copy of the same files, interleaved."""
+    """Median seconds of `repeats` cache-pulls and as many plain fsspec copies of the same files, interleaved."""
     loc = open_location(url)
     files = [e.relpath for e in layer_files("", load_manifest(cache))] + ["manifest.json"]
     total = sum((cache / f).stat().st_size for f in files)
@@ -71,9 +76,9 @@ def time_pull(url: str, cache: Path, work: Path, repeats: int) -> dict:
                 pull_cache(loc, dest, **QUIET)
                 ours.append(time.perf_counter() - start)
             shutil.rmtree(dest)
-    return {"bytes": total, "plain_s": min(plain), "pull_s": min(ours),
-            "plain_MBps": total / min(plain) / 1e6, "pull_MBps": total / min(ours) / 1e6,
-            "ratio": min(plain) / min(ours)}
+    plain_s, pull_s = statistics.median(plain), statistics.median(ours)
+    return {"bytes": total, "repeats": repeats, "plain_s": plain_s, "pull_s": pull_s, "plain_MBps": total / plain_s / 1e6,
+            "pull_MBps": total / pull_s / 1e6, "ratio": plain_s / pull_s}
 
 
 def repush_one_changed_shard(url: str, cache: Path) -> dict:
@@ -86,17 +91,12 @@ def repush_one_changed_shard(url: str, cache: Path) -> dict:
             "cache_bytes": load_manifest(cache)["totals"]["bytes"]}
 
 
-def train_tokens_per_s(work: Path, steps: int, bound_mb: float | None) -> dict:
-    """fuse-train on the tiny test models: median step tokens/s from the local folder and from s3:// (the same
-    caches, pushed), interleaved twice; and the seconds to open (fetch and verify) the remote caches."""
-    import statistics
-
-    from fuse_trainer.train import fuse_train
-    from tests.conftest import write_corpus
-    from tests.runs import train_config
-    from tests.tiny import make_tiny_model
+def tiny_caches(work: Path) -> tuple[Path, dict]:
+    """Two sources of the tiny test models aligned to a tiny pivot (steps of milliseconds), and the run's settings."""
     from cache_builder.align import align_cache
     from cache_builder.build import BuildSettings, build_cache
+    from tests.conftest import write_corpus
+    from tests.tiny import make_tiny_model
 
     models = {"pivot": make_tiny_model(work / "models" / "pivot", arch="llama", seed=0),
               "srcq": make_tiny_model(work / "models" / "srcq", arch="qwen2", vocab=300, seed=1),
@@ -104,34 +104,67 @@ def train_tokens_per_s(work: Path, steps: int, bound_mb: float | None) -> dict:
     corpus = write_corpus(work / "corpus")
     for name in ("srcq", "srcg"):
         build_cache(corpus, BuildSettings(model=str(models[name]), top_k=4, rows_per_shard=5, batch_tokens=256,
-                                          position_chunk=16), work / "tcache", log=lambda *_: None)
-        align_cache(work / "tcache" / name, str(models["pivot"]), log=lambda *_: None)
-    push_cache(work / "tcache", open_location("s3://bench/train"), **QUIET)
-    world = {"cache": work / "tcache", "models": models}
+                                          position_chunk=16), work / "tcache", **QUIET)
+        align_cache(work / "tcache" / name, str(models["pivot"]), **QUIET)
+    return work / "tcache", dict(pivot=str(models["pivot"]), lr=3e-3, batch_tokens=256, lam=0.5, uld_top_k=4)
+
+
+def real_cache(work: Path, model: str, rows_per_shard: int) -> tuple[Path, dict]:
+    """`model` as its own source over the shipped data/ (cache-build), aligned to itself as the pivot, and the run's
+    settings: a real pivot's step takes seconds on a CPU."""
+    from cache_builder.align import align_cache
+    from cache_builder.build import BuildSettings, build_cache
+
+    build_cache(REPO / "data", BuildSettings(model=model, rows_per_shard=rows_per_shard), work / "tcache", **QUIET)
+    align_cache(work / "tcache" / model, model, **QUIET)
+    return work / "tcache", dict(pivot=model, lr=1e-5, batch_tokens=512)
+
+
+def train_tokens_per_s(work: Path, steps: int, bound_mb: float | None, model: str | None, repeats: int) -> dict:
+    """fuse-train's median step tokens/s from the local folder and from s3:// (the same caches, pushed), with an
+    unbounded store and with one bounded at `bound_mb` (default: half the aligned shards' bytes), `repeats` rounds
+    in alternating order after a warm-up run; each run's first step is left out."""
+    from cache_builder.manifest import find_layers
+    from fuse_trainer.config import TrainConfig
+    from fuse_trainer.train import fuse_train
+
+    cache, settings = real_cache(work, model, rows_per_shard=8) if model else tiny_caches(work)
+    push_cache(cache, open_location("s3://bench/train"), **QUIET)
+    aligned = sum(load_manifest(layer)["totals"]["bytes"] for layer in find_layers(cache) if layer.parent.name == "aligned")
+    bound_mb = bound_mb if bound_mb is not None else aligned / 2 / 1e6
     bounds = {"local": None, "s3": None, "s3-bounded": bound_mb}
     rates: dict[str, list[float]] = {kind: [] for kind in bounds}
-    fuse_train(train_config(world, work / "warm-up", max_steps=steps, batch_tokens=256), **QUIET)
-    for repeat in range(2):
+
+    def run(out: Path, **remote) -> Path:
+        config = {"shards": str(cache), **settings, **remote}
+        fuse_train(TrainConfig(max_steps=steps, out=str(out), save_every=0, **config).validate(), **QUIET)
+        return out
+
+    run(work / "warm-up")
+    for repeat in range(repeats):
         for kind, bound in (bounds.items() if repeat % 2 == 0 else reversed(bounds.items())):
-            out = work / f"run-{kind}-{repeat}"
             remote = dict(shards="s3://bench/train", cache_dir=str(work / f"store-{kind}-{repeat}"),
                           max_local_gb=bound / 1e3 if bound else None) if kind != "local" else {}
-            fuse_train(train_config(world, out, max_steps=steps, batch_tokens=256, **remote), **QUIET)
+            out = run(work / f"run-{kind}-{repeat}", **remote)
             lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
             rates[kind] += [line["tokens_per_s"] for line in lines[1:]]  # the first step warms up
     median = {kind: statistics.median(r) for kind, r in rates.items()}
-    return {"tokens_per_s": median, "ratio_s3": median["s3"] / median["local"],
-            "ratio_s3_bounded": median["s3-bounded"] / median["local"], "steps": steps, "bound_mb": bound_mb}
+    return {"model": model or "tiny test models", "tokens_per_s": median, "ratio_s3": median["s3"] / median["local"],
+            "ratio_s3_bounded": median["s3-bounded"] / median["local"], "steps": steps, "repeats": repeats,
+            "aligned_bytes": aligned, "bound_mb": bound_mb}
 
 
 @click.command()
 @click.option("--shards", default=16, help="Shards in the synthetic cache.")
 @click.option("--rows-per-shard", default=64)
-@click.option("--repeats", default=3, help="Pulls of each kind; the best is kept.")
+@click.option("--repeats", default=9, help="Pulls of each kind, interleaved; the median is kept.")
 @click.option("--train-steps", default=20, help="fuse-train steps per run (0: skip the training comparison).")
-@click.option("--bound-mb", default=0.05, type=float, help="--max-local-gb of the bounded s3:// training run, in MB: below "
-              "the caches' size, so shards are evicted and fetched again while training.")
-def main(shards, rows_per_shard, repeats, train_steps, bound_mb):
+@click.option("--bound-mb", default=None, type=float, help="--max-local-gb of the bounded s3:// training run, in MB "
+              "(default: half the aligned shards' bytes), so shards are evicted and fetched again while training.")
+@click.option("--train-model", default=None, help="A real model (e.g. smollm2) as its own source and pivot, over data/ "
+              "(default: the tiny test models).")
+@click.option("--train-repeats", default=2, help="Rounds of the three training runs, in alternating order.")
+def main(shards, rows_per_shard, repeats, train_steps, bound_mb, train_model, train_repeats):
     os.environ["TQDM_DISABLE"] = "1"  # the progress bars of cache-build and fuse-train
     server, endpoint = start_server()
     try:
@@ -150,12 +183,12 @@ def main(shards, rows_per_shard, repeats, train_steps, bound_mb):
             print(f"re-push after one shard changed: {repush['uploaded_bytes']} bytes uploaded for a "
                   f"{repush['changed_shard_bytes']}-byte shard of a {repush['cache_bytes']}-byte cache; shards sent: "
                   f"{repush['shards_uploaded']}")
-            train = train_tokens_per_s(work, train_steps, bound_mb) if train_steps else None
+            train = train_tokens_per_s(work, train_steps, bound_mb, train_model, train_repeats) if train_steps else None
             if train:
                 rate = train["tokens_per_s"]
-                print(f"fuse-train tokens/s: local folder {rate['local']:.0f}, s3:// {rate['s3']:.0f} (ratio "
-                      f"{train['ratio_s3']:.2f}), s3:// through a store bounded at {bound_mb} MB {rate['s3-bounded']:.0f} "
-                      f"(ratio {train['ratio_s3_bounded']:.2f}); target >= 0.95")
+                print(f"fuse-train tokens/s ({train['model']}): local folder {rate['local']:.0f}, s3:// {rate['s3']:.0f} "
+                      f"(ratio {train['ratio_s3']:.2f}), s3:// through a store bounded at {train['bound_mb']:.2f} MB "
+                      f"{rate['s3-bounded']:.0f} (ratio {train['ratio_s3_bounded']:.2f}); target >= 0.95")
             print(json.dumps({"benchmark": "share_throughput", "endpoint": endpoint, "shards": shards,
                               "rows_per_shard": rows_per_shard, "pull": pull, "repush": repush, "train": train}))
     finally:

@@ -52,7 +52,7 @@ from cache_builder.format import (
     write_shard,
     write_text_atomic,
 )
-from cache_builder.manifest import CacheError, load_manifest
+from cache_builder.manifest import CacheError
 from cache_builder.models import load_tokenizer, resolve_model
 from cache_builder.reader import Ragged, iter_shard_batches
 from cache_builder.untrusted import shown
@@ -156,10 +156,10 @@ def align_cache(cache: str | Path, pivot: str, *, strategy: str = DEFAULT_VOCAB_
     trusted or reused, and no planted name can redirect a write outside the cache."""
     started = time.time()
     cache = Path(cache).resolve()
-    problems, _ = verify_layer(cache)  # also refuses any symlink or special file in the whole tree
-    if problems:
-        raise CacheError(f"{shown(cache)} does not verify; refusing to align it: " + "; ".join(problems))
-    src_manifest = load_manifest(cache)
+    check = verify_layer(cache)  # also refuses any symlink or special file in the whole tree
+    if check.problems:
+        raise CacheError(f"{shown(cache)} does not verify; refusing to align it: " + "; ".join(check.problems))
+    src_manifest = check.manifest
     k = src_manifest["top_k"]
     piv_source = resolve_model(pivot)
     parent = cache / ALIGNED_DIR

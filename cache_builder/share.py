@@ -13,6 +13,7 @@ verified files. `provenance.json` records where the cache came from.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -23,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import fsspec.asyn
+
 from cache_builder.card import hub_card
 from cache_builder.format import ALIGNED_DIR, CARD, MANIFEST, sha256_file, write_text_atomic
 from cache_builder.manifest import CacheError, find_layers, load_manifest
@@ -32,7 +35,7 @@ from cache_builder.vocab_file import VOCAB_FILE
 
 PROVENANCE = "provenance.json"
 PART_SUFFIX = ".part-"
-BLOCK = 1 << 23  # bytes read per request while downloading
+BLOCK = 1 << 23  # the most bytes taken from a download at a time
 
 
 @dataclass(frozen=True)
@@ -248,35 +251,122 @@ def read_manifests(loc: Location, layers: list[str], staging: Path) -> dict[str,
     return out
 
 
-def download_verified(loc: Location, entry: FileEntry, final: Path) -> bool:
-    """Download one file to a temporary name, hashing as it arrives; rename it to `final` only if its sha256 is
-    the manifest's. Returns False if `final` already held the right bytes (hashed again here: a file renamed just
-    before a power cut is not trusted, so no fsync is needed)."""
-    if final.is_file() and not final.is_symlink() and sha256_file(final) == entry.sha256:
-        return False
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}{PART_SUFFIX}{os.getpid()}")
-    h, size = hashlib.sha256(), 0
-    limit = entry.bytes if entry.bytes >= 0 else None
+class _Incoming:
+    """One file on its way in: written under a temporary name beside `final` and hashed as its bytes arrive. It
+    gets its final name only if its sha256 and size are the manifest's; otherwise nothing of it remains."""
+
+    def __init__(self, loc: Location, entry: FileEntry, final: Path):
+        self.loc, self.entry, self.final = loc, entry, final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = final.with_name(f".{final.name}{PART_SUFFIX}{os.getpid()}")
+        self.out = open(self.tmp, "wb")
+        self.hash, self.size = hashlib.sha256(), 0
+
+    def take(self, block: bytes) -> bool:
+        """Hash and write the next bytes; False once more arrived than the manifest records (read no further)."""
+        self.size += len(block)
+        if 0 <= self.entry.bytes < self.size:
+            return False
+        self.hash.update(block)
+        self.out.write(block)
+        return True
+
+    def finish(self) -> None:
+        """Give the file its final name if its bytes are the manifest's, else CacheError naming it."""
+        self.out.close()
+        if self.hash.hexdigest() != self.entry.sha256 or (self.entry.bytes >= 0 and self.size != self.entry.bytes):
+            self.tmp.unlink(missing_ok=True)
+            raise CacheError(f"{self.loc.display(self.entry.relpath)}: sha256 or size differs from the manifest "
+                             "(modified or corrupted at the origin); refusing it. Ask the publisher to re-push the cache")
+        if self.final.exists() or self.final.is_symlink():
+            self.final.unlink()
+        os.replace(self.tmp, self.final)
+
+    def abandon(self, err: BaseException) -> RemoteError:
+        """Remove the partial file; the store's error as one line."""
+        self.out.close()
+        self.tmp.unlink(missing_ok=True)
+        return explain(err, self.loc, f"downloading {self.entry.relpath}")
+
+
+def _fetch(loc: Location, entry: FileEntry, final: Path) -> None:
+    """One file through the file system's blocking reader (the Hub, a folder)."""
+    incoming = _Incoming(loc, entry, final)
     try:
-        with loc.fs.open(loc.path(entry.relpath), "rb", block_size=BLOCK) as src, open(tmp, "wb") as out:
-            while block := src.read(BLOCK):
-                size += len(block)
-                if limit is not None and size > limit:
-                    break
-                h.update(block)
-                out.write(block)
+        with loc.fs.open(loc.path(entry.relpath), "rb", block_size=BLOCK) as src:
+            while (block := src.read(BLOCK)) and incoming.take(block):
+                pass
+    except Exception as err:  # noqa: BLE001 - every store error becomes one line naming the fix
+        raise incoming.abandon(err) from None
+    incoming.finish()
+
+
+async def _fetch_async(loc: Location, entry: FileEntry, final: Path) -> None:
+    """One file as one streamed GET (S3, HTTP): its bytes hashed and written as they arrive."""
+    incoming = _Incoming(loc, entry, final)
+    try:
+        src = await loc.fs.open_async(loc.path(entry.relpath), "rb")
+        while (block := await src.read(BLOCK)) and incoming.take(block):
+            pass
+        await src.close()
     except Exception as err:  # noqa: BLE001
-        tmp.unlink(missing_ok=True)
-        raise explain(err, loc, f"downloading {entry.relpath}") from None
-    if h.hexdigest() != entry.sha256 or (limit is not None and size != limit):
-        tmp.unlink(missing_ok=True)
-        raise CacheError(f"{loc.display(entry.relpath)}: sha256 or size differs from the manifest (modified or "
-                         "corrupted at the origin); refusing it. Ask the publisher to re-push the cache")
-    if final.exists() or final.is_symlink():
-        final.unlink()
-    os.replace(tmp, final)
-    return True
+        raise incoming.abandon(err) from None
+    incoming.finish()
+
+
+async def _fetch_all_async(loc: Location, files: list[tuple[FileEntry, Path]], workers: int) -> list[BaseException | None]:
+    """Every file, at most `workers` at a time, all in the file system's event loop; each one's error or None."""
+    slots = asyncio.Semaphore(workers)
+
+    async def one(entry: FileEntry, final: Path) -> None:
+        async with slots:
+            await _fetch_async(loc, entry, final)
+
+    return await asyncio.gather(*(one(e, final) for e, final in files), return_exceptions=True)
+
+
+def _streams(fs) -> bool:
+    """Whether the file system streams a file with one request from its event loop (s3fs, HTTP)."""
+    return getattr(fs, "async_impl", False) and type(fs).open_async is not fsspec.asyn.AsyncFileSystem.open_async
+
+
+def _holds(final: Path, sha256: str) -> bool:
+    """Whether `final` already holds the right bytes (hashed again: a file renamed just before a power cut is not
+    trusted, so no fsync is needed)."""
+    return final.is_file() and not final.is_symlink() and sha256_file(final) == sha256
+
+
+def download_verified(loc: Location, files: list[tuple[FileEntry, Path]], workers: int = 8) -> list[bool]:
+    """Download each (entry, final) to a temporary name, hashing as the bytes arrive; rename it to `final` only if
+    its sha256 and size are the manifest's. Files already at `final` with the right bytes are kept. Returns, per
+    file, whether it was downloaded. On S3 every file is one GET, `workers` of them at a time in one event loop."""
+    with ThreadPoolExecutor(workers) as pool:
+        kept = list(pool.map(lambda f: _holds(f[1], f[0].sha256), files))
+    todo = [f for f, k in zip(files, kept) if not k]
+    if _streams(loc.fs):
+        for error in fsspec.asyn.sync(loc.fs.loop, _fetch_all_async, loc, todo, workers):
+            if error is not None:
+                raise error
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda f: _fetch(loc, *f), todo))
+    return [not k for k in kept]
+
+
+def _read_card(loc: Location, layer: str) -> bytes | None:
+    """A layer's dataset card, or None: a card is documentation, and a cache without one is still whole."""
+    try:
+        return read_bytes(loc, join(layer, CARD))
+    except RemoteError:
+        return None
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write `data` under a temporary name, then rename it to `path`. No fsync: after a crash, a rerun writes the
+    card and the manifest again and hashes every file the manifest names."""
+    tmp = path.with_name(f".{path.name}{PART_SUFFIX}{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def remove_partials(folder: Path) -> None:
@@ -320,28 +410,23 @@ def pull_cache(loc: Location, dest: str | Path, *, sources: tuple[str, ...] = ()
     with tempfile.TemporaryDirectory() as staging:
         found = read_manifests(loc, available, Path(staging))
     wanted = select_layers(available, {la: f["manifest"] for la, f in found.items()}, sources, layers)
-    summary = TransferSummary(layers=wanted)
-    for layer in wanted:
-        item = found[layer]
-        folder = dest / layer if layer else dest
+    folders = {layer: dest / layer if layer else dest for layer in wanted}
+    for layer, folder in folders.items():
         remove_partials(folder)
-        entries = layer_files(layer, item["manifest"])
-        if (folder / MANIFEST).is_file() and (folder / MANIFEST).read_bytes() != item["raw"]:
+        if (folder / MANIFEST).is_file() and (folder / MANIFEST).read_bytes() != found[layer]["raw"]:
             (folder / MANIFEST).unlink()  # another version of the layer: it is a cache again once complete
-        with ThreadPoolExecutor(workers) as pool:
-            fetched = list(pool.map(lambda e: download_verified(loc, e, dest / e.relpath), entries))
-        summary.transferred += [e.relpath for e, f in zip(entries, fetched) if f]
-        summary.bytes += sum((dest / e.relpath).stat().st_size for e, f in zip(entries, fetched) if f)
-        summary.kept += len(entries) - sum(fetched)
-        card = join(layer, CARD)
-        if not (folder / CARD).is_file():
-            try:
-                write_text_atomic(folder / CARD, read_bytes(loc, card).decode("utf-8", errors="replace"))
-            except RemoteError:
-                pass  # a card is documentation; a cache without one is still whole
-        tmp = folder / f".{MANIFEST}{PART_SUFFIX}{os.getpid()}"
-        tmp.write_bytes(item["raw"])
-        os.replace(tmp, folder / MANIFEST)
+    entries = [e for layer in wanted for e in layer_files(layer, found[layer]["manifest"])]
+    with ThreadPoolExecutor(workers) as pool:
+        cards = pool.map(lambda layer: _read_card(loc, layer), wanted)  # while the data downloads
+        fetched = download_verified(loc, [(e, dest / e.relpath) for e in entries], workers)
+        cards = dict(zip(wanted, cards))
+    downloaded = [e.relpath for e, f in zip(entries, fetched) if f]
+    summary = TransferSummary(layers=wanted, transferred=downloaded, kept=fetched.count(False),
+                              bytes=sum((dest / relpath).stat().st_size for relpath in downloaded))
+    for layer, folder in folders.items():  # each manifest after its layer's files
+        if cards.get(layer) is not None:
+            _replace(folder / CARD, cards[layer].decode("utf-8", errors="replace").encode("utf-8"))
+        _replace(folder / MANIFEST, found[layer]["raw"])
     write_provenance(dest, loc, {la: found[la] for la in wanted})
     log(f"pulled {loc.url}" + (f"@{loc.revision}" if loc.revision else "") + f" -> {dest}: {summary.files} files "
         f"({summary.bytes} bytes) downloaded, {summary.kept} already there and verified, {len(wanted)} layer(s)")

@@ -10,9 +10,7 @@ a cache larger than the local disk still trains.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -21,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cache_builder.format import MANIFEST, sha256_file
-from cache_builder.manifest import load_manifest
+from cache_builder.format import sha256_file
+from cache_builder.manifest import CacheError
 from cache_builder.reader import Ragged, read_shard
 from cache_builder.remote import Location
 from cache_builder.share import FileEntry, default_store, download_verified, join, read_manifests
-from cache_builder.verify import verify_layer
+from cache_builder.untrusted import shown
+from cache_builder.verify import verify_layer, verify_shard
 
 
 class ShardStore:
@@ -52,7 +51,7 @@ class ShardStore:
                 os.utime(path)  # most recently used
             else:
                 self._make_room(entry.bytes)
-                download_verified(loc, entry, path)
+                download_verified(loc, [(entry, path)])
                 self.fetched += 1
             self._checked.add(entry.sha256)
             return path
@@ -115,39 +114,33 @@ class VerifiedLayer:
 
 
 def open_local_layer(folder: str | Path) -> VerifiedLayer:
-    """Open a local layer: cache-verify's checks, once."""
+    """Open a local layer: cache-verify's checks, once; the manifest they read is the one passed on."""
     folder = Path(folder)
-    problems, ids = verify_layer(folder)
-    manifest = load_manifest(folder) if not problems else None
-    return VerifiedLayer(str(folder), manifest, problems, ids, folder=folder)
+    check = verify_layer(folder)
+    return VerifiedLayer(str(folder), check.manifest, check.problems, check.record_ids, folder=folder)
 
 
 def open_remote_layer(loc: Location, prefix: str, store: ShardStore) -> VerifiedLayer:
-    """Open a remote layer: its manifest read once (validated like a local one), every shard fetched into the store
-    (sha256-checked as it arrives) and checked like cache-verify checks a local shard; the store may evict it later
-    and fetch the same bytes again on demand."""
+    """Open a remote aligned layer: its manifest read once (validated like a local one), every shard fetched into
+    the store (sha256-checked as it arrives) and checked like cache-verify checks a local shard; the store may
+    evict it later and fetch the same bytes again on demand."""
     origin = loc.display(prefix)
-    store.root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=store.root, prefix=".open-") as tmp:
-        manifest = read_manifests(loc, [prefix], Path(tmp))[prefix]["manifest"]
-        entries = {s["path"]: FileEntry(join(prefix, s["path"]), s["sha256"], s["bytes"]) for s in manifest["shards"]}
-        problems, ids = [], []
-        for shard in manifest["shards"]:
-            shard_problems, shard_ids = _verify_one_shard(store.fetch(loc, entries[shard["path"]]), shard, manifest,
-                                                          Path(tmp) / "view")
-            problems += [p.replace(str(Path(tmp) / "view"), origin) for p in shard_problems]
-            ids += shard_ids
+    with tempfile.TemporaryDirectory() as staging:
+        manifest = read_manifests(loc, [prefix], Path(staging))[prefix]["manifest"]
+    if manifest["layer"] != "aligned":
+        raise CacheError(f"{origin} is a source layer: pull it (cache-pull) and align it to a pivot before training")
+    vocab = manifest["pivot"]["vocab_size"]  # bounded by the schema; equal to the pivot's (fuse_trainer.data.check_pivot)
+    entries = {s["path"]: FileEntry(join(prefix, s["path"]), s["sha256"], s["bytes"]) for s in manifest["shards"]}
+    problems, ids = [], []
+    for shard in manifest["shards"]:
+        path = store.fetch(loc, entries[shard["path"]])
+        try:
+            shard_problems, shard_ids = verify_shard(path, shard, manifest, vocab, deep=True)
+        except CacheError as err:
+            shard_problems, shard_ids = [str(err)], []
+        problems += [p.replace(shown(path), loc.display(entries[shard["path"]].relpath)) for p in shard_problems]
+        ids += shard_ids
     duplicates = len(ids) - len(set(ids))
     if duplicates:
         problems.append(f"{origin}: {duplicates} duplicate record ids")
     return VerifiedLayer(origin, manifest, problems, ids, location=loc, prefix=prefix, store=store, entries=entries)
-
-
-def _verify_one_shard(path: Path, shard: dict, manifest: dict, view: Path) -> tuple[list[str], list[str]]:
-    """cache-verify's checks of one shard, on a one-shard copy of the layer (a hard link to the stored file)."""
-    shutil.rmtree(view, ignore_errors=True)
-    (view / shard["path"]).parent.mkdir(parents=True)
-    os.link(path, view / shard["path"])
-    totals = {key: shard[key] for key in ("rows", "tokens", "bytes")}
-    (view / MANIFEST).write_text(json.dumps({**manifest, "shards": [shard], "totals": totals}))
-    return verify_layer(view)

@@ -17,6 +17,7 @@ Checks, in order, each reported with the file it concerns:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from cache_builder.format import ALIGNED_DIR, MANIFEST, expected_schema, missing_statistics, sha256_file
@@ -92,14 +93,24 @@ def verify_shard(path: Path, shard: dict, manifest: dict, vocab: int, deep: bool
     return sorted(set(problems), key=problems.index), ids
 
 
-def verify_layer(folder: Path, *, deep: bool = True) -> tuple[list[str], list[str]]:
-    """(problems, record ids) of one cache layer. No problem means the layer is safe to use."""
+@dataclass(frozen=True)
+class LayerCheck:
+    """What verifying one layer found: its problems ([] means safe to use), its record ids, and the manifest it
+    checked (None when the manifest itself is unusable), so that no caller reads the manifest again."""
+
+    problems: list[str]
+    record_ids: list[str]
+    manifest: dict | None
+
+
+def verify_layer(folder: Path, *, deep: bool = True) -> LayerCheck:
+    """Every check of one cache layer, reading its manifest once."""
     folder = Path(folder)
     try:
         opened = open_layer(folder)
         vocab = vocabulary_size(folder, opened.manifest)
     except CacheError as err:
-        return [str(err)], []
+        return LayerCheck([str(err)], [], None)
     manifest = opened.manifest
     problems: list[str] = stale_alignment(folder, manifest)
     ids: list[str] = []
@@ -113,7 +124,7 @@ def verify_layer(folder: Path, *, deep: bool = True) -> tuple[list[str], list[st
     duplicates = len(ids) - len(set(ids))
     if duplicates:
         problems.append(f"{shown(folder)}: {duplicates} duplicate record ids")
-    return problems, ids
+    return LayerCheck(problems, ids, manifest)
 
 
 def verify_cache(path: str | Path, *, deep: bool = True) -> list[str]:
@@ -133,11 +144,11 @@ def verify_cache(path: str | Path, *, deep: bool = True) -> list[str]:
     corpus: dict[Path, str] = {}
     pivots: dict[Path, str] = {}
     for layer in layers:
-        layer_problems, ids = verify_layer(layer, deep=deep)
-        problems += layer_problems
-        if not layer_problems:
-            manifest = load_manifest(layer)
-            id_sets[layer] = set(ids)
+        check = verify_layer(layer, deep=deep)
+        problems += check.problems
+        if not check.problems:
+            manifest = check.manifest
+            id_sets[layer] = set(check.record_ids)
             corpus[layer] = manifest["corpus"]["fingerprint"]
             if manifest["layer"] == "aligned":
                 pivots[layer] = manifest["pivot"]["tokenizer_fingerprint"]

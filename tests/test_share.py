@@ -253,3 +253,16 @@ def test_cache_align_takes_a_url_and_aligns_a_pulled_source_layer(bucket, world,
         ".": {"layer": "source", "manifest_sha256": sha256_file(world["cache"] / "srcq" / MANIFEST), "source": "srcq"}}
     made, original = (load_manifest(p / "aligned" / "pivot")["shards"] for p in (pulled, world["cache"] / "srcq"))
     assert [s["sha256"] for s in made] == [s["sha256"] for s in original]
+
+
+def test_gs_without_gcsfs_says_how_to_install_it(tmp_path, monkeypatch):
+    """No fake GCS server is run here; what is checked is the line a machine without gcsfs prints."""
+    from fsspec.registry import _registry
+
+    monkeypatch.delitem(_registry, "gs", raising=False)  # a class imported earlier is forgotten
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # and importing gcsfs fails
+    for command, args in ((pull, ["gs://lab-bucket/cache", str(tmp_path / "dest")]), (info, ["gs://lab-bucket/cache"])):
+        result = CliRunner().invoke(command, args)
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+        assert "reading gs:// needs the gcsfs package" in result.output and "pip install gcsfs" in result.output
+    assert not (tmp_path / "dest").exists()

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from cache_builder.align import align_cache
 from cache_builder.build import build_cache
+from cache_builder.format import MANIFEST
 from cache_builder.manifest import CacheError, load_manifest
 from cache_builder.remote import open_location
 from cache_builder.share import push_cache
@@ -17,6 +18,7 @@ from fuse_trainer.data import FusionData, check_sources, discover_sources
 from fuse_trainer.train import fuse_train
 from tests.runs import run_losses, train_config
 from tests.s3 import bucket, s3_endpoint, s3fs_client  # noqa: F401 - fixtures
+from tests.test_untrusted import tamper_rows
 
 QUIET = dict(log=lambda *_: None)
 
@@ -126,3 +128,19 @@ def test_caches_of_different_corpora_join_on_their_shared_records(world, tmp_pat
             assert len(group.sources[source]["aligned_pos"]) == len(group.record_ids)
     fuse_train(train_config(world, tmp_path / "run", shards=str(cache), join="intersect", max_steps=2), **QUIET)
     assert len(run_losses(tmp_path / "run")) == 2
+
+
+def test_implausible_values_in_a_re_signed_remote_shard_are_refused_naming_it(world, bucket, tmp_path):
+    url = f"s3://{bucket}/labs"
+    push_cache(world["cache"], open_location(url), **QUIET)
+    layer = shutil.copytree(world["cache"] / "srcq" / "aligned" / "pivot", tmp_path / "tampered")
+    tamper_rows(layer, "kept_mass", lambda v: [50.0] * len(v))  # sha256 and sizes re-signed: only the values tell
+    relpath = load_manifest(layer)["shards"][0]["path"]
+    for name in (relpath, MANIFEST):
+        s3fs_client().put_file(str(layer / name), f"{bucket}/labs/srcq/aligned/pivot/{name}")
+    config = train_config(world, tmp_path / "run")
+    result = CliRunner().invoke(train, ["--shards", url, "--pivot", config.pivot, "--out", str(tmp_path / "run"),
+                                        "--max-steps", "2", "--cache-dir", str(tmp_path / "store")])
+    assert result.exit_code == 2
+    assert f"{url}/srcq/aligned/pivot/{relpath}: kept_mass outside [0, 1]" in result.output, result.output
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
