@@ -258,10 +258,10 @@ def score_positions(head: OutputHead, hidden: torch.Tensor, targets: torch.Tenso
 
     buffers: (2, >= C, V) float32 scratch, overwritten: the logits and one temporary live there, so a chunk
     allocates no vocabulary-wide tensor (on CPU each fresh one costs page faults on every 4 KiB page).
-    After the output GEMM, an affine head's chunk is read three times: the group maxima of the top-k, then
-    two log_softmax kernels (each keeps its row in cache for its max, exp-sum and write): one of the logits
-    into the scratch buffer (logsumexp and gold log-prob), then, in place, one of the logits divided by the std
-    (the standardized logsumexp); in place, the second writes to memory it has just read.
+    After the output GEMM, an affine head's chunk is read three times: the group maxima of the top-k, the
+    logits divided by the std into the scratch buffer, then two log_softmax kernels, each in place (each keeps
+    its row in cache for its max, exp-sum and write, and writes to memory it has just read): one of the scaled
+    logits (the standardized logsumexp), one of the logits (logsumexp and gold log-prob).
     """
     C = hidden.shape[0]
     logits = head.logits(hidden, out=buffers[0, :C])  # (C, V) float32
@@ -271,12 +271,13 @@ def score_positions(head: OutputHead, hidden: torch.Tensor, targets: torch.Tenso
         mean, std = direct_moments(logits, buffers[1, :C])
     top_logits, top_ids = top_k_by_groups(logits, top_k)  # (C, K)
     row_max, argmax = top_logits[:, 0], top_ids[:, :1]  # (C,), (C, 1)
-    log_probs = torch.log_softmax(logits, dim=-1, out=buffers[1, :C])  # (C, V)
+    safe_std = std.clamp_min(STD_FLOOR)  # (C,)
+    scaled = torch.div(logits, safe_std[:, None], out=buffers[1, :C])  # (C, V)
+    z_log_probs = torch.log_softmax(scaled, dim=-1, out=scaled)  # (C, V)
+    z_lse = (row_max - mean) / safe_std - z_log_probs.gather(1, argmax)[:, 0]  # (C,) logsumexp((logits - mean) / std)
+    log_probs = torch.log_softmax(logits, dim=-1, out=logits)  # (C, V)
     lse = row_max - log_probs.gather(1, argmax)[:, 0]  # (C,) = row_max + log sum exp(logits - row_max)
     gold = log_probs.gather(1, targets[:, None])[:, 0]  # (C,)
-    safe_std = std.clamp_min(STD_FLOOR)  # (C,)
-    z_log_probs = torch.log_softmax(logits.div_(safe_std[:, None]), dim=-1, out=logits)  # (C, V)
-    z_lse = (row_max - mean) / safe_std - z_log_probs.gather(1, argmax)[:, 0]  # (C,) logsumexp((logits - mean) / std)
     return {"topk_ids": top_ids.int(), "topk_logits": top_logits, "logsumexp": lse, "logit_mean": mean,
             "logit_std": std, "z_logsumexp": z_lse, "gold_logprob": gold}
 
