@@ -11,6 +11,7 @@ batch (each batch runs every way, in an order that rotates), so that other proce
            every batch, and nothing else: the logits are discarded. No logit cache can be faster than this.
   ours     `score_batch`: the logit forward + top-k and statistics on device, with the scratch buffers reused by
            every batch, as cache-build does
+  fused    `score_batch(..., fused=True)`: cache-build --fused-epilogue (both normalisers in one compiled read)
   naive    padding every record to the longest, full [batch, seq, vocab] logits, softmax over the vocab,
            top-k and statistics on CPU in numpy, one row at a time (the same batches, padded to the longest record)
 Prints tokens/s (median), the ratios ours/logits (target >= 0.85), ours/floor and ours/naive, and a JSON line.
@@ -95,7 +96,7 @@ def naive(model, batch, top_k: int, longest: int) -> list:
 @click.option("--corpus", default="data")
 @click.option("--copies", default=1, help="Score every record this many times (enough work for a GPU).")
 @click.option("--device", default="cpu", type=click.Choice(["cpu", "cuda"]))
-@click.option("--ways", default="floor,logits,ours", help="Comma-separated subset of floor,logits,ours,naive.")
+@click.option("--ways", default="floor,logits,ours", help="Comma-separated subset of floor,logits,ours,fused,naive.")
 @click.option("--position-chunk", default=BuildSettings.position_chunk,
               help="Positions projected onto the vocabulary at once (logits, ours); cache-build's default.")
 def main(name, dtype, repeats, records, batch_tokens, top_k, corpus, copies, device, ways, position_chunk):
@@ -112,11 +113,12 @@ def main(name, dtype, repeats, records, batch_tokens, top_k, corpus, copies, dev
     everything = {"floor": lambda batch: floor(model, batch),
                   "logits": lambda batch: logit_forward(model, batch, position_chunk, buffers[0]),
                   "ours": lambda batch: score_batch(model, batch, top_k, position_chunk, buffers=buffers),
+                  "fused": lambda batch: score_batch(model, batch, top_k, position_chunk, buffers=buffers, fused=True),
                   "naive": lambda batch: naive(model, batch, top_k, longest)}
     ways = {k: everything[k] for k in ways.split(",")}
     cuda = model.device.type == "cuda"
     weights_bytes = torch.cuda.memory_allocated() if cuda else 0
-    for run in ways.values():  # warm-up (and the head's one-time verification and moments)
+    for run in ways.values():  # warm-up (the head's one-time verification and moments, fused's compilation)
         run(batches[0])
     # Interleaved batch by batch, the order of the ways rotating: load from other processes falls on every way.
     seconds = {k: [0.0] * repeats for k in ways}
@@ -153,19 +155,21 @@ def main(name, dtype, repeats, records, batch_tokens, top_k, corpus, copies, dev
               "gpu": torch.cuda.get_device_name() if cuda else None, "tokens": tokens, "repeats": repeats,
               "tokens_per_s": rate, "ours_over_logits": ratio("ours", "logits"),
               "ours_over_floor": ratio("ours", "floor"), "logits_over_floor": ratio("logits", "floor"),
-              "ours_over_naive": ratio("ours", "naive"), "paired_ours_over_logits": paired("ours", "logits"),
+              "ours_over_naive": ratio("ours", "naive"), "fused_over_logits": ratio("fused", "logits"),
+              "paired_ours_over_logits": paired("ours", "logits"), "paired_fused_over_logits": paired("fused", "logits"),
               "paired_ours_over_floor": paired("ours", "floor"), "seconds": seconds,
               "peak_mib_above_weights": peak or None, "vocab": model.config.vocab_size, "threads": torch.get_num_threads()}
     print(f"{name} {dtype} on {result['gpu'] or 'cpu'}: {tokens} tokens, median of {repeats}")
     for k, v in rate.items():
         memory = f"  peak {peak[k]:8.0f} MiB above the weights" if k in peak else ""
         print(f"  {k:6} {v:9.0f} tokens/s{memory}")
-    for a, b, target in [("ours", "logits", " (target >= 0.85)"), ("ours", "floor", ""), ("logits", "floor", ""),
-                         ("ours", "naive", "")]:
+    for a, b, target in [("ours", "logits", " (target >= 0.85)"), ("fused", "logits", ""), ("ours", "floor", ""),
+                         ("logits", "floor", ""), ("ours", "naive", "")]:
         if ratio(a, b) is not None:
             print(f"  {a} / {b} = {ratio(a, b):.2f}{target}")
-    if paired("ours", "logits") is not None:
-        print(f"  paired, median over {len(per_batch['ours'])} batch runs: ours / logits = {paired('ours', 'logits'):.2f}")
+    for way in ("ours", "fused"):
+        if paired(way, "logits") is not None:
+            print(f"  paired, median over {len(per_batch[way])} batch runs: {way} / logits = {paired(way, 'logits'):.2f}")
     print(json.dumps(result))
 
 

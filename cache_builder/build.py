@@ -68,6 +68,11 @@ class BuildSettings:
     rows_per_shard: int = 256
     limit: int | None = None
     world_size: int = 1
+    fused_epilogue: bool = False  # both normalisers of a chunk from one torch.compile'd read (scoring.fused_normalisers)
+
+
+# Settings added after caches were built, with the value those builds used: their settings files still match.
+SETTINGS_BEFORE_THEY_EXISTED = {"fused_epilogue": False}
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,7 @@ def check_settings(folder: Path, settings: BuildSettings, corpus_fingerprint: st
     path = folder / SETTINGS_FILE
     wanted = {**asdict(settings), "corpus_fingerprint": corpus_fingerprint}
     if path.exists():
-        existing = json.loads(path.read_text())
+        existing = {**SETTINGS_BEFORE_THEY_EXISTED, **json.loads(path.read_text())}
         if existing != wanted and not overwrite:
             changed = {k: (existing.get(k), v) for k, v in wanted.items() if existing.get(k) != v}
             what = "from another corpus" if set(changed) == {"corpus_fingerprint"} else f"with other settings {changed} (old, new)"
@@ -182,7 +187,7 @@ def score_shard(model, tokenizer, surface, records: list[Record], settings: Buil
     lengths = [len(ids) for ids, _ in tokenized]
     for bucket in length_buckets(lengths, settings.batch_tokens):
         results = score_batch(model, [tokenized[i][0] for i in bucket], settings.top_k, settings.position_chunk,
-                              buffers=buffers)
+                              buffers=buffers, fused=settings.fused_epilogue)
         for i, result in zip(bucket, results):
             scored[i] = result
         progress(sum(len(records[i].text.encode()) for i in bucket), sum(lengths[i] for i in bucket))

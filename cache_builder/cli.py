@@ -66,13 +66,15 @@ def _local(path: str, store: str | None, allow_insecure: bool, **selection) -> P
 @click.option("--device-map", default=None, type=click.Choice(["auto"]), help="For a source larger than one device: spread its decoder layers over this rank's GPUs (the GPUs visible to a node, split evenly between its ranks; with --device cpu: the CPU), then CPU memory, then disk. Same rows as a build on one device.")
 @click.option("--max-memory", default=None, help="With --device-map: memory for the weights on each GPU and in RAM, e.g. gpu=70GiB,cpu=200GiB (default: 85% of each GPU's free memory less the scoring buffers, 80% of the free RAM shared by the node's ranks).")
 @click.option("--limit", default=None, type=click.IntRange(1), help="Use only the first N records of the corpus.")
+@click.option("--fused-epilogue", is_flag=True, help="Compute logsumexp and the standardized logsumexp of each position chunk in one read, with a kernel torch.compile builds at the start (needs a C++ compiler on CPU, Triton on CUDA). Same top-k; statistics within 1e-5 of the default path. Gemma-3 on CPU: see benchmarks/README.md.")
 @click.option("--rank", default=None, type=click.IntRange(0), help="This process's rank (default: $RANK from torchrun, else 0).")
 @click.option("--world-size", default=None, type=click.IntRange(1), help="Number of ranks (default: $WORLD_SIZE, else 1).")
 @click.option("--overwrite", is_flag=True, help="Delete a cache built with other settings instead of refusing.")
 @click.option("--strict", is_flag=True, help="Refuse to start when the corpus has bad records (default: skip and report them).")
 @one_line_errors
 def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch_tokens, position_chunk, dtype,
-          logit_dtype, rows_per_shard, device, device_map, max_memory, limit, rank, world_size, overwrite, strict):
+          logit_dtype, rows_per_shard, device, device_map, max_memory, limit, fused_epilogue, rank, world_size, overwrite,
+          strict):
     """Run ONE source model once over a corpus and write its sparse top-k signals to Parquet shards.
 
     Resumable: rerun the same command after a crash and finished shards are kept. Re-running a finished
@@ -92,7 +94,7 @@ def build(model, corpus_path, out, pivot, top_k, max_tokens, window_chars, batch
         settings = BuildSettings(model=model, top_k=top_k, window_chars=window_chars, max_tokens=max_tokens,
                                  batch_tokens=batch_tokens, position_chunk=position_chunk, dtype=dtype,
                                  logit_dtype=logit_dtype, rows_per_shard=rows_per_shard, limit=limit,
-                                 world_size=world_size)
+                                 world_size=world_size, fused_epilogue=fused_epilogue)
         summary = build_cache(corpus_path, settings, out, rank=rank, device=device, overwrite=overwrite, strict=strict,
                               spread=spread)
     except (BuildError, ValueError, FileNotFoundError) as err:

@@ -252,6 +252,19 @@ def test_rescore_passes_on_the_real_signals_and_catches_forged_ones(world, tmp_p
     assert any("logsumexp differs" in p for p in problems)
 
 
+def test_a_build_started_before_fused_epilogue_existed_resumes_and_other_settings_are_refused(tmp_path):
+    from dataclasses import asdict, replace
+
+    from cache_builder.build import SETTINGS_FILE, BuildError, BuildSettings, check_settings
+
+    settings = BuildSettings(model="qwen")
+    old = {k: v for k, v in asdict(settings).items() if k != "fused_epilogue"}
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({**old, "corpus_fingerprint": "abc"}))
+    check_settings(tmp_path, settings, "abc", overwrite=False)  # resumes
+    with pytest.raises(BuildError, match="fused_epilogue"):
+        check_settings(tmp_path, replace(settings, fused_epilogue=True), "abc", overwrite=False)
+
+
 def test_rescore_tolerates_a_few_drifting_positions_in_half_precision_only():
     """A bf16 trunk in another batch composition drifts at a few positions of a long row; fp32 must match at
     every position; a row off at most positions (another model, forged values) fails in every dtype."""

@@ -197,6 +197,31 @@ def test_buffers_reused_across_batches_give_the_same_bytes(tmp_path):
         score_batch(model, sequences, TOP_K, position_chunk=32, buffers=buffers)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_fused_epilogue_gives_the_same_top_k_and_statistics_within_1e_5(tmp_path, arch):
+    """--fused-epilogue: both normalisers from one torch.compile'd read of the chunk, against the eager path."""
+    model = load(make_tiny_model(tmp_path / "m", arch=arch, seed=3))
+    sequences = random_sequences(model.config.vocab_size, [30, 3, 19], seed=4)
+    eager = score_batch(model, sequences, TOP_K, position_chunk=16)
+    fused = score_batch(model, sequences, TOP_K, position_chunk=16, fused=True)  # chunks of 16 and a last of 9
+    for ours, theirs in zip(fused, eager):
+        assert np.array_equal(ours.topk_ids, theirs.topk_ids)
+        for name in FIELDS[1:]:
+            np.testing.assert_allclose(getattr(ours, name), getattr(theirs, name), rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_fused_epilogue_without_a_compiler_names_the_fix(tmp_path, monkeypatch):
+    import cache_builder.scoring as scoring
+
+    def no_compiler(*args):
+        raise RuntimeError("InductorError: CppCompileError: no C++ compiler")
+
+    monkeypatch.setitem(scoring.COMPILED, "exp_sums", no_compiler)
+    model = load(make_tiny_model(tmp_path / "m", arch="llama", seed=3))
+    with pytest.raises(ValueError, match="install a C\\+\\+ compiler .* or drop --fused-epilogue"):
+        score_batch(model, random_sequences(model.config.vocab_size, [12], seed=4), TOP_K, fused=True)
+
+
 def test_bf16_trunk_gives_float32_outputs_close_to_fp32(tmp_path):
     folder = make_tiny_model(tmp_path / "m", arch="llama", seed=5)
     sequences = random_sequences(384, [13, 8], seed=6)
