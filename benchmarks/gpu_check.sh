@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA path end to end, in one short run: GPU-vs-CPU parity tests, cache-build scoring against the bare trunk
-# (bf16, chunked top-k) for the three real architectures, the cache-build and fuse-train commands on cuda, the
+# (bf16, chunked top-k, the logit forward, --fused-epilogue on Triton) for the three real architectures, the cache-build and fuse-train commands on cuda, the
 # cache checked by CPU rescoring, the fusion/SFT and online/cached step ratios, torch.profiler tables, and
 # cache-build with a device map against the plain build, and fuse-train --fsdp on every visible GPU (bf16 FSDP2,
 # sharded checkpoint, kill and resume) against data-parallel training.
@@ -58,7 +58,7 @@ echo "== 1/8 parity on the GPU: a fusion micro-batch equals the CPU; the bf16 he
 echo "== 2/8 scoring vs the bare trunk, bf16, $COPIES copies of data/"
 for model in "$PIVOT" "$QWEN" "$GEMMA"; do
   "$PY" benchmarks/build_throughput.py --model "$model" --device "$DEVICE" --dtype bf16 --copies "$COPIES" \
-    --records "$RECORDS" --batch-tokens 16384 --ways floor,ours --repeats "$REPEATS" --position-chunk "$CHUNK"
+    --records "$RECORDS" --batch-tokens 16384 --ways floor,logits,ours,fused --repeats "$REPEATS" --position-chunk "$CHUNK"
 done
 
 echo "== 3/8 cache-build on $DEVICE over $COPIES copies of data/, then cache-verify (with CPU rescoring for real weights)"
