@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The CUDA path end to end, in one short run: GPU-vs-CPU parity tests, cache-build scoring against the bare trunk
-# (bf16, chunked top-k, the logit forward, --fused-epilogue on Triton) for the three real architectures, the cache-build and fuse-train commands on cuda, the
-# cache checked by CPU rescoring, the fusion/SFT and online/cached step ratios, torch.profiler tables, and
-# cache-build with a device map against the plain build, and fuse-train --fsdp on every visible GPU (bf16 FSDP2,
-# sharded checkpoint, kill and resume) against data-parallel training.
+# and the logit forward (bf16, chunked top-k, with and without --fused-epilogue, Triton on CUDA) for the three real
+# architectures, the cache-build and fuse-train commands on cuda, the cache checked by CPU rescoring, the fusion/SFT
+# and online/cached step ratios, torch.profiler tables, and cache-build with a device map against the plain build,
+# and fuse-train --fsdp on every visible GPU (bf16 FSDP2, sharded checkpoint, kill and resume) against data-parallel
+# training.
 # Every figure lands in $OUT/gpu_check.log.
 #
 #   bash benchmarks/gpu_check.sh                      # the real models (smollm2, qwen, gemma3)
