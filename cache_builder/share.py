@@ -306,8 +306,8 @@ async def _fetch_async(loc: Location, entry: FileEntry, final: Path) -> None:
     incoming = _Incoming(loc, entry, final)
     try:
         src = await loc.fs.open_async(loc.path(entry.relpath), "rb")
-        while (block := await src.read(BLOCK)) and incoming.take(block):
-            pass
+        while (block := await src.read(BLOCK)) and await asyncio.to_thread(incoming.take, block):
+            pass  # hashed and written off the event loop (both release the GIL): the other GETs go on meanwhile
         await src.close()
     except Exception as err:  # noqa: BLE001
         raise incoming.abandon(err) from None
