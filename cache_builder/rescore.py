@@ -79,9 +79,9 @@ def row_problems(rows: dict, i: int, fresh, tol: dict, logit_tol: float) -> list
     problems = []
     for name in STAT_COLUMNS:
         stored = rows[name].row(i)  # (T-1,)
-        if far_positions(np.abs(getattr(fresh, name) - stored), stored, tol["stats"], tol["close"]):
-            diff = np.abs(getattr(fresh, name) - stored).max(initial=0.0)
-            problems.append(f"row {rid[:12]}: {name} differs by up to {diff:.4g} from a fresh scoring")
+        diff = np.abs(getattr(fresh, name) - stored)  # (T-1,)
+        if far_positions(diff, stored, tol["stats"], tol["close"]):
+            problems.append(f"row {rid[:12]}: {name} differs by up to {diff.max(initial=0.0):.4g} from a fresh scoring")
     stored_logits = rows["topk_logits"].row(i).astype(np.float32)  # (T-1, K)
     worst = np.abs(fresh.topk_logits - stored_logits).max(axis=1, initial=0.0)  # (T-1,)
     if far_positions(worst, stored_logits, logit_tol, tol["close"]):

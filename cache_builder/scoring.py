@@ -25,6 +25,7 @@ therefore rebuild the same batches (see `length_buckets`, which is deterministic
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Sequence
@@ -259,14 +260,10 @@ def exp_sums(logits: torch.Tensor, row_max: torch.Tensor, inv_std: torch.Tensor)
     return shifted.exp().sum(dim=-1), (shifted * inv_std[:, None]).exp().sum(dim=-1)
 
 
-COMPILED: dict = {}  # "exp_sums" -> exp_sums compiled by torch.compile, built on first use
-
-
+@functools.cache
 def compiled_exp_sums():
     """`exp_sums` compiled once per process (inductor: a C++/OpenMP kernel on CPU, Triton on CUDA), dynamic in C."""
-    if "exp_sums" not in COMPILED:
-        COMPILED["exp_sums"] = torch.compile(exp_sums, dynamic=True)
-    return COMPILED["exp_sums"]
+    return torch.compile(exp_sums, dynamic=True)
 
 
 def fused_normalisers(logits: torch.Tensor, row_max: torch.Tensor, safe_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -216,7 +216,7 @@ def test_fused_epilogue_without_a_compiler_names_the_fix(tmp_path, monkeypatch):
     def no_compiler(*args):
         raise RuntimeError("InductorError: CppCompileError: no C++ compiler")
 
-    monkeypatch.setitem(scoring.COMPILED, "exp_sums", no_compiler)
+    monkeypatch.setattr(scoring, "compiled_exp_sums", lambda: no_compiler)
     model = load(make_tiny_model(tmp_path / "m", arch="llama", seed=3))
     with pytest.raises(ValueError, match="install a C\\+\\+ compiler .* or drop --fused-epilogue"):
         score_batch(model, random_sequences(model.config.vocab_size, [12], seed=4), TOP_K, fused=True)
