@@ -1,7 +1,7 @@
 """Sharing costs against a real S3-compatible server on localhost (moto's server mode), ratios in one run.
 
     python -m benchmarks.share_throughput [--shards 16] [--rows-per-shard 64] [--repeats 9] [--train-steps 20]
-        [--train-model smollm2] [--train-repeats 2]
+        [--train-model smollm2] [--train-repeats 2] [--server process|thread]
 
 1. pull: `cache-pull` (every file hashed as it arrives, renamed only when its sha256 matches the manifest) against a
    plain fsspec copy of the same files (`fs.get`, s3fs's concurrent download), same server, alternating, median of
@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -41,9 +42,13 @@ QUIET = dict(log=lambda *_: None)
 REPO = Path(__file__).resolve().parent.parent
 
 
-def start_server() -> tuple[object, str]:
-    """moto's S3 server on a free localhost port, with fake credentials in the standard environment."""
+def start_server(in_process: bool) -> tuple[Callable[[], None], str]:
+    """moto's S3 server on a free localhost port, with fake credentials in the standard environment: in its own
+    process (like a real store: its work is not the client's), or as a thread of this one (it then shares the GIL
+    with the client, as the earlier figures were measured)."""
     import socket
+    import subprocess
+    import sys
 
     from moto.server import ThreadedMotoServer
 
@@ -51,11 +56,20 @@ def start_server() -> tuple[object, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1",
                       AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-    return server, f"http://127.0.0.1:{port}"
+    if in_process:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        return server.stop, f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while True:  # until it listens
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    return process.terminate, f"http://127.0.0.1:{port}"
 
 
 def time_pull(url: str, cache: Path, work: Path, repeats: int) -> dict:
@@ -164,9 +178,11 @@ def train_tokens_per_s(work: Path, steps: int, bound_mb: float | None, model: st
 @click.option("--train-model", default=None, help="A real model (e.g. smollm2) as its own source and pivot, over data/ "
               "(default: the tiny test models).")
 @click.option("--train-repeats", default=2, help="Rounds of the three training runs, in alternating order.")
-def main(shards, rows_per_shard, repeats, train_steps, bound_mb, train_model, train_repeats):
+@click.option("--server", type=click.Choice(["process", "thread"]), default="process", show_default=True,
+              help="Run the S3 server in its own process, or as a thread of the benchmark's.")
+def main(shards, rows_per_shard, repeats, train_steps, bound_mb, train_model, train_repeats, server):
     os.environ["TQDM_DISABLE"] = "1"  # the progress bars of cache-build and fuse-train
-    server, endpoint = start_server()
+    stop_server, endpoint = start_server(in_process=server == "thread")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
@@ -189,10 +205,10 @@ def main(shards, rows_per_shard, repeats, train_steps, bound_mb, train_model, tr
                 print(f"fuse-train tokens/s ({train['model']}): local folder {rate['local']:.0f}, s3:// {rate['s3']:.0f} "
                       f"(ratio {train['ratio_s3']:.2f}), s3:// through a store bounded at {train['bound_mb']:.2f} MB "
                       f"{rate['s3-bounded']:.0f} (ratio {train['ratio_s3_bounded']:.2f}); target >= 0.95")
-            print(json.dumps({"benchmark": "share_throughput", "endpoint": endpoint, "shards": shards,
+            print(json.dumps({"benchmark": "share_throughput", "endpoint": endpoint, "server": server, "shards": shards,
                               "rows_per_shard": rows_per_shard, "pull": pull, "repush": repush, "train": train}))
     finally:
-        server.stop()
+        stop_server()
 
 
 if __name__ == "__main__":

@@ -52,12 +52,6 @@ def format_summary(rows: list[dict]) -> str:
 
 def remote_summary(loc) -> list[dict]:
     """Figures of every layer at a remote location (cache_builder.remote.Location), from its manifests only."""
-    import tempfile
+    from cache_builder.share import read_layers
 
-    from cache_builder.remote import list_layers
-    from cache_builder.share import read_manifests
-
-    layers = list_layers(loc)
-    with tempfile.TemporaryDirectory() as staging:
-        manifests = read_manifests(loc, layers, Path(staging))
-    return [layer_summary(loc.display(layer), manifests[layer]["manifest"]) for layer in layers]
+    return [layer_summary(loc.display(layer), found.manifest) for layer, found in read_layers(loc).items()]

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import quote, urlsplit
 
-from cache_builder.format import ALIGNED_DIR, MANIFEST
 from cache_builder.manifest import CacheError
 
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
@@ -219,28 +218,32 @@ def read_bytes(loc: Location, relpath: str) -> bytes:
         raise explain(err, loc, f"reading {relpath}") from None
 
 
-def exists(loc: Location, relpath: str) -> bool:
+def read_if_present(loc: Location, relpath: str) -> bytes | None:
+    """One small file, or None when the location has no such file (a missing bucket or credentials still raise)."""
     try:
-        return bool(loc.fs.exists(loc.path(relpath)))
+        return loc.fs.cat_file(loc.path(relpath))
+    except FileNotFoundError as err:
+        if "bucket" in str(err).lower():
+            raise explain(err, loc, f"reading {relpath}") from None
+        return None
     except Exception as err:  # noqa: BLE001
-        raise explain(err, loc, f"looking for {relpath or 'the cache'}") from None
+        raise explain(err, loc, f"reading {relpath}") from None
 
 
-def list_layers(loc: Location) -> list[str]:
-    """Relative prefixes of the cache layers at the location ('' for a layer at the root itself),
-    source layers first, each confined: a listing is untrusted."""
-    if exists(loc, MANIFEST):
-        candidates = [MANIFEST] + _glob(loc, f"{ALIGNED_DIR}/*/{MANIFEST}")
-    else:
-        candidates = _glob(loc, f"*/{MANIFEST}") + _glob(loc, f"*/{ALIGNED_DIR}/*/{MANIFEST}")
-    if not candidates and loc.protocol in ("s3", "gs"):  # tell a missing bucket or credentials from an empty prefix
+def layers_matching(loc: Location, *patterns: str) -> list[str]:
+    """The layers whose manifests match `patterns` (globs relative to the root, each ending in the manifest's name),
+    as confined relative prefixes: a listing is untrusted."""
+    candidates = [path for pattern in patterns for path in _glob(loc, pattern)]
+    return [confine(str(PurePosixPath(c).parent), loc.url) for c in candidates]
+
+
+def check_bucket(loc: Location) -> None:
+    """RemoteError naming the fix if the bucket does not exist or cannot be read: an empty listing says neither."""
+    if loc.protocol in ("s3", "gs"):
         try:
             loc.fs.ls(loc.root.split("/", 1)[0], detail=False)
         except Exception as err:  # noqa: BLE001
             raise explain(err, loc, "listing the bucket") from None
-    layers = [str(PurePosixPath(c).parent) for c in candidates]
-    layers = ["" if layer == "." else confine(layer, loc.url) for layer in layers]
-    return sorted(set(layers), key=lambda layer: (ALIGNED_DIR in PurePosixPath(layer).parts, layer))
 
 
 def _glob(loc: Location, pattern: str) -> list[str]:

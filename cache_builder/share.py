@@ -29,7 +29,8 @@ import fsspec.asyn
 from cache_builder.card import hub_card
 from cache_builder.format import ALIGNED_DIR, CARD, MANIFEST, sha256_file, write_text_atomic
 from cache_builder.manifest import CacheError, find_layers, load_manifest
-from cache_builder.remote import Location, RemoteError, confine, explain, git_blob_sha1, list_layers, read_bytes, redact
+from cache_builder.remote import (Location, RemoteError, check_bucket, confine, explain, git_blob_sha1, layers_matching,
+                                  read_bytes, read_if_present, redact)
 from cache_builder.verify import verify_cache
 from cache_builder.vocab_file import VOCAB_FILE
 
@@ -233,22 +234,43 @@ def select_layers(available: list[str], manifests: dict[str, dict], sources: tup
     return chosen
 
 
-def read_manifests(loc: Location, layers: list[str], staging: Path) -> dict[str, dict]:
-    """Every layer's manifest, read once and validated like a local one (in `staging`), with its raw bytes."""
-    out = {}
-    for layer in layers:
-        raw = read_bytes(loc, join(layer, MANIFEST))
-        folder = staging / (layer or "_root")
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / MANIFEST).write_bytes(raw)
+@dataclass(frozen=True)
+class RemoteManifest:
+    """A layer's manifest as read once from a location: validated like a local one, every file it names confined."""
+
+    manifest: dict
+    raw: bytes  # the bytes read, written unchanged into a pulled copy
+
+
+def check_remote_manifest(loc: Location, layer: str, raw: bytes) -> RemoteManifest:
+    """Validate a manifest read from `loc` (through a temporary folder, like a local one); CacheError naming it."""
+    with tempfile.TemporaryDirectory() as staging:
+        (Path(staging) / MANIFEST).write_bytes(raw)
         try:
-            manifest = load_manifest(folder)
+            manifest = load_manifest(Path(staging))
         except CacheError as err:
-            raise CacheError(str(err).replace(str(folder / MANIFEST), loc.display(join(layer, MANIFEST)))) from None
-        for entry in layer_files(layer, manifest):
-            confine(entry.relpath, loc.display(join(layer, MANIFEST)))
-        out[layer] = {"manifest": manifest, "raw": raw}
-    return out
+            raise CacheError(str(err).replace(str(Path(staging) / MANIFEST), loc.display(join(layer, MANIFEST)))) from None
+    for entry in layer_files(layer, manifest):
+        confine(entry.relpath, loc.display(join(layer, MANIFEST)))
+    return RemoteManifest(manifest, raw)
+
+
+def read_layers(loc: Location) -> dict[str, RemoteManifest]:
+    """Every cache layer at the location ('' for a layer at the root itself), source layers first, each with its
+    manifest. The root's manifest is read while its aligned/ folder is listed, so a cache whose root is a layer
+    costs one round trip (two with aligned layers) before its files download. CacheError if there is none."""
+    with ThreadPoolExecutor(2) as pool:
+        root = pool.submit(read_if_present, loc, MANIFEST)
+        aligned = pool.submit(layers_matching, loc, f"{ALIGNED_DIR}/*/{MANIFEST}")
+        raw = {"": root.result()} if root.result() is not None else {}
+        layers = [""] + aligned.result() if raw else layers_matching(loc, f"*/{MANIFEST}", f"*/{ALIGNED_DIR}/*/{MANIFEST}")
+        rest = [layer for layer in layers if layer not in raw]
+        raw.update(zip(rest, pool.map(lambda layer: read_bytes(loc, join(layer, MANIFEST)), rest)))
+    if not raw:
+        check_bucket(loc)
+        raise CacheError(f"{loc.url}: no cache there (no {MANIFEST} at the location or one folder below it)")
+    order = sorted(raw, key=lambda layer: (ALIGNED_DIR in PurePosixPath(layer).parts, layer))
+    return {layer: check_remote_manifest(loc, layer, raw[layer]) for layer in order}
 
 
 class _Incoming:
@@ -340,8 +362,10 @@ def download_verified(loc: Location, files: list[tuple[FileEntry, Path]], worker
     """Download each (entry, final) to a temporary name, hashing as the bytes arrive; rename it to `final` only if
     its sha256 and size are the manifest's. Files already at `final` with the right bytes are kept. Returns, per
     file, whether it was downloaded. On S3 every file is one GET, `workers` of them at a time in one event loop."""
-    with ThreadPoolExecutor(workers) as pool:
-        kept = list(pool.map(lambda f: _holds(f[1], f[0].sha256), files))
+    there = [f for f in files if f[1].exists()]  # a fresh pull starts no hashing threads
+    with ThreadPoolExecutor(min(workers, len(there) or 1)) as pool:
+        held = {f[1] for f, ok in zip(there, pool.map(lambda f: _holds(f[1], f[0].sha256), there)) if ok}
+    kept = [final in held for _, final in files]
     todo = [f for f, k in zip(files, kept) if not k]
     if _streams(loc.fs):
         for error in fsspec.asyn.sync(loc.fs.loop, _fetch_all_async, loc, todo, workers):
@@ -388,12 +412,12 @@ def pulled_before(dest: Path, loc: Location) -> dict:
     return previous.get("layers", {})
 
 
-def write_provenance(dest: Path, loc: Location, pulled: dict[str, dict]) -> None:
+def write_provenance(dest: Path, loc: Location, pulled: dict[str, RemoteManifest]) -> None:
     """`provenance.json`: origin (redacted), pinned revision, and each layer's manifest sha256."""
     layers = pulled_before(dest, loc)
     for layer, item in pulled.items():
-        layers[layer or "."] = {"manifest_sha256": hashlib.sha256(item["raw"]).hexdigest(),
-                                "source": item["manifest"]["source"]["name"], "layer": item["manifest"]["layer"]}
+        layers[layer or "."] = {"manifest_sha256": hashlib.sha256(item.raw).hexdigest(),
+                                "source": item.manifest["source"]["name"], "layer": item.manifest["layer"]}
     record = {"origin": redact(loc.url), "revision": loc.revision, "protocol": loc.protocol,
               "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "layers": layers}
     write_text_atomic(dest / PROVENANCE, json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -404,19 +428,15 @@ def pull_cache(loc: Location, dest: str | Path, *, sources: tuple[str, ...] = ()
     """Download the chosen layers of the cache at `loc` into `dest`, every file verified before it is named."""
     dest = Path(dest)
     pulled_before(dest, loc)
-    available = list_layers(loc)
-    if not available:
-        raise CacheError(f"{loc.url}: no cache there (no {MANIFEST} at the location or one folder below it)")
-    with tempfile.TemporaryDirectory() as staging:
-        found = read_manifests(loc, available, Path(staging))
-    wanted = select_layers(available, {la: f["manifest"] for la, f in found.items()}, sources, layers)
+    found = read_layers(loc)
+    wanted = select_layers(list(found), {layer: f.manifest for layer, f in found.items()}, sources, layers)
     folders = {layer: dest / layer if layer else dest for layer in wanted}
     for layer, folder in folders.items():
         remove_partials(folder)
-        if (folder / MANIFEST).is_file() and (folder / MANIFEST).read_bytes() != found[layer]["raw"]:
+        if (folder / MANIFEST).is_file() and (folder / MANIFEST).read_bytes() != found[layer].raw:
             (folder / MANIFEST).unlink()  # another version of the layer: it is a cache again once complete
-    entries = [e for layer in wanted for e in layer_files(layer, found[layer]["manifest"])]
-    with ThreadPoolExecutor(workers) as pool:
+    entries = [e for layer in wanted for e in layer_files(layer, found[layer].manifest)]
+    with ThreadPoolExecutor(min(workers, len(wanted))) as pool:
         cards = pool.map(lambda layer: _read_card(loc, layer), wanted)  # while the data downloads
         fetched = download_verified(loc, [(e, dest / e.relpath) for e in entries], workers)
         cards = dict(zip(wanted, cards))
@@ -426,7 +446,7 @@ def pull_cache(loc: Location, dest: str | Path, *, sources: tuple[str, ...] = ()
     for layer, folder in folders.items():  # each manifest after its layer's files
         if cards.get(layer) is not None:
             _replace(folder / CARD, cards[layer].decode("utf-8", errors="replace").encode("utf-8"))
-        _replace(folder / MANIFEST, found[layer]["raw"])
+        _replace(folder / MANIFEST, found[layer].raw)
     write_provenance(dest, loc, {la: found[la] for la in wanted})
     log(f"pulled {loc.url}" + (f"@{loc.revision}" if loc.revision else "") + f" -> {dest}: {summary.files} files "
         f"({summary.bytes} bytes) downloaded, {summary.kept} already there and verified, {len(wanted)} layer(s)")

@@ -11,7 +11,6 @@ a cache larger than the local disk still trains.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from cache_builder.format import sha256_file
 from cache_builder.manifest import CacheError
 from cache_builder.reader import Ragged, read_shard
 from cache_builder.remote import Location
-from cache_builder.share import FileEntry, default_store, download_verified, join, read_manifests
+from cache_builder.share import FileEntry, default_store, download_verified, join
 from cache_builder.untrusted import shown
 from cache_builder.verify import verify_layer, verify_shard
 
@@ -120,13 +119,11 @@ def open_local_layer(folder: str | Path) -> VerifiedLayer:
     return VerifiedLayer(str(folder), check.manifest, check.problems, check.record_ids, folder=folder)
 
 
-def open_remote_layer(loc: Location, prefix: str, store: ShardStore) -> VerifiedLayer:
-    """Open a remote aligned layer: its manifest read once (validated like a local one), every shard fetched into
-    the store (sha256-checked as it arrives) and checked like cache-verify checks a local shard; the store may
-    evict it later and fetch the same bytes again on demand."""
+def open_remote_layer(loc: Location, prefix: str, manifest: dict, store: ShardStore) -> VerifiedLayer:
+    """Open a remote aligned layer from its manifest (as share.read_layers read and validated it): every shard
+    fetched into the store (sha256-checked as it arrives) and checked like cache-verify checks a local shard; the
+    store may evict it later and fetch the same bytes again on demand."""
     origin = loc.display(prefix)
-    with tempfile.TemporaryDirectory() as staging:
-        manifest = read_manifests(loc, [prefix], Path(staging))[prefix]["manifest"]
     if manifest["layer"] != "aligned":
         raise CacheError(f"{origin} is a source layer: pull it (cache-pull) and align it to a pivot before training")
     vocab = manifest["pivot"]["vocab_size"]  # bounded by the schema; equal to the pivot's (fuse_trainer.data.check_pivot)

@@ -9,7 +9,6 @@ pivot positions that have a partner in that source.
 
 from __future__ import annotations
 
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 from pathlib import Path, PurePosixPath
@@ -60,8 +59,8 @@ def _sources_at(spec: str, pivot: str, align_pivot: str | None, store: ShardStor
                 log) -> dict[str, VerifiedLayer]:
     """The sources at one location, each opened at its layer aligned to `pivot` (aligned here if needed)."""
     from cache_builder.align import align_cache
-    from cache_builder.remote import is_url, list_layers, open_location
-    from cache_builder.share import local_copy, read_manifests
+    from cache_builder.remote import is_url, open_location
+    from cache_builder.share import local_copy, read_layers
 
     if not is_url(spec):
         root = Path(spec)
@@ -80,15 +79,14 @@ def _sources_at(spec: str, pivot: str, align_pivot: str | None, store: ShardStor
         return found
     store = store or ShardStore()
     loc = open_location(spec, allow_insecure=allow_insecure)
-    layers = list_layers(loc)
-    with tempfile.TemporaryDirectory() as staging:
-        manifests = {la: f["manifest"] for la, f in read_manifests(loc, layers, Path(staging)).items()}
+    layers = read_layers(loc)
+    manifests = {layer: read.manifest for layer, read in layers.items()}
     found = {}
     for layer in layers:
         parts = PurePosixPath(layer).parts
         name = parts[0] if parts and parts[0] != ALIGNED_DIR else manifests[layer]["source"]["name"]
         if manifests[layer]["layer"] == "aligned" and parts[-1] == pivot:
-            found[name] = open_remote_layer(loc, layer, store)
+            found[name] = open_remote_layer(loc, layer, manifests[layer], store)
     for layer in layers:
         parts = PurePosixPath(layer).parts
         name = parts[0] if parts else manifests[layer]["source"]["name"]
