@@ -187,6 +187,18 @@ def open_location(url: str | Path, *, allow_insecure: bool = False) -> Location:
     raise RemoteError(f"{redact(text)}: unknown location; use a folder, file://, s3://, gs:// or hf://datasets/ORG/NAME")
 
 
+def bucket_missing(err: BaseException, loc: Location) -> bool:
+    """Whether a store's not-found error says that the bucket itself does not exist (not an object in it)."""
+    if not isinstance(err, FileNotFoundError):
+        return False
+    text, bucket = str(err), loc.root.split("/", 1)[0]
+    if loc.protocol == "s3":
+        return "NoSuchBucket" in text or "specified bucket does not exist" in text.lower()
+    if loc.protocol == "gs":  # a 404 on the bucket's object listing, b/BUCKET/o (an object's path goes on: .../o/NAME)
+        return re.search(rf"\bb/{re.escape(bucket)}/o(?![/\w])", text) is not None
+    return False
+
+
 def explain(err: BaseException, loc: Location, what: str) -> RemoteError:
     """A store's exception -> one redacted line naming the fix (missing credentials, no such bucket, denied)."""
     if isinstance(err, RemoteError):
@@ -197,7 +209,7 @@ def explain(err: BaseException, loc: Location, what: str) -> RemoteError:
     bucket = loc.root.split("/", 1)[0]
     if name in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "LocalTokenNotFoundError"):
         message = f"{loc.url}: no credentials found for {loc.protocol}://; {hint}"
-    elif isinstance(err, FileNotFoundError) and "bucket" in text.lower():
+    elif bucket_missing(err, loc):
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         message = (f"{loc.url}: bucket {bucket!r} does not exist" + (f" at {endpoint}" if endpoint else "")
                    + "; check the bucket name (and AWS_ENDPOINT_URL for an S3-compatible store), or create the bucket")
@@ -223,7 +235,7 @@ def read_if_present(loc: Location, relpath: str) -> bytes | None:
     try:
         return loc.fs.cat_file(loc.path(relpath))
     except FileNotFoundError as err:
-        if "bucket" in str(err).lower():
+        if bucket_missing(err, loc):
             raise explain(err, loc, f"reading {relpath}") from None
         return None
     except Exception as err:  # noqa: BLE001

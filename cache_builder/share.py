@@ -29,7 +29,7 @@ import fsspec.asyn
 from cache_builder.card import hub_card
 from cache_builder.format import ALIGNED_DIR, CARD, MANIFEST, sha256_file, write_text_atomic
 from cache_builder.manifest import CacheError, find_layers, load_manifest
-from cache_builder.remote import (Location, RemoteError, check_bucket, confine, explain, git_blob_sha1, layers_matching,
+from cache_builder.remote import (Location, RemoteError, bucket_missing, check_bucket, confine, explain, git_blob_sha1, layers_matching,
                                   read_bytes, read_if_present, redact)
 from cache_builder.verify import verify_cache
 from cache_builder.vocab_file import VOCAB_FILE
@@ -99,7 +99,7 @@ def _remote_checksum(loc: Location, entry: FileEntry, local: Path) -> bool:
         if loc.protocol == "gs":
             return (loc.fs.info(path).get("metadata") or {}).get("sha256") == entry.sha256
     except FileNotFoundError as err:
-        if "bucket" in str(err).lower():
+        if bucket_missing(err, loc):
             raise explain(err, loc, "checking what is already pushed") from None
         return False
     except Exception as err:  # noqa: BLE001

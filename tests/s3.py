@@ -43,7 +43,7 @@ def bucket(s3_endpoint, monkeypatch) -> str:
     import s3fs
 
     s3_environment(monkeypatch, s3_endpoint)
-    name = f"lab-{uuid.uuid4().hex[:12]}"
+    name = f"lab-bucket-{uuid.uuid4().hex[:12]}"  # "bucket" in the name: a missing object is not a missing bucket
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
     return name
 

@@ -1,4 +1,5 @@
-"""Sharing caches: cache-push, cache-pull, and cache-info / cache-verify on URLs, against a real S3 server."""
+"""Sharing caches: cache-push, cache-pull, and cache-info / cache-verify on URLs, against a real S3 server and a
+real GCS emulator (each test that takes `store` runs on both)."""
 
 import json
 import os
@@ -6,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,9 +21,32 @@ from cache_builder.remote import RemoteError, confine, open_location, redact
 from cache_builder.share import PROVENANCE, pull_cache, push_cache
 from cache_builder.verify import verify_cache
 from tests.fake_cache import rewrite_shard, write_fake_cache
+from tests.gcs import gcs_bucket, gcs_endpoint, gcsfs_client  # noqa: F401 - fixtures
 from tests.s3 import SECRET, bucket, s3_endpoint, s3fs_client  # noqa: F401 - fixtures
 
 QUIET = dict(log=lambda *_: None)
+
+
+@dataclass(frozen=True)
+class Store:
+    """A fresh bucket on a local server: `url(key)` for our commands, `fs` and `key` to touch objects directly."""
+
+    scheme: str
+    bucket: str
+    fs: object
+
+    def url(self, key: str) -> str:
+        return f"{self.scheme}://{self.bucket}/{key}"
+
+    def key(self, key: str) -> str:
+        return f"{self.bucket}/{key}"
+
+
+@pytest.fixture(params=["s3", "gs"])
+def store(request) -> Store:
+    if request.param == "s3":
+        return Store("s3", request.getfixturevalue("bucket"), s3fs_client())
+    return Store("gs", request.getfixturevalue("gcs_bucket"), gcsfs_client())
 
 
 def fake_root(root: Path, n_rows: int = 12, rows_per_shard: int = 4) -> Path:
@@ -37,9 +62,9 @@ def cache_files(root: Path) -> dict[str, bytes]:
             if p.is_file() and (p.suffix == ".parquet" or p.name == MANIFEST)}
 
 
-def test_push_then_pull_gives_the_same_bytes_and_verifies(bucket, tmp_path):
+def test_push_then_pull_gives_the_same_bytes_and_verifies(store, tmp_path):
     cache = fake_root(tmp_path / "cache")
-    url = f"s3://{bucket}/lab-a"
+    url = store.url("lab-a")
     pushed = push_cache(cache, open_location(url), **QUIET)
     assert pushed.files == 8 + 1  # 2 x (3 shards + manifest), 2 layer cards, the root card
     pulled = pull_cache(open_location(url), tmp_path / "dest", **QUIET)
@@ -51,14 +76,14 @@ def test_push_then_pull_gives_the_same_bytes_and_verifies(bucket, tmp_path):
     assert provenance["layers"]["srcA"]["manifest_sha256"] == sha256_file(cache / "srcA" / MANIFEST)
     again = pull_cache(open_location(url), tmp_path / "dest", **QUIET)
     assert again.files == 0 and again.kept == 6
-    push_cache(cache, open_location(f"s3://{bucket}/lab-b"), **QUIET)
-    with pytest.raises(CacheError, match=f"holds a cache pulled from {url} .*; pull s3://{bucket}/lab-b into another"):
-        pull_cache(open_location(f"s3://{bucket}/lab-b"), tmp_path / "dest", **QUIET)
+    push_cache(cache, open_location(store.url("lab-b")), **QUIET)
+    with pytest.raises(CacheError, match=f"holds a cache pulled from {url} .*; pull {store.url('lab-b')} into another"):
+        pull_cache(open_location(store.url("lab-b")), tmp_path / "dest", **QUIET)
 
 
-def test_repush_uploads_only_the_changed_shard(bucket, tmp_path):
+def test_repush_uploads_only_the_changed_shard(store, tmp_path):
     cache = fake_root(tmp_path / "cache")
-    url = f"s3://{bucket}/lab-a"
+    url = store.url("lab-a")
     push_cache(cache, open_location(url), **QUIET)
     assert push_cache(cache, open_location(url), **QUIET).transferred == []
     changed = rewrite_shard(cache / "srcA", 1)
@@ -68,24 +93,23 @@ def test_repush_uploads_only_the_changed_shard(bucket, tmp_path):
     assert again.bytes < 2 * changed.bytes + 20_000
 
 
-def test_a_cache_that_fails_verify_is_not_pushed(bucket, tmp_path):
+def test_a_cache_that_fails_verify_is_not_pushed(store, tmp_path):
     cache = fake_root(tmp_path / "cache")
     shard = next((cache / "srcA" / "shards").glob("*.parquet"))
     shard.write_bytes(shard.read_bytes()[:-10])
     with pytest.raises(CacheError, match="does not pass cache-verify"):
-        push_cache(cache, open_location(f"s3://{bucket}/x"), **QUIET)
-    assert s3fs_client().find(bucket) == []
+        push_cache(cache, open_location(store.url("x")), **QUIET)
+    assert store.fs.find(store.bucket) == []
 
 
-def test_a_tampered_remote_shard_is_refused_by_pull_naming_it(bucket, tmp_path):
+def test_a_tampered_remote_shard_is_refused_by_pull_naming_it(store, tmp_path):
     cache = fake_root(tmp_path / "cache")
-    url = f"s3://{bucket}/lab-a"
+    url = store.url("lab-a")
     push_cache(cache, open_location(url), **QUIET)
     relpath = load_manifest(cache / "srcB")["shards"][2]["path"]
-    fs = s3fs_client()
-    data = bytearray(fs.cat_file(f"{bucket}/lab-a/srcB/{relpath}"))
+    data = bytearray(store.fs.cat_file(store.key(f"lab-a/srcB/{relpath}")))
     data[100] ^= 0xFF
-    fs.pipe_file(f"{bucket}/lab-a/srcB/{relpath}", bytes(data))
+    store.fs.pipe_file(store.key(f"lab-a/srcB/{relpath}"), bytes(data))
     with pytest.raises(CacheError, match=f"{url}/srcB/{relpath}: sha256 or size differs from the manifest"):
         pull_cache(open_location(url), tmp_path / "dest", **QUIET)
     assert not (tmp_path / "dest" / "srcB" / relpath).exists()
@@ -99,21 +123,21 @@ def test_a_tampered_remote_shard_is_refused_by_pull_naming_it(bucket, tmp_path):
     ("s3://another-bucket/shards/x.parquet", "absolute"),
     ("/etc/passwd", "absolute"),
 ])
-def test_a_remote_manifest_naming_other_places_is_refused(bucket, tmp_path, path, message):
+def test_a_remote_manifest_naming_other_places_is_refused(store, tmp_path, path, message):
     cache = fake_root(tmp_path / "cache")
-    url = f"s3://{bucket}/lab-a"
+    url = store.url("lab-a")
     push_cache(cache, open_location(url), **QUIET)
     manifest = load_manifest(cache / "srcA")
     manifest["shards"][0]["path"] = path
-    s3fs_client().pipe_file(f"{bucket}/lab-a/srcA/{MANIFEST}", json.dumps(manifest).encode())
+    store.fs.pipe_file(store.key(f"lab-a/srcA/{MANIFEST}"), json.dumps(manifest).encode())
     with pytest.raises(CacheError, match=message) as err:
         pull_cache(open_location(url), tmp_path / "dest", **QUIET)
     assert f"{url}/srcA/{MANIFEST}" in str(err.value)
     assert not (tmp_path / "escaped.parquet").exists() and not (tmp_path / "dest").exists()
 
 
-def test_pull_selects_sources_and_layers(bucket, world, tmp_path):
-    url = f"s3://{bucket}/labs"
+def test_pull_selects_sources_and_layers(store, world, tmp_path):
+    url = store.url("labs")
     push_cache(world["cache"], open_location(url), **QUIET)
     only = pull_cache(open_location(url), tmp_path / "a", sources=("srcq",), layers=("source",), **QUIET)
     assert only.layers == ["srcq"] and not (tmp_path / "a" / "srcg").exists()
@@ -144,12 +168,15 @@ def test_pushed_layout_loads_in_datasets_and_duckdb(world, tmp_path):
         assert (count, tokens) == (manifest["totals"]["rows"], manifest["totals"]["tokens"])
 
 
-def test_wrong_bucket_and_missing_credentials_give_one_line_naming_the_fix(bucket, tmp_path, monkeypatch):
-    runner = CliRunner()
-    result = runner.invoke(pull, [f"s3://no-such-{bucket}/x", str(tmp_path / "d")])
+def test_a_wrong_bucket_gives_one_line_naming_the_fix(store, tmp_path):
+    result = CliRunner().invoke(pull, [f"{store.scheme}://no-such-{store.bucket}/x", str(tmp_path / "d")])
     assert result.exit_code == 2
     assert len(result.output.strip().splitlines()) == 1
     assert "does not exist" in result.output and "check the bucket name" in result.output
+
+
+def test_missing_credentials_give_one_line_naming_the_fix(bucket, tmp_path, monkeypatch):
+    runner = CliRunner()
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     result = runner.invoke(push, [str(fake_root(tmp_path / "cache")), f"s3://{bucket}/x"])
@@ -171,9 +198,9 @@ def test_credentials_never_reach_output_cards_or_provenance(bucket, tmp_path, mo
     assert refused.exit_code == 2 and "credentials in a URL" in refused.output and SECRET not in refused.output
 
 
-def test_cache_info_reads_only_the_manifests_of_a_url(bucket, tmp_path):
+def test_cache_info_reads_only_the_manifests_of_a_url(store, tmp_path):
     cache = fake_root(tmp_path / "cache")
-    url = f"s3://{bucket}/lab-a"
+    url = store.url("lab-a")
     push_cache(cache, open_location(url), **QUIET)
     result = CliRunner().invoke(info, [url, "--json"])
     rows = json.loads(result.output)

@@ -1,5 +1,5 @@
-"""fuse-train on shared caches: URLs (a real S3 server on localhost), a bounded local store, pivot layers
-aligned on the fly, and caches of different corpora joined on their shared records."""
+"""fuse-train on shared caches: URLs (a real S3 server and a GCS emulator on localhost), a bounded local store,
+pivot layers aligned on the fly, and caches of different corpora joined on their shared records."""
 
 import json
 import shutil
@@ -17,6 +17,7 @@ from fuse_trainer.cli import train
 from fuse_trainer.data import FusionData, check_sources, discover_sources
 from fuse_trainer.train import fuse_train
 from tests.runs import run_losses, train_config
+from tests.gcs import gcs_bucket, gcs_endpoint  # noqa: F401 - fixtures
 from tests.s3 import bucket, s3_endpoint, s3fs_client  # noqa: F401 - fixtures
 from tests.test_untrusted import tamper_rows
 
@@ -98,6 +99,17 @@ def test_caches_of_two_places_train_together(world, bucket, tmp_path):
                             cache_dir=str(tmp_path / "store")), **QUIET)
     fuse_train(train_config(world, tmp_path / "one-place", max_steps=3), **QUIET)
     assert run_losses(tmp_path / "two-places") == run_losses(tmp_path / "one-place")
+
+
+def test_caches_in_two_stores_train_together(world, bucket, gcs_bucket, tmp_path):
+    """One lab's cache in an S3 bucket, another's in a GCS bucket: the same losses as both in one folder."""
+    urls = f"s3://{bucket}/lab-q/srcq", f"gs://{gcs_bucket}/lab-g/srcg"
+    for url, source in zip(urls, ("srcq", "srcg")):
+        push_cache(world["cache"] / source, open_location(url), **QUIET)
+    fuse_train(train_config(world, tmp_path / "two-stores", max_steps=3, shards=",".join(urls),
+                            cache_dir=str(tmp_path / "store")), **QUIET)
+    fuse_train(train_config(world, tmp_path / "one-place", max_steps=3), **QUIET)
+    assert run_losses(tmp_path / "two-stores") == run_losses(tmp_path / "one-place")
 
 
 def other_corpus(world, path):
