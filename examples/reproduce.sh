@@ -11,8 +11,8 @@
 # 2. The main job of `make demo` on it (scripts/demo.sh): both caches, cache-verify, SFT-only, unified and
 #    pairwise+merge with the same records and steps, the held-out table and the training curves, with EPOCHS
 #    passes over the training split. The table lands in $OUT/results.txt; rerunning resumes.
-# 3. The check that SFT was not simply overtrained: SFT with EPOCHS/2, and every arm on the validation split
-#    ($OUT/validation.txt).
+# 3. The check that SFT was not simply overtrained: SFT with EPOCHS/2 (unless BEST_EVERY, below, already puts
+#    every arm at its best step), and every arm on the validation split ($OUT/validation.txt).
 # 4. Every arm on the held-out split and, beside it, on the out-of-distribution set data-ood/ood.jsonl (another
 #    author's prose, click's code, mathgenerator's math: sources the corpus never draws on) ($OUT/ood.txt).
 # BEST_EVERY=N (default 0: off) scores the validation split every N steps and keeps each arm's best step
@@ -63,11 +63,16 @@ fi
 OUT=$OUT CORPUS=$CORPUS RECIPE=$RECIPE FUSION_FLAGS="$FUSION_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS --epochs $EPOCHS" \
   bash scripts/demo.sh
 
-echo "== 6 (after the 5 steps of the demo): was SFT past its best? SFT with half the epochs, every arm on VALIDATION"
-.venv/bin/fuse-train --shards "$OUT/cache" --recipe sft $TRAIN_FLAGS --epochs "$(awk "BEGIN {print $EPOCHS / 2}")" \
-  --out "$OUT/runs/sft-half" --resume
-.venv/bin/fuse-eval --data "$OUT/corpus.jsonl" --split validation \
-  --model sft=$OUT/runs/sft/final --model sft-half-epochs=$OUT/runs/sft-half/final \
+if [ "$BEST_EVERY" -gt 0 ]; then  # each arm is already at its best validation step: no second SFT is needed
+  echo "== 6 (after the 5 steps of the demo): every arm, each at its best step, on VALIDATION"
+  SFT_HALF=()
+else
+  echo "== 6 (after the 5 steps of the demo): was SFT past its best? SFT with half the epochs, every arm on VALIDATION"
+  .venv/bin/fuse-train --shards "$OUT/cache" --recipe sft $TRAIN_FLAGS --epochs "$(awk "BEGIN {print $EPOCHS / 2}")" \
+    --out "$OUT/runs/sft-half" --resume
+  SFT_HALF=(--model "sft-half-epochs=$OUT/runs/sft-half/final")
+fi
+.venv/bin/fuse-eval --data "$OUT/corpus.jsonl" --split validation --model sft=$OUT/runs/sft/final "${SFT_HALF[@]}" \
   --model unified=$OUT/runs/unified/final --model pairwise+merge=$OUT/runs/pairwise/merged \
   --json-out "$OUT/validation.json" | tee "$OUT/validation.txt"
 
