@@ -4,8 +4,9 @@
         [--train-model smollm2] [--train-repeats 2] [--server process|thread]
 
 1. pull: `cache-pull` (every file hashed as it arrives, renamed only when its sha256 matches the manifest) against a
-   plain fsspec copy of the same files (`fs.get`, s3fs's concurrent download), same server, alternating, median of
-   `--repeats`; target: throughput ratio >= 0.9.
+   plain fsspec copy of the same files (`fs.get`, s3fs's concurrent download, handed the file list), same server,
+   in rotating order, median of `--repeats`; target: throughput ratio >= 0.9. Also against a recursive copy of the
+   prefix (`fs.get(..., recursive=True)`), which, like a pull, must list the files first.
 2. re-push after one shard changed: bytes uploaded against that shard's size (target: that shard only, plus the
    manifest and the card).
 3. fuse-train from `s3://` against the local folder (`--train-steps` steps per run): median step tokens/s ratio,
@@ -73,26 +74,32 @@ def start_server(in_process: bool) -> tuple[Callable[[], None], str]:
 
 
 def time_pull(url: str, cache: Path, work: Path, repeats: int) -> dict:
-    """Median seconds of `repeats` cache-pulls and as many plain fsspec copies of the same files, interleaved."""
+    """Median seconds of `repeats` cache-pulls and as many plain fsspec copies, in rotating order: one handed the
+    list of files (`fs.get` of the shards and the manifest), one that finds them itself (`fs.get(recursive=True)`
+    of the prefix, which lists it as a pull must)."""
     loc = open_location(url)
     files = [e.relpath for e in layer_files("", load_manifest(cache))] + ["manifest.json"]
     total = sum((cache / f).stat().st_size for f in files)
-    plain, ours = [], []
+
+    def plain(dest: Path) -> None:
+        (dest / "shards").mkdir(parents=True)
+        loc.fs.get([loc.path(f) for f in files], [str(dest / f) for f in files])
+
+    kinds = {"plain": plain, "recursive": lambda dest: loc.fs.get(loc.root, str(dest), recursive=True),
+             "pull": lambda dest: pull_cache(loc, dest, **QUIET)}
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
     for i in range(repeats):
-        for kind in (("plain", "ours") if i % 2 == 0 else ("ours", "plain")):
+        for kind in list(kinds)[i % 3:] + list(kinds)[:i % 3]:
             dest = work / f"pull-{kind}-{i}"
             start = time.perf_counter()
-            if kind == "plain":
-                (dest / "shards").mkdir(parents=True)
-                loc.fs.get([loc.path(f) for f in files], [str(dest / f) for f in files])
-                plain.append(time.perf_counter() - start)
-            else:
-                pull_cache(loc, dest, **QUIET)
-                ours.append(time.perf_counter() - start)
+            kinds[kind](dest)
+            times[kind].append(time.perf_counter() - start)
             shutil.rmtree(dest)
-    plain_s, pull_s = statistics.median(plain), statistics.median(ours)
-    return {"bytes": total, "repeats": repeats, "plain_s": plain_s, "pull_s": pull_s, "plain_MBps": total / plain_s / 1e6,
-            "pull_MBps": total / pull_s / 1e6, "ratio": plain_s / pull_s}
+    median = {kind: statistics.median(t) for kind, t in times.items()}
+    return {"bytes": total, "repeats": repeats, "plain_s": median["plain"], "recursive_s": median["recursive"],
+            "pull_s": median["pull"], "plain_MBps": total / median["plain"] / 1e6,
+            "pull_MBps": total / median["pull"] / 1e6, "ratio": median["plain"] / median["pull"],
+            "ratio_recursive": median["recursive"] / median["pull"]}
 
 
 def repush_one_changed_shard(url: str, cache: Path) -> dict:
@@ -194,7 +201,8 @@ def main(shards, rows_per_shard, repeats, train_steps, bound_mb, train_model, tr
             push_cache(cache, loc, **QUIET)
             pull = time_pull("s3://bench/cache", cache, work, repeats)
             print(f"pull: {pull['bytes'] / 1e6:.1f} MB, cache-pull {pull['pull_MBps']:.1f} MB/s vs plain fsspec copy "
-                  f"{pull['plain_MBps']:.1f} MB/s: ratio {pull['ratio']:.2f} (target >= 0.9)")
+                  f"{pull['plain_MBps']:.1f} MB/s: ratio {pull['ratio']:.2f} (target >= 0.9); vs a recursive copy "
+                  f"of the prefix: {pull['ratio_recursive']:.2f}")
             repush = repush_one_changed_shard("s3://bench/cache", cache)
             print(f"re-push after one shard changed: {repush['uploaded_bytes']} bytes uploaded for a "
                   f"{repush['changed_shard_bytes']}-byte shard of a {repush['cache_bytes']}-byte cache; shards sent: "
