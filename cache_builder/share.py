@@ -29,8 +29,8 @@ import fsspec.asyn
 from cache_builder.card import hub_card
 from cache_builder.format import ALIGNED_DIR, CARD, MANIFEST, sha256_file, write_text_atomic
 from cache_builder.manifest import CacheError, find_layers, load_manifest
-from cache_builder.remote import (Location, RemoteError, bucket_missing, check_bucket, confine, explain, git_blob_sha1, layers_matching,
-                                  read_bytes, read_if_present, redact)
+from cache_builder.remote import (Location, RemoteError, bucket_missing, check_bucket, confine, explain, git_blob_sha1,
+                                  layers_matching, read_bytes, read_if_present, redact)
 from cache_builder.verify import verify_cache
 from cache_builder.vocab_file import VOCAB_FILE
 
@@ -262,7 +262,8 @@ def read_layers(loc: Location) -> dict[str, RemoteManifest]:
     with ThreadPoolExecutor(2) as pool:
         root = pool.submit(read_if_present, loc, MANIFEST)
         aligned = pool.submit(layers_matching, loc, f"{ALIGNED_DIR}/*/{MANIFEST}")
-        raw = {"": root.result()} if root.result() is not None else {}
+        root_manifest = root.result()
+        raw = {} if root_manifest is None else {"": root_manifest}
         layers = [""] + aligned.result() if raw else layers_matching(loc, f"*/{MANIFEST}", f"*/{ALIGNED_DIR}/*/{MANIFEST}")
         rest = [layer for layer in layers if layer not in raw]
         raw.update(zip(rest, pool.map(lambda layer: read_bytes(loc, join(layer, MANIFEST)), rest)))
