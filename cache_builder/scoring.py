@@ -349,7 +349,7 @@ def score_batch(model: torch.nn.Module, sequences: Sequence[Sequence[int] | np.n
         flat_hidden = hidden[:, :-1][scored]  # (N, D), row by row, position by position
         targets = ids[:, 1:][scored]  # (N,)
         if buffers is None:
-            buffers = torch.empty((2, min(position_chunk, len(targets)), vocab), dtype=torch.float32, device=device)
+            buffers = scoring_buffers(model, min(position_chunk, len(targets)))
         elif buffers.shape[0] != 2 or buffers.shape[1] < min(position_chunk, len(targets)) or buffers.shape[2] != vocab:
             raise ValueError(f"buffers of shape {tuple(buffers.shape)} cannot hold chunks of {position_chunk} "
                              f"positions over {vocab} logits; make them with scoring_buffers(model, position_chunk)")
