@@ -425,11 +425,12 @@ def write_provenance(dest: Path, loc: Location, pulled: dict[str, RemoteManifest
 
 
 def pull_cache(loc: Location, dest: str | Path, *, sources: tuple[str, ...] = (), layers: tuple[str, ...] = (),
-               workers: int = 8, log=print) -> TransferSummary:
-    """Download the chosen layers of the cache at `loc` into `dest`, every file verified before it is named."""
+               workers: int = 8, found: dict[str, RemoteManifest] | None = None, log=print) -> TransferSummary:
+    """Download the chosen layers of the cache at `loc` into `dest`, every file verified before it is named.
+    found: the location's layers as `read_layers` returned them to the caller (read here when omitted)."""
     dest = Path(dest)
     pulled_before(dest, loc)
-    found = read_layers(loc)
+    found = found if found is not None else read_layers(loc)
     wanted = select_layers(list(found), {layer: f.manifest for layer, f in found.items()}, sources, layers)
     folders = {layer: dest / layer if layer else dest for layer in wanted}
     for layer, folder in folders.items():
@@ -460,12 +461,13 @@ def default_store() -> Path:
 
 
 def local_copy(loc: Location, cache_dir: str | Path | None = None, *, sources: tuple[str, ...] = (),
-               layers: tuple[str, ...] = (), log=print) -> Path:
+               layers: tuple[str, ...] = (), found: dict[str, RemoteManifest] | None = None, log=print) -> Path:
     """A verified local copy of (part of) a remote cache, under `cache_dir/pulled/`, named by the location and
-    its pinned revision; files already there and verified are kept. A local location is returned as is."""
+    its pinned revision; files already there and verified are kept. A local location is returned as is.
+    found: as for `pull_cache`."""
     if loc.is_local:
         return Path(loc.root)
     key = hashlib.sha256(f"{loc.url}@{loc.revision}".encode()).hexdigest()[:16]
     dest = Path(cache_dir or default_store()) / "pulled" / key
-    pull_cache(loc, dest, sources=sources, layers=layers, log=log)
+    pull_cache(loc, dest, sources=sources, layers=layers, found=found, log=log)
     return dest

@@ -94,7 +94,7 @@ def _sources_at(spec: str, pivot: str, align_pivot: str | None, store: ShardStor
             log(f"{loc.display(layer)} has no layer aligned to {pivot}: pulling its source layer and aligning it "
                 "(no source model is loaded)")
             copy = local_copy(loc, store.root.parent, sources=(manifests[layer]["source"]["name"],), layers=("source",),
-                              log=log)
+                              found=layers, log=log)
             found[name] = open_local_layer(align_cache(copy / layer if layer else copy, align_pivot, log=log))
     return found
 
