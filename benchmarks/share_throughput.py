@@ -38,6 +38,7 @@ from cache_builder.manifest import load_manifest
 from cache_builder.remote import open_location
 from cache_builder.share import layer_files, pull_cache, push_cache
 from tests.fake_cache import rewrite_shard, write_fake_cache
+from tests.s3 import free_port
 
 QUIET = dict(log=lambda *_: None)
 REPO = Path(__file__).resolve().parent.parent
@@ -54,9 +55,7 @@ def start_server(in_process: bool) -> tuple[Callable[[], None], str]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench-secret", AWS_DEFAULT_REGION="us-east-1",
                       AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
     if in_process:
