@@ -598,3 +598,14 @@ def test_a_manifest_that_declares_an_unknown_missing_statistic_or_value_kind_is_
         with pytest.raises(CacheError, match=message):
             load_manifest(layer)
         assert verify_cache(layer)  # cache-verify reports it too
+
+
+def test_a_fusellm_export_is_named_by_the_layer_it_holds(world, tmp_path):
+    from datasets import load_from_disk
+
+    names = {}
+    for out, layer, index in [("a", "srcq", 0), ("b", "srcq", 0), ("c", "srcq", 1), ("d", "srcg", 0)]:
+        export_layer(world["cache"] / layer, "fusellm", tmp_path / out, source_index=index)
+        names[out] = load_from_disk(str(tmp_path / out))._fingerprint
+    assert names["a"] == names["b"]  # the same export of the same layer: the same datasets fingerprint
+    assert len({names["a"], names["c"], names["d"]}) == 3

@@ -12,6 +12,8 @@ complete (staging.py). docs/interop.md has the table of what each format keeps.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from cache_builder.interop import axolotl, distillkit, fusellm
@@ -48,8 +50,15 @@ def export_layer(layer: str | Path, fmt: str, out: str | Path, *, compress: bool
         elif fmt == "axolotl":
             axolotl.export(batches, folder, batch_rows)
         else:
-            fusellm.export(batches, folder, source_index)
+            fusellm.export(batches, folder, source_index, fingerprint=export_fingerprint(manifest, fmt, source_index))
     return Path(out)
+
+
+def export_fingerprint(manifest: dict, fmt: str, source_index: int) -> str:
+    """16 hex digits naming an export: the layer's manifest (which holds every shard's sha256), the format and
+    the source index, so the same export of the same layer gets the same name."""
+    key = json.dumps({"manifest": manifest, "format": fmt, "source_index": source_index}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def import_folder(folder: str | Path, fmt: str, model: str, out: str | Path, *, split: str = "train",

@@ -84,14 +84,15 @@ def aligned_table(batch: TargetBatch, index: int) -> pa.Table:
     })
 
 
-def export(batches: Iterator[TargetBatch], folder: Path, index: int) -> None:
-    """Collect the tables and save them as one dataset with datasets.save_to_disk (how FuseLLM loads them)."""
+def export(batches: Iterator[TargetBatch], folder: Path, index: int, fingerprint: str) -> None:
+    """Collect the tables and save them as one dataset with datasets.save_to_disk (how FuseLLM loads them).
+    fingerprint: the dataset's `datasets` fingerprint, given so that `datasets` does not hash every byte to make one."""
     from datasets import Dataset, disable_progress_bars
     from datasets.table import InMemoryTable
 
     disable_progress_bars()
     tables = [source_table(batch) if batch.text is not None else aligned_table(batch, index) for batch in batches]
-    Dataset(InMemoryTable(pa.concat_tables(tables))).save_to_disk(str(folder))
+    Dataset(InMemoryTable(pa.concat_tables(tables)), fingerprint=fingerprint).save_to_disk(str(folder))
 
 
 def import_rows(folder: Path, split: str) -> Iterator[ImportedRow]:
