@@ -13,8 +13,9 @@ axolotl, fusellm) the layer is exported to a temporary folder and imported back 
 Every timing is repeated --repeats times, interleaved (scan, copy, then each format's export, import and import
 fixed cost, then again), and the median is kept, so a machine that gets busier for a while slows every column
 alike. A ratio is the scan's time over the operation's: the scan reads every column of every shard with pyarrow
-(the floor any reader of the layer pays); the Parquet copy (read every shard, write it again with zstd) is the
-floor of anything that writes the layer's content. An import pays a fixed cost per call whatever the layer's
+(the floor any reader of the layer pays); the Parquet copy (read every shard, write it again with our format's
+Parquet settings, cache_builder.format.PARQUET_OPTIONS: zstd level 3) is the floor of an import, which must read
+a peer's files of about the same size and write our layer. An import pays a fixed cost per call whatever the layer's
 size, measured on its own: loading the tokenizer and its per-vocabulary tables, before any row is read. Its
 steady-state ratio leaves that cost out (scan / (import - fixed)), the speed a large import approaches. Bytes
 per token count every file an export writes. Prints a table and one JSON line.
@@ -32,6 +33,7 @@ from pathlib import Path
 import click
 import pyarrow.parquet as pq
 
+from cache_builder.format import PARQUET_OPTIONS
 from cache_builder.interop import export_layer, import_folder
 from cache_builder.interop.source_layer import Tokenizer
 from cache_builder.manifest import load_manifest
@@ -117,7 +119,7 @@ def run(layer: Path, model: str, work: Path, repeats: int) -> None:
     shards = [layer / s["path"] for s in manifest["shards"]]
     actions = {
         "scan": lambda: [pq.read_table(p) for p in shards],
-        "copy": lambda: [pq.write_table(pq.read_table(p), work / "copy.parquet", compression="zstd") for p in shards],
+        "copy": lambda: [pq.write_table(pq.read_table(p), work / "copy.parquet", **PARQUET_OPTIONS) for p in shards],
     }
     for name, (fmt, options) in VARIANTS.items():
         out, cache = work / f"{name.replace(' ', '')}-out", work / f"{name.replace(' ', '')}-cache"
@@ -145,7 +147,7 @@ def run(layer: Path, model: str, work: Path, repeats: int) -> None:
             "bytes_per_token": folder_bytes(work / f"{name.replace(' ', '')}-out") / tokens,
         }
     click.echo(f"layer {layer.name}: k={results['k']}, {tokens} tokens, median of {repeats} interleaved runs; Parquet "
-               f"scan {results['scan_tokens_per_s']:,.0f} tokens/s, Parquet copy (read + zstd write) "
+               f"scan {results['scan_tokens_per_s']:,.0f} tokens/s, Parquet copy (read + write as ours) "
                f"{results['copy_tokens_per_s']:,.0f} tokens/s ({results['copy_vs_scan']:.2f} of the scan); import "
                f"fixed cost {fixed:.2f} s; ours {results['ours_bytes_per_token']:.1f} B/token")
     click.echo(f"{'format':<24}{'export tok/s':>14}{'vs scan':>9}{'import tok/s':>14}{'vs scan':>9}"
