@@ -16,8 +16,21 @@ from fuse_trainer.weighting import SOURCE_WEIGHTINGS
 DEFAULTS = resolve_config({})  # the recommended recipe: what fuse-train trains when no recipe or flag says otherwise
 # Knobs a recipe sets; still accepted as flags, and listed apart in --help.
 RESEARCH = ("loss", "lam", "lambda_scope", "fusion_temperature", "alm_temperature", "uld_top_k", "standardize",
-            "normalize", "weighting", "gate", "gate_margin", "distill_only_splits", "shuffle_window", "warmup_steps",
+            "normalize", "weighting", "gate", "gate_margin", "distill_only_splits", "source_domains", "shuffle_window", "warmup_steps",
             "merge", "graph_weight")
+
+
+def parse_source_domains(text: str) -> dict[str, list[str]]:
+    """"qwen=code+math,gemma3=prose" -> {"qwen": ["code", "math"], "gemma3": ["prose"]}; ValueError naming the
+    part that is not SOURCE=DOMAIN[+DOMAIN...]."""
+    parsed: dict[str, list[str]] = {}
+    for part in filter(None, text.split(",")):
+        source, _, domains = part.partition("=")
+        if not source or not domains or any(not d for d in domains.split("+")) or source in parsed:
+            raise ValueError(f"--source-domains: {part!r} is not SOURCE=DOMAIN[+DOMAIN...] (e.g. qwen=code), or names "
+                             "its source twice")
+        parsed[source] = domains.split("+")
+    return parsed
 
 
 class ResearchHelp(click.Command):
@@ -99,6 +112,7 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--normalize", default=DEFAULTS.normalize, type=click.Choice(["topk", "full"]), help="InfiFusion: normalise within the top-K or over the full vocabulary.")
 @click.option("--graph-weight", default=DEFAULTS.graph_weight, type=float, help="Weight of InfiGFusion's graph-on-logits term, added to the objective: per record, the co-activation graph of the source's top-k probabilities over the positions the gates let in, against the pivot's at the same ids, compared by their sorted node strengths (a lower bound of the Gromov-Wasserstein distance; fuse_trainer/graph_loss.py). 0: off.")
 @click.option("--distill-only-splits", default="", help="Comma-separated splits of --train-splits learned from the sources alone, with no SFT term: text the pivot wrote itself (corpus-generate --model <pivot>), which the sources score (on-policy distillation). Their fusion term has weight 1, not --lambda.")
+@click.option("--source-domains", default="", help="Where each named source teaches, by corpus domain: SOURCE=DOMAIN[+DOMAIN...], several joined by ',', e.g. qwen=code (Qwen distilled on code records only; the SFT term everywhere). A source not named teaches every domain.")
 @click.option("--shuffle-window", default=DEFAULTS.shuffle_window, type=int, help="Shard groups whose micro-batches are shuffled together, and held in memory at once: a corpus stored in domain order is then not learned one domain after another. 1: shard group after shard group (runs recorded before 2026-11-28).")
 @click.option("--warmup-steps", default=DEFAULTS.warmup_steps, type=int)
 @click.option("--merge", default=DEFAULTS.merge, type=click.Choice(sorted(MERGE_METHODS)), help="Pairwise mode: how the per-source pivots are merged.")
@@ -123,6 +137,8 @@ def train(ctx, recipe, **_):
         if name in cli:
             cli[name] = [s for s in cli[name].split(",") if s]
     try:
+        if "source_domains" in cli:
+            cli["source_domains"] = parse_source_domains(cli["source_domains"])
         cfg = resolve_config(cli, recipe)
         final = fuse_train(cfg)
     except (CacheError, ValueError) as err:

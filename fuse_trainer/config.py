@@ -41,6 +41,8 @@ class TrainConfig:
     train_splits: list[str] = field(default_factory=lambda: ["train"])  # e.g. train + generated (corpus-generate)
     # splits learned from the sources alone, no SFT term: text the pivot wrote itself (on-policy distillation)
     distill_only_splits: list[str] = field(default_factory=list)
+    # source -> the corpus domains it teaches, e.g. {qwen: [code]}; a source not named teaches every domain
+    source_domains: dict[str, list[str]] = field(default_factory=dict)
     loss: str = "topk-kl"  # a key of fuse_trainer.losses.FUSION_LOSSES
     lam: float = 0.5  # total = (1 - lam) * SFT + lam * fusion
     lambda_scope: str = "all"  # all: every response position; distilled: only where a source is distilled
@@ -163,6 +165,12 @@ class TrainConfig:
             (self.graph_weight >= 0.0, "graph_weight must be 0 (off) or positive"),
             (self.mode != "sft" or not self.graph_weight,
              "mode sft learns the gold text only: drop graph_weight (the graph term distils the sources)"),
+            (isinstance(self.source_domains, dict)
+             and all(isinstance(k, str) and isinstance(v, list) and v and all(isinstance(d, str) for d in v)
+                     for k, v in self.source_domains.items()),
+             "source_domains must map source names to lists of one or more domains, e.g. {qwen: [code]}"),
+            (self.mode != "sft" or not self.source_domains,
+             "mode sft learns the gold text only: drop source_domains (it says where the sources teach)"),
             (self.mode != "sft" or not self.distill_only_splits,
              "mode sft learns the gold text only: drop distill_only_splits (and those splits from train_splits)"),
         ]

@@ -99,6 +99,19 @@ def _sources_at(spec: str, pivot: str, align_pivot: str | None, store: ShardStor
     return found
 
 
+def check_source_domains(layers: dict[str, VerifiedLayer], source_domains: dict[str, list[str]]) -> None:
+    """ValueError unless every source named in `source_domains` is one of `layers` and every domain listed for it
+    is one of its corpus's (a misspelt domain would silently leave the source teaching nothing)."""
+    for name, domains in source_domains.items():
+        if name not in layers:
+            raise ValueError(f"source_domains names {name!r}, not a source of this run ({', '.join(layers)})")
+        known = layers[name].manifest["corpus"]["summary"].get("domains", {})
+        unknown = sorted(set(domains) - set(known))
+        if unknown:
+            raise ValueError(f"source_domains gives {name} the domain(s) {', '.join(unknown)}, which its corpus does not "
+                             f"have (its domains: {', '.join(sorted(known)) or 'none recorded'})")
+
+
 def check_sources(layers: dict[str, VerifiedLayer], join: str = "exact") -> None:
     """Refuse layers that failed verification when opened, or that do not describe the same records (join
     `exact`) or share none (`intersect`), or were aligned to different pivot tokenizers."""
@@ -175,6 +188,7 @@ class FusionDataset:
     token_ids: Ragged  # (T) per record
     loss_mask: Ragged  # (T-1) per record
     sources: dict[str, dict[str, Ragged]]  # source -> field -> Ragged, rows in record_ids order
+    teaches: dict[str, np.ndarray]  # source -> (R,) bool: the record is of a domain the source teaches
 
     def __len__(self) -> int:
         return len(self.record_ids)
@@ -272,14 +286,17 @@ class FusionData:
     training shard group after shard group would learn one domain, then the next, and forget. Shard groups
     come in a seeded random order, `window` at a time; the micro-batches of a window's groups are shuffled
     together, and at most `window` groups are held in memory. Records of the `distill_only` splits (text the
-    pivot wrote itself) are marked as having no gold text to learn.
+    pivot wrote itself) are marked as having no gold text to learn; a source named in `source_domains` teaches
+    only the records of the domains listed for it.
     """
 
     def __init__(self, layers: dict[str, VerifiedLayer], splits: tuple[str, ...] = ("train",), window: int = 1,
-                 distill_only: tuple[str, ...] = (), join: str = "exact"):
+                 distill_only: tuple[str, ...] = (), join: str = "exact",
+                 source_domains: dict[str, list[str]] | None = None):
         if window < 1:
             raise ValueError(f"the shuffle window must hold at least one shard group, got {window}")
         self.layers, self.window, self.distill_only = layers, window, distill_only
+        self.source_domains = source_domains or {}
         self.index = index_shards(layers, splits, join)
         self.zero_lse = {name for name, layer in layers.items()
                          if topk_values(layer.manifest) == "logprobs" and "logsumexp" in missing_statistics(layer.manifest)}
@@ -310,10 +327,12 @@ class FusionData:
                 if name in self.zero_lse:
                     lse = sources[name]["logsumexp"]
                     sources[name]["logsumexp"] = Ragged(np.zeros_like(lse.values), lse.offsets)
-            self._loaded[i] = FusionDataset(list(data["record_id"][rows]), list(data["domain"][rows]),
+            domains = list(data["domain"][rows])
+            teaches = {name: taught_records(domains, self.source_domains.get(name)) for name in self.layers}
+            self._loaded[i] = FusionDataset(list(data["record_id"][rows]), domains,
                                             ~np.isin(data["split"][rows], self.distill_only),
                                             take_rows(data["token_ids"], rows), take_rows(data["loss_mask"], rows),
-                                            sources)
+                                            sources, teaches)
             while len(self._loaded) > self.window:
                 self._loaded.popitem(last=False)
         self._loaded.move_to_end(i)
@@ -334,6 +353,13 @@ class FusionData:
                 batches = [batches[j] for j in rng.permutation(len(batches))]
             plan += batches
         return plan
+
+
+def taught_records(domains: list[str | None], allowed: list[str] | None) -> np.ndarray:
+    """(R,) bool: the records whose domain is one of `allowed` (every record when None)."""
+    if allowed is None:
+        return np.ones(len(domains), dtype=bool)
+    return np.array([domain in allowed for domain in domains], dtype=bool)
 
 
 def gather_rows(layer: VerifiedLayer, parts: tuple[tuple[str, np.ndarray], ...], names: tuple[str, ...]) -> dict[str, Ragged]:
@@ -393,6 +419,7 @@ class SourceBatch:
 
     row: torch.Tensor  # (N,) int64
     pos: torch.Tensor  # (N,) int64
+    teaches: torch.Tensor  # (B,) bool: the source teaches the record's domain (per record, not per position)
     topk_ids: torch.Tensor  # (N, K) int64 pivot ids, -1 = empty slot
     topk_logits: torch.Tensor  # (N, K) after mapping (duplicates merged; 0 in empty slots)
     native_topk_logits: torch.Tensor  # (N, K) the source's own top-k, before mapping
@@ -446,6 +473,7 @@ def collate(dataset: FusionDataset, rows: np.ndarray) -> Batch:
         sources[name] = SourceBatch(
             row=torch.from_numpy(row),
             pos=torch.from_numpy(sub["aligned_pos"].values.astype(np.int64)),
+            teaches=torch.from_numpy(dataset.teaches[name][rows]),
             topk_ids=torch.from_numpy(sub["topk_ids"].values.astype(np.int64)),
             topk_logits=torch.from_numpy(sub["topk_logits"].values.astype(np.float32)),
             native_topk_logits=torch.from_numpy(sub["native_topk_logits"].values.astype(np.float32)),

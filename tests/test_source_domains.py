@@ -1,0 +1,100 @@
+"""source_domains: a source teaches only the records of the domains named for it (e.g. Qwen on code only)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fuse_trainer.cli import parse_source_domains, train
+from fuse_trainer.config import TrainConfig
+from fuse_trainer.data import FusionData, check_source_domains, collate, discover_sources, taught_records
+
+
+def _terms(model, batch, cfg):
+    from fuse_trainer.train import micro_batch_terms
+
+    return {k: v.item() for k, v in micro_batch_terms(model, batch, cfg).items()}
+
+
+def _rows_of(dataset, rows, domain):
+    return np.array([r for r in rows if dataset.domains[r] == domain])
+
+
+def test_taught_records():
+    domains = ["code", "prose", None, "code"]
+    assert taught_records(domains, None).tolist() == [True] * 4
+    assert taught_records(domains, ["code"]).tolist() == [True, False, False, True]
+    assert taught_records(domains, ["prose", "code"]).tolist() == [True, True, False, True]
+
+
+def test_a_source_taught_on_code_only_is_the_sum_of_both_sources_on_code_and_the_other_alone_elsewhere(world):
+    """Unified, MinCE: with srcq teaching code only, a batch's terms equal those of its code records with both
+    sources plus those of its prose records with srcg alone (srcq neither distils nor takes MinCE's weight there)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = TrainConfig(mode="unified", weighting="mince", lam=0.5, lambda_scope="distilled").validate()
+    layers = discover_sources(world["cache"], "pivot")
+    restricted = FusionData(layers, source_domains={"srcq": ["code"]})
+    everywhere = FusionData(layers)
+    model = AutoModelForCausalLM.from_pretrained(world["models"]["pivot"]).eval()
+    checked = 0
+    for shard, rows in everywhere.plan(0, 256, seed=0):
+        dataset = everywhere.shard(shard)
+        code, prose = _rows_of(dataset, rows, "code"), _rows_of(dataset, rows, "prose")
+        if not len(code) or not len(prose):
+            continue
+        with torch.no_grad():
+            got = _terms(model, collate(restricted.shard(shard), rows), cfg)
+            on_code = _terms(model, collate(dataset, code), cfg)
+            alone = collate(dataset, prose)
+            alone.sources.pop("srcq")
+            on_prose = _terms(model, alone, cfg)
+            assert on_prose["fusion_sum"] > 0 and on_code["fusion_sum"] > 0  # both parts teach something
+            for key in ("fusion_sum", "objective_sum", "sft_sum", "gated_in", "fusion_positions"):
+                assert got[key] == pytest.approx(on_code[key] + on_prose[key], rel=1e-4, abs=1e-4), key
+            everywhere_terms = _terms(model, collate(dataset, rows), cfg)
+        assert got["fusion_positions"] < everywhere_terms["fusion_positions"]  # the restriction removed positions
+        checked += 1
+    assert checked, "no micro-batch held both code and prose records"
+
+
+def test_unknown_sources_and_domains_are_refused_by_name(world):
+    layers = discover_sources(world["cache"], "pivot")
+    check_source_domains(layers, {"srcq": ["code"], "srcg": ["prose", "code"]})
+    with pytest.raises(ValueError, match="'qwen', not a source of this run"):
+        check_source_domains(layers, {"qwen": ["code"]})
+    with pytest.raises(ValueError, match=r"srcq the domain\(s\) cod, which its corpus does not have \(its domains: code, prose\)"):
+        check_source_domains(layers, {"srcq": ["cod"]})
+    with pytest.raises(ValueError, match="mode sft learns the gold text only: drop source_domains"):
+        TrainConfig(mode="sft", source_domains={"srcq": ["code"]}).validate()
+    with pytest.raises(ValueError, match="source_domains must map source names to lists"):
+        TrainConfig(source_domains={"srcq": []}).validate()
+
+
+def test_parse_source_domains():
+    assert parse_source_domains("qwen=code+math,gemma3=prose") == {"qwen": ["code", "math"], "gemma3": ["prose"]}
+    assert parse_source_domains("") == {}
+    for bad in ("qwen", "qwen=", "=code", "qwen=code+", "qwen=code,qwen=math"):
+        with pytest.raises(ValueError, match="is not SOURCE=DOMAIN"):
+            parse_source_domains(bad)
+
+
+def test_fuse_train_source_domains_from_the_command_line(world, tmp_path):
+    """The flag reaches the run: saved in its config, a misspelt domain stops it with one line, and a resume
+    with other domains is refused."""
+    args = ["--shards", str(world["cache"]), "--pivot", str(world["models"]["pivot"]), "--mode", "unified",
+            "--max-steps", "2", "--batch-tokens", "256", "--lr", "1e-3", "--out", str(tmp_path / "run")]
+    runner = CliRunner()
+    result = runner.invoke(train, args + ["--source-domains", "srcq=cod"])
+    assert result.exit_code != 0 and "cod, which its corpus does not have" in result.output
+    result = runner.invoke(train, args + ["--source-domains", "srcq=code"])
+    assert result.exit_code == 0, result.output
+    import yaml
+
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["source_domains"] == {"srcq": ["code"]}
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    result = runner.invoke(train, args + ["--source-domains", "srcq=prose", "--resume"])
+    assert result.exit_code != 0 and "source_domains" in result.output
