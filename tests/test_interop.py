@@ -609,3 +609,39 @@ def test_a_fusellm_export_is_named_by_the_layer_it_holds(world, tmp_path):
         names[out] = load_from_disk(str(tmp_path / out))._fingerprint
     assert names["a"] == names["b"]  # the same export of the same layer: the same datasets fingerprint
     assert len({names["a"], names["c"], names["d"]}) == 3
+
+
+def test_an_import_writes_shards_as_it_reads_and_one_schema_when_a_later_shard_lacks_a_statistic(world, tmp_path, monkeypatch):
+    """A shard's table is made as soon as its rows are read (memory holds a few shards, not the input), and a
+    statistic missing only in a later shard (the gold log-prob, outside the top-k there) makes the layer's
+    column nullable in every shard: the earlier shard is written again, and cache-verify finds one schema."""
+    from cache_builder.interop import source_layer
+    from cache_builder.interop.source_layer import ImportedRow, write_imported_layer
+
+    rows = teacher_rows(world)
+    ids, top, lp, _ = rows[0]
+    with_gold = top.copy()  # (T-1, K) the gold next token made a candidate wherever it was not
+    outside = ~(top == ids[1:, None]).any(axis=1)
+    with_gold[outside, -1] = ids[1:][outside]
+    partial = [(r[0], r[1], r[2]) for r in rows[1:]]
+    assert outside.any() and all(not (r[1] == r[0][1:, None]).any(axis=1).all() for r in partial)
+    read, tables_made = [], []
+    real_table = source_layer.source_table
+    monkeypatch.setattr(source_layer, "source_table", lambda *a: (tables_made.append(len(read)), real_table(*a))[1])
+
+    def imported():
+        for i, (t, k_ids, values) in enumerate([(ids, with_gold, lp), *partial] * 2):  # then each text again
+            read.append(i)
+            yield ImportedRow(f"row {i}", t, k_ids, values.astype(np.float32))
+
+    layer, bad = write_imported_layer(imported(), fmt="distillkit", input_dir=tmp_path, model=str(world["models"]["srcq"]),
+                                      out=tmp_path / "cache", kind="logprobs", rows_per_shard=1)
+    assert tables_made == [1, 2, 3] and len(read) == 6  # shard i made after row i, before the rest is read
+    assert [b.reason for b in bad] == [f"the same text as row {i} (duplicate record)" for i in range(3)]
+    manifest = load_manifest(layer)
+    assert {"gold_logprob", "mean_nll"} <= set(manifest["missing_statistics"]) and len(manifest["shards"]) == 3
+    assert verify_cache(layer) == []
+    assert {pq.read_schema(layer / s["path"]).field("gold_logprob").nullable for s in manifest["shards"]} == {True}
+    imported_rows = read_rows(layer)
+    np.testing.assert_array_equal(imported_rows["gold_logprob"].row(0), lp[with_gold == ids[1:, None]])  # kept
+    assert np.isnan(imported_rows["gold_logprob"].row(1)).any()

@@ -17,9 +17,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from alignment import TokenSurface, surface_fingerprint, token_surface
 from cache_builder.build import output_vocab_size
@@ -30,7 +31,9 @@ from cache_builder.format import (
     STAT_COLUMNS,
     SourceRow,
     new_manifest,
+    source_schema,
     source_table,
+    with_missing,
     write_manifest,
     write_shard,
     write_text_atomic,
@@ -191,29 +194,53 @@ def missing_of(rows: list[SourceRow]) -> tuple[str, ...]:
     return tuple(name for name in (*STAT_COLUMNS, "mean_nll") if name in missing)
 
 
-def convert_rows(rows: Iterable[ImportedRow], tok: Tokenizer, kind: str, split: str,
-                 strict: bool) -> tuple[list[SourceRow], list[BadRow], int | None]:
-    """(rows of the layer, rows skipped with their reasons, k); InteropError at the first bad row if strict."""
-    good: list[SourceRow] = []
-    bad: list[BadRow] = []
-    seen: dict[str, str] = {}
-    k = None
+class RowConverter:
+    """Checks and converts imported rows one at a time, keeping the rows it skips with their reasons and the
+    record ids it has seen (a text met twice is reported as a duplicate). k is set by the first readable row;
+    a row with another k is ragged."""
+
+    def __init__(self, tok: Tokenizer, kind: str, split: str, strict: bool):
+        self.tok, self.kind, self.split, self.strict = tok, kind, split, strict
+        self.bad: list[BadRow] = []
+        self.k: int | None = None
+        self.seen: dict[str, str] = {}  # record id -> the origin of its first row, in layer order
+
+    def convert(self, rows: Iterable[ImportedRow]) -> Iterator[SourceRow]:
+        """The rows of the layer, as they are read; InteropError at the first bad row if strict."""
+        for row in rows:
+            if self.k is None and np.ndim(row.topk_ids) == 2 and np.shape(row.topk_ids)[1]:
+                self.k = np.shape(row.topk_ids)[1]
+            try:
+                converted = source_row(row, self.tok, self.k or 0, self.kind, self.split)
+            except RowError as err:
+                if self.strict:
+                    raise InteropError(f"{row.origin}: {err} (--strict refuses the import)") from None
+                self.bad.append(BadRow(row.origin, str(err)))
+                continue
+            first = self.seen.setdefault(converted.record.record_id, row.origin)
+            if first != row.origin:
+                self.bad.append(BadRow(row.origin, f"the same text as {first} (duplicate record)"))
+                continue
+            yield converted
+
+
+def shard_groups(rows: Iterator[SourceRow], size: int) -> Iterator[list[SourceRow]]:
+    """Consecutive rows in lists of `size` (the last may hold fewer)."""
+    group: list[SourceRow] = []
     for row in rows:
-        if k is None and np.ndim(row.topk_ids) == 2 and np.shape(row.topk_ids)[1]:
-            k = np.shape(row.topk_ids)[1]  # the first readable row sets k; a row with another k is ragged
-        try:
-            converted = source_row(row, tok, k or 0, kind, split)
-        except RowError as err:
-            if strict:
-                raise InteropError(f"{row.origin}: {err} (--strict refuses the import)") from None
-            bad.append(BadRow(row.origin, str(err)))
-            continue
-        first = seen.setdefault(converted.record.record_id, row.origin)
-        if first != row.origin:
-            bad.append(BadRow(row.origin, f"the same text as {first} (duplicate record)"))
-            continue
-        good.append(converted)
-    return good, bad, k
+        group.append(row)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def rewrite_shard(folder: Path, relpath: str, k: int, missing: tuple[str, ...]):
+    """Write a shard again in the schema of the layer's `missing` statistics (their columns nullable): a shard
+    written before a later one showed a statistic missing. Returns its new ShardInfo."""
+    table = pq.read_table(folder / relpath).cast(with_missing(source_schema(k, "float32"), missing))
+    return write_shard(table, folder, relpath)
 
 
 def write_imported_layer(rows: Iterable[ImportedRow], *, fmt: str, input_dir: Path, model: str, out: str | Path,
@@ -221,32 +248,39 @@ def write_imported_layer(rows: Iterable[ImportedRow], *, fmt: str, input_dir: Pa
                          overwrite: bool = False, extra: dict | None = None) -> tuple[Path, list[BadRow]]:
     """Write `out`/<model name>/ from imported rows; returns (its folder, the rows skipped with reasons).
 
-    vocab.parquet is written on a writer thread while the rows are converted, and the shards two at a time
-    (cache_builder.interop.writer)."""
+    Rows are converted as they are read and written a shard at a time on writer threads
+    (cache_builder.interop.writer), so memory holds a few shards whatever the input's size. A statistic missing
+    in a later shard makes its column nullable in the layer's schema: the earlier shards that had it everywhere
+    are then written again in that schema."""
     started = time.time()
     tok = Tokenizer.load(model)
     final = Path(out) / tok.name
+    converter = RowConverter(tok, kind, split, strict)
     with staged_folder(final, overwrite) as folder, BackgroundWriter() as writer:
         writer.submit(write_vocab, folder, tok.surface)
-        good, bad, k = convert_rows(rows, tok, kind, split, strict)
-        if not good:
+        shard_missing: list[tuple[str, ...]] = []  # per shard: the statistics missing in it
+        for i, group in enumerate(shard_groups(converter.convert(rows), rows_per_shard)):
+            shard_missing.append(missing_of(group))
+            writer.submit(write_shard, source_table(group, converter.k, "float32", shard_missing[-1]), folder,
+                          f"shards/part-r00000-{i:05d}.parquet")
+        bad, k = converter.bad, converter.k
+        if not shard_missing:
             first = f"; first: {bad[0].origin}: {bad[0].reason}" if bad else ""
             raise InteropError(f"{input_dir}: no row could be imported ({len(bad)} bad rows{first})")
-        missing = missing_of(good)
-        for i in range(0, len(good), rows_per_shard):
-            writer.submit(write_shard, source_table(good[i : i + rows_per_shard], k, "float32", missing), folder,
-                          f"shards/part-r00000-{i // rows_per_shard:05d}.parquet")
         vocab_file, *shards = writer.results()
+        missing = tuple(name for name in (*STAT_COLUMNS, "mean_nll") if any(name in m for m in shard_missing))
+        shards = [shard if shard_missing[i] == missing else rewrite_shard(folder, shard.path, k, missing)
+                  for i, shard in enumerate(shards)]
         source = {
             "vocab_file": vocab_file, "name": tok.name, "identity": tok.identity,
             "add_bos": tok.add_bos, "tokenizer_fingerprint": tok.fingerprint,
             "tokenizer_convention": tok.surface.convention, "tokenizer_size": tok.tokenizer_size,
             "vocab_size": tok.vocab_size, "chat_template": f"as rendered by the {fmt} producer (imported)",
         }
-        ids = "\n".join(r.record.record_id for r in good)
+        ids = "\n".join(converter.seen)  # every imported record's id, in layer order
         corpus = {
             "fingerprint": hashlib.sha256(ids.encode()).hexdigest(),
-            "summary": {"records": len(good), "bad_records": len(bad),
+            "summary": {"records": len(converter.seen), "bad_records": len(bad),
                         "bad_reasons": dict(Counter(b.reason.split(" (")[0] for b in bad))},
             "bad_records": [{"origin": b.origin, "reason": b.reason} for b in bad],
         }
