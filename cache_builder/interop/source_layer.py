@@ -29,6 +29,7 @@ from cache_builder.corpus import Record, sha256_hex
 from cache_builder.format import (
     CARD,
     STAT_COLUMNS,
+    ShardInfo,
     SourceRow,
     new_manifest,
     source_schema,
@@ -236,7 +237,7 @@ def shard_groups(rows: Iterator[SourceRow], size: int) -> Iterator[list[SourceRo
         yield group
 
 
-def rewrite_shard(folder: Path, relpath: str, k: int, missing: tuple[str, ...]):
+def rewrite_shard(folder: Path, relpath: str, k: int, missing: tuple[str, ...]) -> ShardInfo:
     """Write a shard again in the schema of the layer's `missing` statistics (their columns nullable): a shard
     written before a later one showed a statistic missing. Returns its new ShardInfo."""
     table = pq.read_table(folder / relpath).cast(with_missing(source_schema(k, "float32"), missing))
