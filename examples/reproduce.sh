@@ -18,9 +18,9 @@
 # BEST_EVERY=N (default 0: off) scores the validation split every N steps and keeps each arm's best step
 # (--eval-split validation --eval-every N --keep-best; pairwise: per source, before the merge), so that arms are
 # compared each at its best rather than at one step count. SEED (default 0) seeds every arm's training. A second
-# seed on the same corpus and caches:
+# seed on the same corpus and caches (docs/results.md, 2026-12-06, ran both seeds of this):
 #   mkdir -p out/repro-s1 && cp -r out/repro/corpus.jsonl out/repro/cache out/repro-s1/
-#   OUT=out/repro-s1 SEED=1 BEST_EVERY=10 EPOCHS=4 bash examples/reproduce.sh
+#   OUT=out/repro-s1 SEED=1 BEST_EVERY=10 EPOCHS=2 bash examples/reproduce.sh
 # GENERATE_SAMPLES=N (default 0: off) adds sequence-level distillation before step 2: Qwen2.5-Coder writes N
 # continuations of every code train record (corpus-generate, split "generated"), both sources cache them with
 # the gold records, and the fused arms train on train + generated while SFT-only keeps the gold records alone.
