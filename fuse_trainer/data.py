@@ -188,7 +188,6 @@ class FusionDataset:
     token_ids: Ragged  # (T) per record
     loss_mask: Ragged  # (T-1) per record
     sources: dict[str, dict[str, Ragged]]  # source -> field -> Ragged, rows in record_ids order
-    teaches: dict[str, np.ndarray]  # source -> (R,) bool: the record is of a domain the source teaches
 
     def __len__(self) -> int:
         return len(self.record_ids)
@@ -286,8 +285,8 @@ class FusionData:
     training shard group after shard group would learn one domain, then the next, and forget. Shard groups
     come in a seeded random order, `window` at a time; the micro-batches of a window's groups are shuffled
     together, and at most `window` groups are held in memory. Records of the `distill_only` splits (text the
-    pivot wrote itself) are marked as having no gold text to learn; a source named in `source_domains` teaches
-    only the records of the domains listed for it.
+    pivot wrote itself) are marked as having no gold text to learn; a source named in `source_domains` has no
+    aligned positions, so teaches nothing, in the records of other domains.
     """
 
     def __init__(self, layers: dict[str, VerifiedLayer], splits: tuple[str, ...] = ("train",), window: int = 1,
@@ -328,11 +327,13 @@ class FusionData:
                     lse = sources[name]["logsumexp"]
                     sources[name]["logsumexp"] = Ragged(np.zeros_like(lse.values), lse.offsets)
             domains = list(data["domain"][rows])
-            teaches = {name: taught_records(domains, self.source_domains.get(name)) for name in self.layers}
+            for name in set(self.source_domains) & set(sources):
+                taught = taught_records(domains, self.source_domains[name])
+                sources[name] = {f: emptied_rows(column, taught) for f, column in sources[name].items()}
             self._loaded[i] = FusionDataset(list(data["record_id"][rows]), domains,
                                             ~np.isin(data["split"][rows], self.distill_only),
                                             take_rows(data["token_ids"], rows), take_rows(data["loss_mask"], rows),
-                                            sources, teaches)
+                                            sources)
             while len(self._loaded) > self.window:
                 self._loaded.popitem(last=False)
         self._loaded.move_to_end(i)
@@ -355,11 +356,17 @@ class FusionData:
         return plan
 
 
-def taught_records(domains: list[str | None], allowed: list[str] | None) -> np.ndarray:
-    """(R,) bool: the records whose domain is one of `allowed` (every record when None)."""
-    if allowed is None:
-        return np.ones(len(domains), dtype=bool)
+def taught_records(domains: list[str | None], allowed: list[str]) -> np.ndarray:
+    """(R,) bool: the records whose domain is one of `allowed`."""
     return np.array([domain in allowed for domain in domains], dtype=bool)
+
+
+def emptied_rows(column: Ragged, keep: np.ndarray) -> Ragged:
+    """The column with every row where `keep` (R,) is False made empty, the others unchanged."""
+    lengths = np.where(keep, column.lengths, 0)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return Ragged(column.values[np.repeat(keep, column.lengths)], offsets)
 
 
 def gather_rows(layer: VerifiedLayer, parts: tuple[tuple[str, np.ndarray], ...], names: tuple[str, ...]) -> dict[str, Ragged]:
@@ -419,7 +426,6 @@ class SourceBatch:
 
     row: torch.Tensor  # (N,) int64
     pos: torch.Tensor  # (N,) int64
-    teaches: torch.Tensor  # (B,) bool: the source teaches the record's domain (per record, not per position)
     topk_ids: torch.Tensor  # (N, K) int64 pivot ids, -1 = empty slot
     topk_logits: torch.Tensor  # (N, K) after mapping (duplicates merged; 0 in empty slots)
     native_topk_logits: torch.Tensor  # (N, K) the source's own top-k, before mapping
@@ -473,7 +479,6 @@ def collate(dataset: FusionDataset, rows: np.ndarray) -> Batch:
         sources[name] = SourceBatch(
             row=torch.from_numpy(row),
             pos=torch.from_numpy(sub["aligned_pos"].values.astype(np.int64)),
-            teaches=torch.from_numpy(dataset.teaches[name][rows]),
             topk_ids=torch.from_numpy(sub["topk_ids"].values.astype(np.int64)),
             topk_logits=torch.from_numpy(sub["topk_logits"].values.astype(np.float32)),
             native_topk_logits=torch.from_numpy(sub["native_topk_logits"].values.astype(np.float32)),

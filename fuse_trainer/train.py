@@ -46,8 +46,8 @@ from fuse_trainer.checkpoint import (
     save_hf,
 )
 from fuse_trainer.config import TrainConfig, dump_yaml
-from fuse_trainer.data import (Batch, FusionData, SourceBatch, check_pivot, check_source_domains, check_sources,
-                                 check_statistics, collate, discover_sources)
+from fuse_trainer.data import (Batch, FusionData, check_pivot, check_source_domains, check_sources, check_statistics,
+                                 collate, discover_sources)
 from fuse_trainer.gates import teacher_gate
 from fuse_trainer.graph_loss import graph_loss
 from fuse_trainer.guard import stop_if_not_finite
@@ -100,12 +100,6 @@ def gold_logprobs(logits: torch.Tensor, labels: torch.Tensor, log_z: torch.Tenso
     return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - log_z
 
 
-def taught_positions(batch: Batch, src: SourceBatch) -> torch.Tensor:
-    """(N,) bool: the source's aligned positions that predict a response token of a record whose domain it
-    teaches (`source_domains`); a source scores and teaches nowhere else."""
-    return batch.loss_mask[src.row, src.pos] & src.teaches[src.row]
-
-
 def source_scores(batch: Batch, cfg: TrainConfig) -> torch.Tensor:
     """(S, B) per-record cost of each source for the unified weighting (+inf: no aligned response position).
 
@@ -115,7 +109,7 @@ def source_scores(batch: Batch, cfg: TrainConfig) -> torch.Tensor:
     scores = []
     B, T = batch.input_ids.shape
     for src in batch.sources.values():
-        keep = taught_positions(batch, src)  # (N,) chunks that start at a response position the source teaches
+        keep = batch.loss_mask[src.row, src.pos]  # (N,) chunks that start at a response position
         if cfg.weighting == "entropy":
             kept = keep.float()  # (N,)
             entropy = topk_entropy(src.topk_logits, src.lse)  # (N,)
@@ -151,7 +145,7 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
     uld_stats = (pivot_uld_stats(logits, cfg.uld_top_k, cfg.standardize, cfg.normalize == "full")  # once for every source
                  if cfg.loss == "infifusion" else None)
     for s, src in enumerate(batch.sources.values()):
-        keep = taught_positions(batch, src)  # (N,)
+        keep = batch.loss_mask[src.row, src.pos]  # (N,) response positions only
         if cfg.loss == "infifusion":  # ULD needs no vocabulary map: the native top-k, every slot valid
             topk_ids, topk_logits = torch.zeros_like(src.topk_ids), src.native_topk_logits
         else:

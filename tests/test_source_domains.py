@@ -9,7 +9,9 @@ from click.testing import CliRunner
 
 from fuse_trainer.cli import parse_source_domains, train
 from fuse_trainer.config import TrainConfig
-from fuse_trainer.data import FusionData, check_source_domains, collate, discover_sources, taught_records
+from cache_builder.reader import Ragged
+from fuse_trainer.data import (FusionData, check_source_domains, collate, discover_sources, emptied_rows,
+                                 taught_records)
 
 
 def _terms(model, batch, cfg):
@@ -22,11 +24,13 @@ def _rows_of(dataset, rows, domain):
     return np.array([r for r in rows if dataset.domains[r] == domain])
 
 
-def test_taught_records():
+def test_taught_records_and_emptied_rows():
     domains = ["code", "prose", None, "code"]
-    assert taught_records(domains, None).tolist() == [True] * 4
     assert taught_records(domains, ["code"]).tolist() == [True, False, False, True]
     assert taught_records(domains, ["prose", "code"]).tolist() == [True, True, False, True]
+    column = Ragged(np.arange(10).reshape(5, 2), np.array([0, 2, 3, 3, 5]))  # rows of 2, 1, 0, 2 positions
+    emptied = emptied_rows(column, np.array([True, False, True, True]))
+    assert [emptied.row(r).tolist() for r in range(4)] == [[[0, 1], [2, 3]], [], [], [[6, 7], [8, 9]]]
 
 
 def test_a_source_taught_on_code_only_is_the_sum_of_both_sources_on_code_and_the_other_alone_elsewhere(world):
