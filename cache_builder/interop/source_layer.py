@@ -192,7 +192,12 @@ def missing_of(rows: list[SourceRow]) -> tuple[str, ...]:
         missing.append("gold_logprob")
     if any(np.isnan(r.mean_nll) for r in rows):
         missing.append("mean_nll")
-    return tuple(name for name in (*STAT_COLUMNS, "mean_nll") if name in missing)
+    return in_manifest_order(missing)
+
+
+def in_manifest_order(names) -> tuple[str, ...]:
+    """Missing statistic names in the order the manifest lists them."""
+    return tuple(name for name in (*STAT_COLUMNS, "mean_nll") if name in names)
 
 
 class RowConverter:
@@ -269,7 +274,7 @@ def write_imported_layer(rows: Iterable[ImportedRow], *, fmt: str, input_dir: Pa
             first = f"; first: {bad[0].origin}: {bad[0].reason}" if bad else ""
             raise InteropError(f"{input_dir}: no row could be imported ({len(bad)} bad rows{first})")
         vocab_file, *shards = writer.results()
-        missing = tuple(name for name in (*STAT_COLUMNS, "mean_nll") if any(name in m for m in shard_missing))
+        missing = in_manifest_order(set().union(*shard_missing))
         shards = [shard if shard_missing[i] == missing else rewrite_shard(folder, shard.path, k, missing)
                   for i, shard in enumerate(shards)]
         source = {
