@@ -255,9 +255,9 @@ def write_imported_layer(rows: Iterable[ImportedRow], *, fmt: str, input_dir: Pa
     """Write `out`/<model name>/ from imported rows; returns (its folder, the rows skipped with reasons).
 
     Rows are converted as they are read and written a shard at a time on writer threads
-    (cache_builder.interop.writer), so memory holds a few shards and one record id per row (the duplicate check). A statistic missing
-    in a later shard makes its column nullable in the layer's schema: the earlier shards that had it everywhere
-    are then written again in that schema."""
+    (cache_builder.interop.writer), so memory holds a few shards and one record id per row (the duplicate
+    check). A statistic missing in a later shard makes its column nullable in the layer's schema: the earlier
+    shards that had it everywhere are then written again in that schema."""
     started = time.time()
     tok = Tokenizer.load(model)
     final = Path(out) / tok.name
