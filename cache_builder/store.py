@@ -5,14 +5,18 @@ values: cache-verify's checks) and its record ids are collected. Whoever trains 
 for a shard by relative path and never reads the manifest again. A local layer answers with the file in its
 folder. A remote layer answers with a file of the shard store: local files named by their sha256, fetched on
 demand, hashed before first use, and evicted least recently used first when the store would pass its bound, so
-a cache larger than the local disk still trains.
+a cache larger than the local disk still trains. A file is never evicted while a reader holds it (`ShardStore.held`):
+a prefetch that would need its room fetches nothing, and the trainer fetches that shard itself when it reads it.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,23 +40,41 @@ class ShardStore:
         self._checked: set[str] = set()  # sha256 of the files hashed by this process
         self.fetched = 0  # files downloaded by this process
         self._lock = threading.Lock()  # one fetch at a time: the trainer's and the prefetcher's
+        self._held: Counter[str] = Counter()  # sha256 -> readers holding the file (never evicted meanwhile)
         self._background: ThreadPoolExecutor | None = None
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256
 
-    def fetch(self, loc: Location, entry: FileEntry) -> Path:
-        """The local file holding `entry`'s bytes: downloaded if absent, hashed once per process, marked used."""
+    @contextmanager
+    def held(self, loc: Location, entry: FileEntry) -> Iterator[Path]:
+        """The local file holding `entry`'s bytes (as `fetch`), kept in the store until the block ends."""
+        path = self.fetch(loc, entry, hold=True)
+        try:
+            yield path
+        finally:
+            with self._lock:
+                self._held[entry.sha256] -= 1
+                if not self._held[entry.sha256]:
+                    del self._held[entry.sha256]
+
+    def fetch(self, loc: Location, entry: FileEntry, hold: bool = False, optional: bool = False) -> Path | None:
+        """The local file holding `entry`'s bytes: downloaded if absent, hashed once per process, marked used;
+        `hold` counts one more reader of it (`held` releases it). `optional` (a prefetch): None, and nothing
+        downloaded, when the bound leaves no room for it besides the files readers hold."""
         with self._lock:
             self.root.mkdir(parents=True, exist_ok=True)
             path = self.path(entry.sha256)
             if path.is_file() and (entry.sha256 in self._checked or sha256_file(path) == entry.sha256):
                 os.utime(path)  # most recently used
             else:
-                self._make_room(entry.bytes)
+                if not self._make_room(entry.bytes) and optional:
+                    return None
                 download_verified(loc, [(entry, path)])
                 self.fetched += 1
             self._checked.add(entry.sha256)
+            if hold:
+                self._held[entry.sha256] += 1
             return path
 
     def fetch_later(self, loc: Location, entry: FileEntry) -> None:
@@ -60,21 +82,25 @@ class ShardStore:
         the `fetch` that needs the file."""
         if self._background is None:
             self._background = ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
-        self._background.submit(self.fetch, loc, entry)
+        self._background.submit(self.fetch, loc, entry, optional=True)
 
-    def _make_room(self, incoming: int) -> None:
-        """Evict the least recently used files until `incoming` more bytes fit under the bound."""
+    def _make_room(self, incoming: int) -> bool:
+        """Evict the least recently used files not held by a reader until `incoming` more bytes fit under the
+        bound; whether they fit."""
         if self.max_bytes is None:
-            return
+            return True
         files = [(p.stat().st_mtime, p.stat().st_size, p) for p in self.root.iterdir()
                  if p.is_file() and not p.name.startswith(".")]
         total = sum(size for _, size, _ in files)
         for _, size, path in sorted(files):
             if total + incoming <= self.max_bytes:
                 break
+            if path.name in self._held:
+                continue
             path.unlink(missing_ok=True)
             self._checked.discard(path.name)
             total -= size
+        return total + incoming <= self.max_bytes
 
 
 @dataclass
@@ -91,11 +117,15 @@ class VerifiedLayer:
     store: ShardStore | None = None
     entries: dict[str, FileEntry] = field(default_factory=dict)
 
-    def shard_file(self, relpath: str) -> Path:
-        """A local, verified file with the bytes of shard `relpath` (as the manifest names it)."""
+    @contextmanager
+    def shard_file(self, relpath: str) -> Iterator[Path]:
+        """A local, verified file with the bytes of shard `relpath` (as the manifest names it), there until the
+        block ends."""
         if self.folder is not None:
-            return self.folder / relpath
-        return self.store.fetch(self.location, self.entries[relpath])
+            yield self.folder / relpath
+        else:
+            with self.store.held(self.location, self.entries[relpath]) as path:
+                yield path
 
     def prefetch(self, relpath: str) -> None:
         """Start fetching a remote shard the caller reads soon; nothing to do for a local layer."""
@@ -104,8 +134,8 @@ class VerifiedLayer:
 
     def read(self, relpath: str, columns: list[str] | None = None) -> dict[str, np.ndarray | Ragged]:
         """One whole shard as numpy arrays (cache_builder.reader.read_shard)."""
-        path = self.shard_file(relpath)
-        return read_shard(path.parent, path.name, columns)
+        with self.shard_file(relpath) as path:
+            return read_shard(path.parent, path.name, columns)
 
     @property
     def shard_paths(self) -> list[str]:
@@ -130,11 +160,11 @@ def open_remote_layer(loc: Location, prefix: str, manifest: dict, store: ShardSt
     entries = {s["path"]: FileEntry(join(prefix, s["path"]), s["sha256"], s["bytes"]) for s in manifest["shards"]}
     problems, ids = [], []
     for shard in manifest["shards"]:
-        path = store.fetch(loc, entries[shard["path"]])
-        try:
-            shard_problems, shard_ids = verify_shard(path, shard, manifest, vocab, deep=True)
-        except CacheError as err:
-            shard_problems, shard_ids = [str(err)], []
+        with store.held(loc, entries[shard["path"]]) as path:
+            try:
+                shard_problems, shard_ids = verify_shard(path, shard, manifest, vocab, deep=True)
+            except CacheError as err:
+                shard_problems, shard_ids = [str(err)], []
         problems += [p.replace(shown(path), loc.display(entries[shard["path"]].relpath)) for p in shard_problems]
         ids += shard_ids
     duplicates = len(ids) - len(set(ids))
