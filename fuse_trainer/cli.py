@@ -15,7 +15,7 @@ from fuse_trainer.weighting import SOURCE_WEIGHTINGS
 
 DEFAULTS = resolve_config({})  # the recommended recipe: what fuse-train trains when no recipe or flag says otherwise
 # Knobs a recipe sets; still accepted as flags, and listed apart in --help.
-RESEARCH = ("loss", "lam", "lambda_scope", "fusion_temperature", "alm_temperature", "uld_top_k", "standardize",
+RESEARCH = ("loss", "lam", "lambda_start", "lambda_scope", "fusion_temperature", "alm_temperature", "uld_top_k", "standardize",
             "normalize", "weighting", "gate", "gate_margin", "distill_only_splits", "source_domains", "shuffle_window", "warmup_steps",
             "merge", "graph_weight")
 
@@ -101,6 +101,7 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--save-every", default=DEFAULTS.save_every, type=int, help="Steps between resumable checkpoints.")
 @click.option("--loss", default=DEFAULTS.loss, type=click.Choice(sorted(FUSION_LOSSES)), help="Fusion term.")
 @click.option("--lambda", "lam", default=DEFAULTS.lam, type=float, help="Weight of the fusion term: (1-λ)·SFT + λ·fusion; 0 = SFT only.")
+@click.option("--lambda-start", default=None, type=float, help="A λ schedule: λ moves linearly from this value at the first step to --lambda at the last (e.g. --lambda-start 0: the pivot learns the gold text first and the sources more and more). Default: --lambda throughout.")
 @click.option("--lambda-scope", default=DEFAULTS.lambda_scope, type=click.Choice(LAMBDA_SCOPES), help="Where λ applies: at every response position, or only where a source is distilled (after --gate and --weighting); elsewhere the SFT term keeps weight 1.")
 @click.option("--weighting", default=DEFAULTS.weighting, type=click.Choice(sorted(SOURCE_WEIGHTINGS)), help="Unified mode: per-record source weights. uniform: equal; mince: all on the source with the lowest CE on the record's gold text, in nats per pivot token (the same unit for every tokenizer); avgce: softmax of -CE / T; entropy: softmax of -(mean top-k entropy) / T (T: the recipe key weighting_temperature, default 1).")
 @click.option("--gate", default=DEFAULTS.gate, help=f"Where a source teaches, one of {', '.join(GATES)}: only where it beats the pivot on the gold text (token: per next token; chunk: per shared-boundary chunk, the same event for both tokenizers; record: per record, its chunks together), or only where its mapped candidates include the pivot's gold next token (candidate). Join several with '+' to require all, e.g. candidate+chunk.")

@@ -45,6 +45,7 @@ class TrainConfig:
     source_domains: dict[str, list[str]] = field(default_factory=dict)
     loss: str = "topk-kl"  # a key of fuse_trainer.losses.FUSION_LOSSES
     lam: float = 0.5  # total = (1 - lam) * SFT + lam * fusion
+    lambda_start: float | None = None  # λ moves linearly from lambda_start (first step) to lam (last step); None: lam
     lambda_scope: str = "all"  # all: every response position; distilled: only where a source is distilled
     fusion_temperature: float = 1.0  # softmax temperature of ULD and FuseLLM's soft CE
     alm_temperature: float = 1.0  # ALM: binarization temperature of the chunk likelihoods
@@ -140,6 +141,9 @@ class TrainConfig:
             (self.lambda_scope in LAMBDA_SCOPES, f"lambda_scope must be one of {LAMBDA_SCOPES}"),
             (self.merge in MERGE_METHODS, f"merge must be one of {sorted(MERGE_METHODS)}"),
             (0.0 <= self.lam <= 1.0, "lambda must be in [0, 1]"),
+            (self.lambda_start is None or 0.0 <= self.lambda_start <= 1.0, "lambda_start must be in [0, 1]"),
+            (self.mode != "sft" or self.lambda_start is None,
+             "mode sft learns the gold text only: drop lambda_start (it schedules the fusion term's weight)"),
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
             (self.grad_accum >= 1 and self.batch_tokens >= 1, "grad_accum and batch_tokens must be positive"),

@@ -122,8 +122,10 @@ def source_scores(batch: Batch, cfg: TrainConfig) -> torch.Tensor:
     return torch.stack(scores)  # (S, B)
 
 
-def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """Summed SFT and fusion terms of one micro-batch, plus the figures logged per step."""
+def micro_batch_terms(model, batch: Batch, cfg: TrainConfig, lam: float | None = None) -> dict[str, torch.Tensor]:
+    """Summed SFT and fusion terms of one micro-batch, plus the figures logged per step; `lam`: this step's λ
+    (`fusion_weight`), default `cfg.lam`."""
+    lam = cfg.lam if lam is None else lam
     device_type = batch.input_ids.device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -138,7 +140,7 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
     ce = -(piv_gold * (batch.loss_mask & batch.gold_text[:, None]))  # (B, T) per-position SFT loss, gold text only
     terms["sft_sum"] = ce.sum()  # = sft_loss over the gold records
     terms["n_tokens"] = batch.loss_mask.sum().float()
-    fusion_scale = torch.where(batch.gold_text, cfg.lam, 1.0).to(logits.dtype)  # (B,) λ, or 1 without gold text
+    fusion_scale = torch.where(batch.gold_text, lam, 1.0).to(logits.dtype)  # (B,) λ, or 1 without gold text
     fusion_objective = logits.new_zeros(())
     weights = source_weights(source_scores(batch, cfg), cfg.weighting, cfg.weighting_temperature)
     distilled = torch.zeros_like(batch.loss_mask, dtype=logits.dtype)  # (B, T) summed source weight distilled there
@@ -174,19 +176,27 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig) -> dict[str, torch.
         if cfg.graph_weight:
             included = keep & gate & valid_positions(src.topk_ids)  # (N,) where the gates let the source in
             terms["graph_sum"] = terms["graph_sum"] + source_graph_sum(logits, log_z, src, included, weights[s])
-    terms["objective_sum"] = weighted_sft_sum(ce, distilled, cfg) + fusion_objective
+    terms["objective_sum"] = weighted_sft_sum(ce, distilled, lam, cfg.lambda_scope) + fusion_objective
     if cfg.graph_weight:
         terms["objective_sum"] = terms["objective_sum"] + cfg.graph_weight * terms["graph_sum"]
     return terms
 
 
-def weighted_sft_sum(ce: torch.Tensor, distilled: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+def weighted_sft_sum(ce: torch.Tensor, distilled: torch.Tensor, lam: float, scope: str) -> torch.Tensor:
     """The SFT part of the objective, summed from the per-position CE (B, T): (1-λ)·Σ CE (`lambda_scope: all`),
     or Σ (1 - λ·d)·CE with d (B, T) the source weight distilled at each position (`distilled`), so a position
     no source is distilled at is learned from the gold text at full weight."""
-    if cfg.lambda_scope == "all":
-        return (1 - cfg.lam) * ce.sum()
-    return ((1 - cfg.lam * distilled.clamp(max=1.0)) * ce).sum()
+    if scope == "all":
+        return (1 - lam) * ce.sum()
+    return ((1 - lam * distilled.clamp(max=1.0)) * ce).sum()
+
+
+def fusion_weight(cfg: TrainConfig, step: int, total: int) -> float:
+    """λ at `step` (0-based) of `total`: `lam` throughout, or linear from `lambda_start` at step 0 to `lam` at
+    the last step."""
+    if cfg.lambda_start is None:
+        return cfg.lam
+    return cfg.lambda_start + (cfg.lam - cfg.lambda_start) * step / max(total - 1, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,6 +299,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, VerifiedLayer], out: Path, log
     bar = tqdm(range(start, total_steps), desc=f"fuse-train {out.name}", disable=rank != 0, dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
+        lam = fusion_weight(cfg, step, total_steps)
         group = [stream[step * cfg.grad_accum + i] for i in range(cfg.grad_accum)]
         if step + 1 < total_steps:  # the next step's remote shards arrive while this step trains
             for shard, _ in [stream[(step + 1) * cfg.grad_accum + i] for i in range(cfg.grad_accum)][rank::world]:
@@ -296,7 +307,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, VerifiedLayer], out: Path, log
         n_response = sum(stream.response_tokens(mb) for mb in group)  # the whole step, all ranks
         sums = dict.fromkeys(TERMS, 0.0)
         for shard, rows in group[rank::world]:
-            terms = micro_batch_terms(model, collate(data.shard(shard), rows).to(device), cfg)
+            terms = micro_batch_terms(model, collate(data.shard(shard), rows).to(device), cfg, lam)
             loss = terms["objective_sum"] / max(n_response, 1)
             loss.backward()
             for k in TERMS:
@@ -323,6 +334,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, VerifiedLayer], out: Path, log
             "sft": sums["sft_sum"] / max(n_response, 1),
             "fusion": sums["fusion_sum"] / max(n_response, 1),
             **({"graph": sums["graph_sum"] / max(n_response, 1)} if cfg.graph_weight else {}),
+            **({"lambda": lam} if cfg.lambda_start is not None else {}),
             "kept_mass": sums["kept_mass_sum"] / max(sums["fusion_positions"], 1),
             "gated_in": sums["gated_in"] / max(sums["fusion_positions"], 1),
             "grad_norm": full_value(grad_norm),
