@@ -1,7 +1,7 @@
 """Sharing costs against a real S3-compatible server on localhost (moto's server mode), ratios in one run.
 
     python -m benchmarks.share_throughput [--shards 16] [--rows-per-shard 64] [--repeats 9] [--train-steps 20]
-        [--train-model smollm2] [--train-repeats 2] [--server process|thread]
+        [--train-model smollm2] [--train-repeats 2] [--server process|thread] [--link-mbps 1000]
 
 1. pull: `cache-pull` (every file hashed as it arrives, renamed only when its sha256 matches the manifest) against a
    plain fsspec copy of the same files (`fs.get`, s3fs's concurrent download, handed the file list), same server,
@@ -16,14 +16,20 @@
    milliseconds; `--train-model smollm2` trains a real pivot (seconds a step on a CPU) on a cache cache-build makes
    of the shipped data/ with the same model as its source.
 
+`--link-mbps N` puts a link of N megabits per second each way between the client and the server (a relay in its
+own process that passes every 64 KiB only when the link has carried the bytes before it, over all connections):
+a store that is not on the client's own cores, where the download waits on the network rather than on the CPU.
+
 The pulled cache is synthetic (random but valid signals, written by the real writer; tests/fake_cache.py). Prints
 one line per measurement and a JSON line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -69,6 +75,63 @@ def start_server(in_process: bool) -> tuple[Callable[[], None], str]:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 break
         time.sleep(0.1)
+    return process.terminate, f"http://127.0.0.1:{port}"
+
+
+class LinkDirection:
+    """One direction of a link carrying `bytes_per_s`: a chunk is passed on once the link has carried it and
+    every chunk before it, whichever connection sent them."""
+
+    def __init__(self, bytes_per_s: float):
+        self.bytes_per_s, self.free_at = bytes_per_s, 0.0
+
+    async def carry(self, n: int) -> None:
+        now = time.monotonic()
+        self.free_at = max(self.free_at, now) + n / self.bytes_per_s
+        await asyncio.sleep(self.free_at - now)
+
+
+async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: LinkDirection) -> None:
+    """Copy one direction of a connection through `link` until its sender closes it."""
+    try:
+        while data := await reader.read(1 << 16):
+            await link.carry(len(data))
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+def serve_link(listen_port: int, server_port: int, mbps: float) -> None:
+    """Relay 127.0.0.1:listen_port to 127.0.0.1:server_port over a link of `mbps` megabits per second each way."""
+    async def serve() -> None:
+        up, down = LinkDirection(mbps * 1e6 / 8), LinkDirection(mbps * 1e6 / 8)
+
+        async def connection(client_reader, client_writer) -> None:
+            server_reader, server_writer = await asyncio.open_connection("127.0.0.1", server_port)
+            await asyncio.gather(relay(client_reader, server_writer, up), relay(server_reader, client_writer, down),
+                                 return_exceptions=True)
+
+        listener = await asyncio.start_server(connection, "127.0.0.1", listen_port)
+        await listener.serve_forever()
+
+    asyncio.run(serve())
+
+
+def start_link(endpoint: str, mbps: float) -> tuple[Callable[[], None], str]:
+    """A `mbps` link in its own process in front of the server at `endpoint`; the environment now points at it."""
+    import socket
+
+    port = free_port()
+    process = multiprocessing.get_context("spawn").Process(
+        target=serve_link, args=(port, int(endpoint.rsplit(":", 1)[1]), mbps), daemon=True)
+    process.start()
+    while True:  # until it listens
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
+    os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
     return process.terminate, f"http://127.0.0.1:{port}"
 
 
@@ -186,9 +249,12 @@ def train_tokens_per_s(work: Path, steps: int, bound_mb: float | None, model: st
 @click.option("--train-repeats", default=2, help="Rounds of the three training runs, in alternating order.")
 @click.option("--server", type=click.Choice(["process", "thread"]), default="process", show_default=True,
               help="Run the S3 server in its own process, or as a thread of the benchmark's.")
-def main(shards, rows_per_shard, repeats, train_steps, bound_mb, train_model, train_repeats, server):
+@click.option("--link-mbps", default=None, type=float,
+              help="Reach the server through a link of this many megabits per second each way (default: directly).")
+def main(shards, rows_per_shard, repeats, train_steps, bound_mb, train_model, train_repeats, server, link_mbps):
     os.environ["TQDM_DISABLE"] = "1"  # the progress bars of cache-build and fuse-train
     stop_server, endpoint = start_server(in_process=server == "thread")
+    stop_link, endpoint = start_link(endpoint, link_mbps) if link_mbps else (None, endpoint)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
@@ -212,9 +278,12 @@ def main(shards, rows_per_shard, repeats, train_steps, bound_mb, train_model, tr
                 print(f"fuse-train tokens/s ({train['model']}): local folder {rate['local']:.0f}, s3:// {rate['s3']:.0f} "
                       f"(ratio {train['ratio_s3']:.2f}), s3:// through a store bounded at {train['bound_mb']:.2f} MB "
                       f"{rate['s3-bounded']:.0f} (ratio {train['ratio_s3_bounded']:.2f}); target >= 0.95")
-            print(json.dumps({"benchmark": "share_throughput", "endpoint": endpoint, "server": server, "shards": shards,
-                              "rows_per_shard": rows_per_shard, "pull": pull, "repush": repush, "train": train}))
+            print(json.dumps({"benchmark": "share_throughput", "endpoint": endpoint, "server": server,
+                              "link_mbps": link_mbps, "shards": shards, "rows_per_shard": rows_per_shard, "pull": pull,
+                              "repush": repush, "train": train}))
     finally:
+        if stop_link:
+            stop_link()
         stop_server()
 
 
