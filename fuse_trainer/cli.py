@@ -15,9 +15,9 @@ from fuse_trainer.weighting import SOURCE_WEIGHTINGS
 
 DEFAULTS = resolve_config({})  # the recommended recipe: what fuse-train trains when no recipe or flag says otherwise
 # Knobs a recipe sets; still accepted as flags, and listed apart in --help.
-RESEARCH = ("loss", "lam", "lambda_start", "lambda_scope", "fusion_temperature", "alm_temperature", "uld_top_k", "standardize",
-            "normalize", "weighting", "gate", "gate_margin", "distill_only_splits", "source_domains", "shuffle_window", "warmup_steps",
-            "merge", "graph_weight")
+RESEARCH = ("loss", "lam", "lambda_start", "lambda_scope", "fusion_temperature", "alm_temperature", "uld_top_k",
+            "standardize", "normalize", "weighting", "gate", "gate_margin", "distill_only_splits", "source_domains",
+            "shuffle_window", "warmup_steps", "merge", "graph_weight")
 
 
 def parse_source_domains(text: str) -> dict[str, list[str]]:
