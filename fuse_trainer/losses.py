@@ -412,6 +412,8 @@ def chunk_logprob_sum(
     """
     B, T = piv_gold_logprob.shape
     start, end = chunk_spans(aligned_row, aligned_pos, num_positions, T)  # (A,), (A,)
+    if start.numel() == 0:  # no aligned position in the batch (a source that teaches none of its records)
+        return piv_gold_logprob.new_zeros(0), end - start
     flat = torch.arange(B * T, device=piv_gold_logprob.device)  # (B*T,)
     chunk = torch.searchsorted(start, flat, right=True) - 1  # (B*T,) last chunk starting <= t
     inside = (chunk >= 0) & (flat < end[chunk.clamp_min(0)])  # (B*T,)

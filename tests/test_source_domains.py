@@ -102,3 +102,30 @@ def test_fuse_train_source_domains_from_the_command_line(world, tmp_path):
     assert len(losses) == 2 and all(np.isfinite(losses))
     result = runner.invoke(train, args + ["--source-domains", "srcq=prose", "--resume"])
     assert result.exit_code != 0 and "source_domains" in result.output
+
+
+@pytest.mark.parametrize("gate, loss", [("candidate+chunk", "topk-kl"), ("token", "topk-kl"), ("record", "topk-kl"),
+                                        ("none", "infifusion"), ("none", "alm"), ("none", "fusellm")])
+def test_a_micro_batch_a_source_does_not_teach_at_all_trains_as_without_that_source(world, gate, loss):
+    """A batch of prose records only, with srcq teaching code: srcq has no aligned position in it, and every gate,
+    loss and MinCE still give the terms of the batch without srcq (the recommended recipe's gates included)."""
+    from transformers import AutoModelForCausalLM
+
+    margin = -2.0 if gate in ("candidate+chunk", "record") else 0.0
+    cfg = TrainConfig(mode="unified", weighting="mince", lam=0.7, lambda_scope="distilled", gate=gate,
+                      gate_margin=margin, loss=loss, uld_top_k=4).validate()
+    layers = discover_sources(world["cache"], "pivot")
+    restricted = FusionData(layers, source_domains={"srcq": ["code"]})
+    model = AutoModelForCausalLM.from_pretrained(world["models"]["pivot"]).eval()
+    shard, rows = next((s, r) for s, r in restricted.plan(0, 256, seed=0)
+                       if len(_rows_of(restricted.shard(s), r, "prose")))
+    prose = _rows_of(restricted.shard(shard), rows, "prose")
+    batch = collate(restricted.shard(shard), prose)
+    assert batch.sources["srcq"].pos.numel() == 0
+    without = collate(restricted.shard(shard), prose)
+    without.sources.pop("srcq")
+    with torch.no_grad():
+        got, expected = _terms(model, batch, cfg), _terms(model, without, cfg)
+    assert expected["fusion_positions"] > 0
+    for key in ("fusion_sum", "objective_sum", "sft_sum", "gated_in", "fusion_positions"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-5), key
