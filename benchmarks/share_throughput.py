@@ -50,11 +50,21 @@ QUIET = dict(log=lambda *_: None)
 REPO = Path(__file__).resolve().parent.parent
 
 
+def wait_listening(port: int) -> None:
+    """Return once something accepts connections on 127.0.0.1:`port`."""
+    import socket
+
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+
+
 def start_server(in_process: bool) -> tuple[Callable[[], None], str]:
     """moto's S3 server on a free localhost port, with fake credentials in the standard environment: in its own
     process (like a real store: its work is not the client's), or as a thread of this one (it then shares the GIL
     with the client, as the earlier figures were measured)."""
-    import socket
     import subprocess
     import sys
 
@@ -70,11 +80,7 @@ def start_server(in_process: bool) -> tuple[Callable[[], None], str]:
         return server.stop, f"http://127.0.0.1:{port}"
     process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while True:  # until it listens
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
+    wait_listening(port)
     return process.terminate, f"http://127.0.0.1:{port}"
 
 
@@ -120,17 +126,11 @@ def serve_link(listen_port: int, server_port: int, mbps: float) -> None:
 
 def start_link(endpoint: str, mbps: float) -> tuple[Callable[[], None], str]:
     """A `mbps` link in its own process in front of the server at `endpoint`; the environment now points at it."""
-    import socket
-
     port = free_port()
     process = multiprocessing.get_context("spawn").Process(
         target=serve_link, args=(port, int(endpoint.rsplit(":", 1)[1]), mbps), daemon=True)
     process.start()
-    while True:  # until it listens
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
+    wait_listening(port)
     os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
     return process.terminate, f"http://127.0.0.1:{port}"
 

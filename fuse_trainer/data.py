@@ -363,10 +363,7 @@ def taught_records(domains: list[str | None], allowed: list[str]) -> np.ndarray:
 
 def emptied_rows(column: Ragged, keep: np.ndarray) -> Ragged:
     """The column with every row where `keep` (R,) is False made empty, the others unchanged."""
-    lengths = np.where(keep, column.lengths, 0)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return Ragged(column.values[np.repeat(keep, column.lengths)], offsets)
+    return Ragged(column.values[np.repeat(keep, column.lengths)], row_offsets(np.where(keep, column.lengths, 0)))
 
 
 def gather_rows(layer: VerifiedLayer, parts: tuple[tuple[str, np.ndarray], ...], names: tuple[str, ...]) -> dict[str, Ragged]:
@@ -382,17 +379,21 @@ def gather_rows(layer: VerifiedLayer, parts: tuple[tuple[str, np.ndarray], ...],
 
 def concat_rows(columns: list[Ragged]) -> Ragged:
     """Ragged columns one after another."""
-    lengths = np.concatenate([c.lengths for c in columns])
+    offsets = row_offsets(np.concatenate([c.lengths for c in columns]))
+    return Ragged(np.concatenate([c.values for c in columns]), offsets)
+
+
+def row_offsets(lengths: np.ndarray) -> np.ndarray:
+    """(R+1,) int64 Ragged offsets of rows of the given (R,) lengths."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
-    return Ragged(np.concatenate([c.values for c in columns]), offsets)
+    return offsets
 
 
 def take_rows(column: Ragged, rows: np.ndarray) -> Ragged:
     """The given rows of a Ragged column, in that order (vectorised gather)."""
     lengths = column.lengths[rows]
-    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    offsets = row_offsets(lengths)
     starts = column.offsets[rows]
     index = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
     return Ragged(column.values[index], offsets)
