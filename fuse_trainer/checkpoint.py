@@ -47,7 +47,7 @@ FUSION_ONLY_SETTINGS = ("loss", "lam", "lambda_start", "lambda_scope", "fusion_t
 SETTINGS_BEFORE_THEY_EXISTED = {"distill_only_splits": [], "source_domains": {}, "shuffle_window": 1,
                                 "fusion_temperature": 1.0, "alm_temperature": 1.0, "eval_split": "validation",
                                 "eval_every": 0, "keep_best": None, "join": "exact", "graph_weight": 0.0,
-                                "lambda_start": None}
+                                "lambda_start": None, "domain_epochs": {}}
 
 
 def write_folder(folder: Path, write: Callable[[Path], None]) -> None:

@@ -17,7 +17,7 @@ DEFAULTS = resolve_config({})  # the recommended recipe: what fuse-train trains 
 # Knobs a recipe sets; still accepted as flags, and listed apart in --help.
 RESEARCH = ("loss", "lam", "lambda_start", "lambda_scope", "fusion_temperature", "alm_temperature", "uld_top_k",
             "standardize", "normalize", "weighting", "gate", "gate_margin", "distill_only_splits", "source_domains",
-            "shuffle_window", "warmup_steps", "merge", "graph_weight")
+            "domain_epochs", "shuffle_window", "warmup_steps", "merge", "graph_weight")
 
 
 def parse_source_domains(text: str) -> dict[str, list[str]]:
@@ -30,6 +30,18 @@ def parse_source_domains(text: str) -> dict[str, list[str]]:
             raise ValueError(f"--source-domains: {part!r} is not SOURCE=DOMAIN[+DOMAIN...] (e.g. qwen=code), or names "
                              "its source twice")
         parsed[source] = domains.split("+")
+    return parsed
+
+
+def parse_domain_epochs(text: str) -> dict[str, int]:
+    """"prose=1,math=2" -> {"prose": 1, "math": 2}; ValueError naming the part that is not DOMAIN=EPOCHS."""
+    parsed: dict[str, int] = {}
+    for part in filter(None, text.split(",")):
+        domain, _, epochs = part.partition("=")
+        if not domain or not epochs.isdigit() or int(epochs) < 1 or domain in parsed:
+            raise ValueError(f"--domain-epochs: {part!r} is not DOMAIN=EPOCHS with EPOCHS at least 1 (e.g. prose=1), or "
+                             "names its domain twice")
+        parsed[domain] = int(epochs)
     return parsed
 
 
@@ -114,6 +126,7 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--graph-weight", default=DEFAULTS.graph_weight, type=float, help="Weight of InfiGFusion's graph-on-logits term, added to the objective: per record, the co-activation graph of the source's top-k probabilities over the positions the gates let in, against the pivot's at the same ids, compared by their sorted node strengths (a lower bound of the Gromov-Wasserstein distance; fuse_trainer/graph_loss.py). 0: off.")
 @click.option("--distill-only-splits", default="", help="Comma-separated splits of --train-splits learned from the sources alone, with no SFT term: text the pivot wrote itself (corpus-generate --model <pivot>), which the sources score (on-policy distillation). Their fusion term has weight 1, not --lambda.")
 @click.option("--source-domains", default="", help="Where each named source teaches, by corpus domain: SOURCE=DOMAIN[+DOMAIN...], several joined by ',', e.g. qwen=code (Qwen distilled on code records only; the SFT term everywhere). A source not named teaches every domain.")
+@click.option("--domain-epochs", default="", help="Domains trained in the first N epochs only: DOMAIN=N, several joined by ',', e.g. prose=1 with --epochs 2 (prose seen once, the rest twice). A domain not named is in every epoch.")
 @click.option("--shuffle-window", default=DEFAULTS.shuffle_window, type=int, help="Shard groups whose micro-batches are shuffled together, and held in memory at once: a corpus stored in domain order is then not learned one domain after another. 1: shard group after shard group (runs recorded before 2026-11-28).")
 @click.option("--warmup-steps", default=DEFAULTS.warmup_steps, type=int)
 @click.option("--merge", default=DEFAULTS.merge, type=click.Choice(sorted(MERGE_METHODS)), help="Pairwise mode: how the per-source pivots are merged.")
@@ -140,6 +153,8 @@ def train(ctx, recipe, **_):
     try:
         if "source_domains" in cli:
             cli["source_domains"] = parse_source_domains(cli["source_domains"])
+        if "domain_epochs" in cli:
+            cli["domain_epochs"] = parse_domain_epochs(cli["domain_epochs"])
         cfg = resolve_config(cli, recipe)
         final = fuse_train(cfg)
     except (CacheError, ValueError) as err:

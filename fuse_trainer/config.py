@@ -43,6 +43,8 @@ class TrainConfig:
     distill_only_splits: list[str] = field(default_factory=list)
     # source -> the corpus domains it teaches, e.g. {qwen: [code]}; a source not named teaches every domain
     source_domains: dict[str, list[str]] = field(default_factory=dict)
+    # domain -> the epochs it is trained in, the first N (e.g. {prose: 1}); a domain not named: every epoch
+    domain_epochs: dict[str, int] = field(default_factory=dict)
     loss: str = "topk-kl"  # a key of fuse_trainer.losses.FUSION_LOSSES
     lam: float = 0.5  # total = (1 - lam) * SFT + lam * fusion
     lambda_start: float | None = None  # λ moves linearly from lambda_start (first step) to lam (last step); None: lam
@@ -173,6 +175,9 @@ class TrainConfig:
              and all(isinstance(k, str) and isinstance(v, list) and v and all(isinstance(d, str) for d in v)
                      for k, v in self.source_domains.items()),
              "source_domains must map source names to lists of one or more domains, e.g. {qwen: [code]}"),
+            (isinstance(self.domain_epochs, dict)
+             and all(isinstance(k, str) and isinstance(v, int) and v >= 1 for k, v in self.domain_epochs.items()),
+             "domain_epochs must map domains to a number of epochs of at least 1, e.g. {prose: 1}"),
             (self.mode != "sft" or not self.source_domains,
              "mode sft learns the gold text only: drop source_domains (it says where the sources teach)"),
             (self.mode != "sft" or not self.distill_only_splits,

@@ -99,6 +99,16 @@ def _sources_at(spec: str, pivot: str, align_pivot: str | None, store: ShardStor
     return found
 
 
+def check_domain_epochs(layers: dict[str, VerifiedLayer], domain_epochs: dict[str, int]) -> None:
+    """ValueError unless every domain named in `domain_epochs` is one of the corpus's (a misspelt domain would
+    silently be seen every epoch)."""
+    known = next(iter(layers.values())).manifest["corpus"]["summary"].get("domains", {})
+    unknown = sorted(set(domain_epochs) - set(known))
+    if unknown:
+        raise ValueError(f"domain_epochs names the domain(s) {', '.join(unknown)}, which the corpus does not have "
+                         f"(its domains: {', '.join(sorted(known)) or 'none recorded'})")
+
+
 def check_source_domains(layers: dict[str, VerifiedLayer], source_domains: dict[str, list[str]]) -> None:
     """ValueError unless every source named in `source_domains` is one of `layers` and every domain listed for it
     is one of its corpus's (a misspelt domain would silently leave the source teaching nothing)."""
@@ -207,6 +217,7 @@ class ShardIndex:
     rows: dict[str, tuple[tuple[str, np.ndarray], ...]]
     num_tokens: np.ndarray  # (R,) pivot tokens per record
     response_tokens: np.ndarray  # (R,) positions that predict a response token
+    domains: np.ndarray  # (R,) object: each record's corpus domain (None where the corpus gives none)
 
 
 def record_locations(layer: VerifiedLayer) -> dict[str, tuple[str, int]]:
@@ -250,7 +261,7 @@ def index_shards(layers: dict[str, VerifiedLayer], splits: tuple[str, ...], join
         where = {name: record_locations(layers[name]) for name in names[1:]}
     index, seen = [], set()
     for path in first.shard_paths:
-        meta = first.read(path, ["record_id", "split", "num_tokens", "loss_mask"])
+        meta = first.read(path, ["record_id", "split", "num_tokens", "loss_mask", "domain"])
         seen.update(np.unique(meta["split"]).tolist())
         keep = np.flatnonzero(np.isin(meta["split"], splits) & (True if shared is None else np.isin(meta["record_id"], shared)))
         order = keep[np.argsort(meta["record_id"][keep], kind="stable")]
@@ -270,7 +281,8 @@ def index_shards(layers: dict[str, VerifiedLayer], splits: tuple[str, ...], join
         counted = np.concatenate([[0], np.cumsum(meta["loss_mask"].values, dtype=np.int64)])
         response = (counted[meta["loss_mask"].offsets[1:]] - counted[meta["loss_mask"].offsets[:-1]])[order]
         if len(ids):
-            index.append(ShardIndex(path, rows, meta["num_tokens"][order].astype(np.int64), response.astype(np.int64)))
+            index.append(ShardIndex(path, rows, meta["num_tokens"][order].astype(np.int64), response.astype(np.int64),
+                                    np.asarray(meta["domain"], dtype=object)[order]))
     missing = [s for s in splits if s not in seen]
     if missing:  # a misspelled split would otherwise train on the others alone, silently
         raise CacheError(f"no records of split {' or '.join(map(repr, missing))} in the caches; "
@@ -286,16 +298,18 @@ class FusionData:
     come in a seeded random order, `window` at a time; the micro-batches of a window's groups are shuffled
     together, and at most `window` groups are held in memory. Records of the `distill_only` splits (text the
     pivot wrote itself) are marked as having no gold text to learn; a source named in `source_domains` has no
-    aligned positions, so teaches nothing, in the records of other domains.
+    aligned positions, so teaches nothing, in the records of other domains. A domain named in `domain_epochs`
+    is in the first N epochs only (e.g. {prose: 1}: prose seen once while the rest is seen every epoch).
     """
 
     def __init__(self, layers: dict[str, VerifiedLayer], splits: tuple[str, ...] = ("train",), window: int = 1,
                  distill_only: tuple[str, ...] = (), join: str = "exact",
-                 source_domains: dict[str, list[str]] | None = None):
+                 source_domains: dict[str, list[str]] | None = None, domain_epochs: dict[str, int] | None = None):
         if window < 1:
             raise ValueError(f"the shuffle window must hold at least one shard group, got {window}")
         self.layers, self.window, self.distill_only = layers, window, distill_only
         self.source_domains = source_domains or {}
+        self.domain_epochs = domain_epochs or {}
         self.index = index_shards(layers, splits, join)
         self.zero_lse = {name for name, layer in layers.items()
                          if topk_values(layer.manifest) == "logprobs" and "logsumexp" in missing_statistics(layer.manifest)}
@@ -346,10 +360,14 @@ class FusionData:
         several groups are shuffled together."""
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(self.index))
+        over = [d for d, n in self.domain_epochs.items() if epoch >= n]  # domains whose epochs are done
         plan = []
         for start in range(0, len(order), self.window):
             groups = order[start : start + self.window]
-            batches = [(int(i), rows) for i in groups for rows in token_batches(self.index[i].num_tokens, batch_tokens, rng)]
+            batches = []
+            for i in groups:
+                kept = np.flatnonzero(~taught_records(list(self.index[i].domains), over))  # (R',) rows of this epoch
+                batches += [(int(i), kept[rows]) for rows in token_batches(self.index[i].num_tokens[kept], batch_tokens, rng)]
             if len(groups) > 1:
                 batches = [batches[j] for j in rng.permutation(len(batches))]
             plan += batches

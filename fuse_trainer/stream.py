@@ -29,6 +29,15 @@ class MicroBatchStream:
         """Micro-batches of the first epoch (the unit of --epochs)."""
         return self.epoch_length(0)
 
+    def run_length(self, epochs: float) -> int:
+        """Micro-batches in `epochs` epochs. Every epoch holds every record, so about as many micro-batches as the
+        first, unless the data drops a domain from later epochs (domain_epochs): then the epochs are counted as
+        planned, a fraction of the last one pro rata."""
+        if not self.data.domain_epochs:
+            return int(epochs * self.per_epoch)
+        whole = int(epochs)
+        return sum(self.epoch_length(e) for e in range(whole)) + int((epochs - whole) * self.epoch_length(whole))
+
     def __getitem__(self, i: int) -> tuple[int, np.ndarray]:
         """Micro-batch i counted across epochs: every epoch passes over every record once."""
         e = 0

@@ -46,8 +46,8 @@ from fuse_trainer.checkpoint import (
     save_hf,
 )
 from fuse_trainer.config import TrainConfig, dump_yaml
-from fuse_trainer.data import (Batch, FusionData, check_pivot, check_source_domains, check_sources, check_statistics,
-                                 collate, discover_sources)
+from fuse_trainer.data import (Batch, FusionData, check_domain_epochs, check_pivot, check_source_domains, check_sources,
+                                 check_statistics, collate, discover_sources)
 from fuse_trainer.gates import teacher_gate
 from fuse_trainer.graph_loss import graph_loss
 from fuse_trainer.guard import stop_if_not_finite
@@ -258,7 +258,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, VerifiedLayer], out: Path, log
     check_sources(layers, cfg.join)
     check_statistics(layers, cfg.needed_statistics())
     data = FusionData(layers, tuple(cfg.train_splits), cfg.shuffle_window, tuple(cfg.distill_only_splits), cfg.join,
-                      cfg.source_domains)
+                      cfg.source_domains, cfg.domain_epochs)
     provenance = provenance_of(layers)
     pivot = resolve_model(cfg.pivot)
     tokenizer = load_tokenizer(pivot)
@@ -274,7 +274,7 @@ def train_run(cfg: TrainConfig, layers: dict[str, VerifiedLayer], out: Path, log
     check_pivot(layers, tokenizer, model.get_input_embeddings().num_embeddings)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = MicroBatchStream(data, cfg.batch_tokens, cfg.seed)
-    total_steps = cfg.max_steps or max(1, int(cfg.epochs * stream.per_epoch) // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, stream.run_length(cfg.epochs) // cfg.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total_steps))
     start = 0
     if resuming:
@@ -385,6 +385,7 @@ def fuse_train(cfg: TrainConfig, log=print) -> Path:
     out = Path(cfg.out)
     log(f"sources: {', '.join(layers)} -> pivot {cfg.pivot}, mode {cfg.mode}, loss {cfg.loss}, lambda {cfg.lam}")
     check_source_domains(layers, cfg.source_domains)
+    check_domain_epochs(layers, cfg.domain_epochs)
     if cfg.mode != "pairwise":
         return train_run(cfg, layers, out, log)
     if cfg.merge_weights and len(cfg.merge_weights) != len(layers):
