@@ -44,9 +44,11 @@ if [ ! -f "$OUT/corpus.jsonl" ]; then
 fi
 CORPUS=$OUT/corpus.jsonl
 # The fused arms train RECIPE (default: recipes/recommended.yaml, whose header says how it was chosen); the
-# SFT-only arm recipes/sft.yaml. FUSION_FLAGS adds flags to the fused arms only.
+# SFT-only arm recipes/sft.yaml. FUSION_FLAGS adds flags to the fused arms only, ARM_FLAGS to every arm, SFT-only
+# included (what the data is: e.g. --domain-epochs prose=1, prose seen in the first epoch only).
 RECIPE=${RECIPE:-recommended}
 FUSION_FLAGS=${FUSION_FLAGS:-}
+ARM_FLAGS=${ARM_FLAGS:-}
 if [ "$GENERATE_SAMPLES" -gt 0 ]; then
   echo "== 0 (before the demo's 5 steps): Qwen2.5-Coder writes $GENERATE_SAMPLES continuations per code train record"
   mkdir -p "$OUT/corpus_gen"
@@ -56,7 +58,7 @@ if [ "$GENERATE_SAMPLES" -gt 0 ]; then
   CORPUS=$OUT/corpus_gen
   FUSION_FLAGS="$FUSION_FLAGS --train-splits train,generated"
 fi
-TRAIN_FLAGS="--save-every 10 --seed $SEED"
+TRAIN_FLAGS="--save-every 10 --seed $SEED $ARM_FLAGS"
 if [ "$BEST_EVERY" -gt 0 ]; then
   TRAIN_FLAGS="$TRAIN_FLAGS --eval-split validation --eval-every $BEST_EVERY --keep-best"
 fi
