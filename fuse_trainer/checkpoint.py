@@ -40,14 +40,14 @@ RUN_ONLY_SETTINGS = ("resume", "threads", "device", "save_every", "out", "extra"
 # Settings of the fusion term and the pairwise merge: an SFT run (mode sft) is the same model whatever they say.
 FUSION_ONLY_SETTINGS = ("loss", "lam", "lambda_start", "lambda_scope", "fusion_temperature", "alm_temperature",
                         "uld_top_k", "standardize", "normalize", "alm_distance", "weighting", "weighting_temperature",
-                        "gate", "gate_margin", "distill_only_splits", "source_domains", "merge", "merge_weights",
-                        "ties_density", "graph_weight")
+                        "gate", "gate_margin", "source_gates", "distill_only_splits", "source_domains", "merge",
+                        "merge_weights", "ties_density", "graph_weight")
 # Settings added after runs were saved, with the value that matches how those runs were trained (a temperature of
 # a loss the run did not use changes nothing).
 SETTINGS_BEFORE_THEY_EXISTED = {"distill_only_splits": [], "source_domains": {}, "shuffle_window": 1,
                                 "fusion_temperature": 1.0, "alm_temperature": 1.0, "eval_split": "validation",
                                 "eval_every": 0, "keep_best": None, "join": "exact", "graph_weight": 0.0,
-                                "lambda_start": None, "domain_epochs": {}}
+                                "lambda_start": None, "domain_epochs": {}, "source_gates": {}}
 
 
 def write_folder(folder: Path, write: Callable[[Path], None]) -> None:

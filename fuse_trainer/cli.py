@@ -16,20 +16,19 @@ from fuse_trainer.weighting import SOURCE_WEIGHTINGS
 DEFAULTS = resolve_config({})  # the recommended recipe: what fuse-train trains when no recipe or flag says otherwise
 # Knobs a recipe sets; still accepted as flags, and listed apart in --help.
 RESEARCH = ("loss", "lam", "lambda_start", "lambda_scope", "fusion_temperature", "alm_temperature", "uld_top_k",
-            "standardize", "normalize", "weighting", "gate", "gate_margin", "distill_only_splits", "source_domains",
-            "domain_epochs", "shuffle_window", "warmup_steps", "merge", "graph_weight")
+            "standardize", "normalize", "weighting", "gate", "gate_margin", "source_gates", "distill_only_splits",
+            "source_domains", "domain_epochs", "shuffle_window", "warmup_steps", "merge", "graph_weight")
 
 
-def parse_source_domains(text: str) -> dict[str, list[str]]:
+def parse_per_source(text: str, flag: str, example: str) -> dict[str, list[str]]:
     """"qwen=code+math,gemma3=prose" -> {"qwen": ["code", "math"], "gemma3": ["prose"]}; ValueError naming the
-    part that is not SOURCE=DOMAIN[+DOMAIN...]."""
+    flag and the part that is not SOURCE=NAME[+NAME...]."""
     parsed: dict[str, list[str]] = {}
     for part in filter(None, text.split(",")):
-        source, _, domains = part.partition("=")
-        if not source or not domains or any(not d for d in domains.split("+")) or source in parsed:
-            raise ValueError(f"--source-domains: {part!r} is not SOURCE=DOMAIN[+DOMAIN...] (e.g. qwen=code), or names "
-                             "its source twice")
-        parsed[source] = domains.split("+")
+        source, _, names = part.partition("=")
+        if not source or not names or any(not n for n in names.split("+")) or source in parsed:
+            raise ValueError(f"{flag}: {part!r} is not SOURCE=NAME[+NAME...] (e.g. {example}), or names its source twice")
+        parsed[source] = names.split("+")
     return parsed
 
 
@@ -117,6 +116,7 @@ def _passed(ctx: click.Context) -> dict:
 @click.option("--lambda-scope", default=DEFAULTS.lambda_scope, type=click.Choice(LAMBDA_SCOPES), help="Where λ applies: at every response position, or only where a source is distilled (after --gate and --weighting); elsewhere the SFT term keeps weight 1.")
 @click.option("--weighting", default=DEFAULTS.weighting, type=click.Choice(sorted(SOURCE_WEIGHTINGS)), help="Unified mode: per-record source weights. uniform: equal; mince: all on the source with the lowest CE on the record's gold text, in nats per pivot token (the same unit for every tokenizer); avgce: softmax of -CE / T; entropy: softmax of -(mean top-k entropy) / T (T: the recipe key weighting_temperature, default 1).")
 @click.option("--gate", default=DEFAULTS.gate, help=f"Where a source teaches, one of {', '.join(GATES)}: only where it beats the pivot on the gold text (token: per next token; chunk: per shared-boundary chunk, the same event for both tokenizers; record: per record, its chunks together), or only where its mapped candidates include the pivot's gold next token (candidate). Join several with '+' to require all, e.g. candidate+chunk.")
+@click.option("--source-gates", default="", help="A gate of its own for a named source, as --gate takes it: SOURCE=GATE[+GATE], several joined by ',', e.g. sft=none (a teacher trusted on its --source-domains, ungated there). A source not named takes --gate.")
 @click.option("--gate-margin", default=DEFAULTS.gate_margin, type=float, help="Nats the source must beat the pivot by (token gate: per next token; chunk: per chunk; record: per pivot token of the record); negative: let it in unless it is worse by more than that.")
 @click.option("--fusion-temperature", default=DEFAULTS.fusion_temperature, type=float, help="Softmax temperature of ULD (infifusion) and of FuseLLM's soft CE.")
 @click.option("--alm-temperature", default=DEFAULTS.alm_temperature, type=float, help="ALM: binarization temperature of the chunk likelihoods.")
@@ -152,7 +152,10 @@ def train(ctx, recipe, **_):
             cli[name] = [s for s in cli[name].split(",") if s]
     try:
         if "source_domains" in cli:
-            cli["source_domains"] = parse_source_domains(cli["source_domains"])
+            cli["source_domains"] = parse_per_source(cli["source_domains"], "--source-domains", "qwen=code")
+        if "source_gates" in cli:
+            gates = parse_per_source(cli["source_gates"], "--source-gates", "sft=none")
+            cli["source_gates"] = {source: "+".join(names) for source, names in gates.items()}
         if "domain_epochs" in cli:
             cli["domain_epochs"] = parse_domain_epochs(cli["domain_epochs"])
         cfg = resolve_config(cli, recipe)

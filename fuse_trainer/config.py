@@ -30,6 +30,11 @@ RENAMED_SETTINGS = {
 JOINS = ("exact", "intersect")
 
 
+def valid_gates(gates: tuple[str, ...]) -> bool:
+    """GATES names, each once, "none" only alone."""
+    return set(gates) <= set(GATES) and len(set(gates)) == len(gates) and (gates == ("none",) or "none" not in gates)
+
+
 @dataclass
 class TrainConfig:
     """Resolved settings of one fuse-train command; saved with the run and inside every checkpoint."""
@@ -59,6 +64,9 @@ class TrainConfig:
     weighting: str = "uniform"  # unified mode: uniform | mince | avgce | entropy
     weighting_temperature: float = 1.0
     gate: str = "none"  # where a source teaches: a GATES name, or several joined by "+" (all must let it in)
+    # source -> its own gate, written as `gate` is (e.g. {sft: none}: a teacher trusted on its domain, ungated); a
+    # source not named takes `gate`
+    source_gates: dict[str, str] = field(default_factory=dict)
     gate_margin: float = 0.0
     epochs: float = 1.0
     max_steps: int | None = None
@@ -116,7 +124,7 @@ class TrainConfig:
             needed["logsumexp"] = "--graph-weight (the sources' probabilities)"
         if self.weighting in ("mince", "avgce"):
             needed["chunk_logprob"] = f"--weighting {self.weighting}"
-        for gate in self.gates:
+        for gate in self.gates + tuple(g for spec in self.source_gates.values() for g in spec.split("+")):
             if gate == "token":
                 needed["gold_logprob"] = "--gate token"
             if gate in ("chunk", "record"):
@@ -128,6 +136,10 @@ class TrainConfig:
         """The gates `gate` combines: "candidate+token" -> ("candidate", "token")."""
         return tuple(self.gate.split("+"))
 
+    def gates_of(self, source: str) -> tuple[str, ...]:
+        """The gates a source's targets pass: its own (`source_gates`), else `gate`'s."""
+        return tuple(self.source_gates.get(source, self.gate).split("+"))
+
     def validate(self) -> "TrainConfig":
         from fuse_trainer.losses import FUSION_LOSSES
         from fuse_trainer.merge import MERGE_METHODS
@@ -137,9 +149,13 @@ class TrainConfig:
             (self.mode in MODES, f"mode must be one of {MODES}"),
             (self.loss in FUSION_LOSSES, f"loss must be one of {sorted(FUSION_LOSSES)}"),
             (self.weighting in SOURCE_WEIGHTINGS, f"weighting must be one of {sorted(SOURCE_WEIGHTINGS)}"),
-            (set(self.gates) <= set(GATES) and len(set(self.gates)) == len(self.gates)
-             and (self.gates == ("none",) or "none" not in self.gates),
+            (valid_gates(self.gates),
              f"gate must be one of {GATES}, or several of them other than none joined by '+' (e.g. candidate+token)"),
+            (isinstance(self.source_gates, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                          and valid_gates(tuple(v.split("+")))
+                                                          for k, v in self.source_gates.items()),
+             f"source_gates must map source names to a gate as --gate takes it ({', '.join(GATES)}, or several "
+             "joined by '+'), e.g. {sft: none}"),
             (self.lambda_scope in LAMBDA_SCOPES, f"lambda_scope must be one of {LAMBDA_SCOPES}"),
             (self.merge in MERGE_METHODS, f"merge must be one of {sorted(MERGE_METHODS)}"),
             (0.0 <= self.lam <= 1.0, "lambda must be in [0, 1]"),
@@ -159,7 +175,8 @@ class TrainConfig:
              "train_splits must not name validation or heldout: those records are for evaluation"),
             (isinstance(self.distill_only_splits, list) and set(self.distill_only_splits) <= set(self.train_splits),
              "distill_only_splits must be a list of splits that train_splits also names"),
-            (self.gate_margin == 0.0 or set(self.gates) & set(LIKELIHOOD_GATES),
+            (self.gate_margin == 0.0 or {g for source in [None, *self.source_gates] for g in self.gates_of(source)}
+             & set(LIKELIHOOD_GATES),
              f"gate_margin compares likelihoods; only the {'/'.join(LIKELIHOOD_GATES)} gates do: drop gate_margin"),
             (self.eval_every >= 0, "eval_every must be 0 (no evaluation during training) or a number of steps"),
             (not (self.fsdp and self.eval_every), "eval_every scores the pivot on rank 0 alone, which a sharded pivot "
@@ -178,6 +195,8 @@ class TrainConfig:
             (isinstance(self.domain_epochs, dict)
              and all(isinstance(k, str) and isinstance(v, int) and v >= 1 for k, v in self.domain_epochs.items()),
              "domain_epochs must map domains to a number of epochs of at least 1, e.g. {prose: 1}"),
+            (self.mode != "sft" or not self.source_gates,
+             "mode sft learns the gold text only: drop source_gates (it says where the sources teach)"),
             (self.mode != "sft" or not self.source_domains,
              "mode sft learns the gold text only: drop source_domains (it says where the sources teach)"),
             (self.mode != "sft" or not self.distill_only_splits,

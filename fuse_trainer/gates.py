@@ -69,14 +69,16 @@ def record_gate_mask(
     return (gain > margin)[record_index.long()]
 
 
-def teacher_gate(batch: Batch, src: SourceBatch, piv_gold: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """(N,) bool: where every gate of `--gate` lets the source teach, at its aligned positions (src.row, src.pos).
+def teacher_gate(batch: Batch, src: SourceBatch, piv_gold: torch.Tensor, gates: tuple[str, ...],
+                 margin: float) -> torch.Tensor:
+    """(N,) bool: where every one of `gates` (`TrainConfig.gates_of` the source) lets the source teach, at its
+    aligned positions (src.row, src.pos).
 
     piv_gold (B, T) is the pivot's log-prob of each gold token."""
     let_in = torch.ones_like(src.row, dtype=torch.bool)
-    for gate in cfg.gates:
+    for gate in gates:
         if gate != "none":
-            let_in &= one_gate(gate, batch, src, piv_gold, cfg.gate_margin)
+            let_in &= one_gate(gate, batch, src, piv_gold, margin)
     return let_in
 
 

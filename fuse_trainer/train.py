@@ -146,7 +146,7 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig, lam: float | None =
     distilled = torch.zeros_like(batch.loss_mask, dtype=logits.dtype)  # (B, T) summed source weight distilled there
     uld_stats = (pivot_uld_stats(logits, cfg.uld_top_k, cfg.standardize, cfg.normalize == "full")  # once for every source
                  if cfg.loss == "infifusion" else None)
-    for s, src in enumerate(batch.sources.values()):
+    for s, (name, src) in enumerate(batch.sources.items()):
         keep = batch.loss_mask[src.row, src.pos]  # (N,) response positions only
         if cfg.loss == "infifusion":  # ULD needs no vocabulary map: the native top-k, every slot valid
             topk_ids, topk_logits = torch.zeros_like(src.topk_ids), src.native_topk_logits
@@ -164,7 +164,7 @@ def micro_batch_terms(model, batch: Batch, cfg: TrainConfig, lam: float | None =
             src_chunk_logprob=src.chunk_logprob, num_positions=batch.num_positions,
         )
         per_position, valid = FUSION_LOSSES[cfg.loss](inputs, **cfg.loss_kwargs())  # (N,), (N,)
-        gate = teacher_gate(batch, src, piv_gold, cfg)  # (N,)
+        gate = teacher_gate(batch, src, piv_gold, cfg.gates_of(name), cfg.gate_margin)  # (N,)
         mask = (keep & valid & gate).float()  # (N,)
         weighted = per_position * mask * weights[s, src.row]  # (N,)
         terms["fusion_sum"] = terms["fusion_sum"] + weighted.sum()
@@ -386,6 +386,9 @@ def fuse_train(cfg: TrainConfig, log=print) -> Path:
     log(f"sources: {', '.join(layers)} -> pivot {cfg.pivot}, mode {cfg.mode}, loss {cfg.loss}, lambda {cfg.lam}")
     check_source_domains(layers, cfg.source_domains)
     check_domain_epochs(layers, cfg.domain_epochs)
+    unknown = sorted(set(cfg.source_gates) - set(layers))
+    if unknown:
+        raise ValueError(f"source_gates names {', '.join(unknown)}, not a source of this run ({', '.join(layers)})")
     if cfg.mode != "pairwise":
         return train_run(cfg, layers, out, log)
     if cfg.merge_weights and len(cfg.merge_weights) != len(layers):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fuse_trainer.cli import parse_source_domains, train
+from fuse_trainer.cli import parse_per_source, train
 from fuse_trainer.config import TrainConfig
 from cache_builder.reader import Ragged
 from fuse_trainer.data import (FusionData, check_source_domains, collate, discover_sources, emptied_rows,
@@ -77,12 +77,13 @@ def test_unknown_sources_and_domains_are_refused_by_name(world):
         TrainConfig(source_domains={"srcq": []}).validate()
 
 
-def test_parse_source_domains():
-    assert parse_source_domains("qwen=code+math,gemma3=prose") == {"qwen": ["code", "math"], "gemma3": ["prose"]}
-    assert parse_source_domains("") == {}
+def test_parse_per_source():
+    assert parse_per_source("qwen=code+math,gemma3=prose", "--source-domains", "qwen=code") == {
+        "qwen": ["code", "math"], "gemma3": ["prose"]}
+    assert parse_per_source("", "--source-domains", "qwen=code") == {}
     for bad in ("qwen", "qwen=", "=code", "qwen=code+", "qwen=code,qwen=math"):
-        with pytest.raises(ValueError, match="is not SOURCE=DOMAIN"):
-            parse_source_domains(bad)
+        with pytest.raises(ValueError, match=r"--source-gates: .* is not SOURCE=NAME\[\+NAME...\] \(e.g. sft=none\)"):
+            parse_per_source(bad, "--source-gates", "sft=none")
 
 
 def test_fuse_train_source_domains_from_the_command_line(world, tmp_path):
