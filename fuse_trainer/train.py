@@ -384,6 +384,7 @@ def fuse_train(cfg: TrainConfig, log=print) -> Path:
                               store=store, allow_insecure=cfg.allow_insecure, log=log)
     out = Path(cfg.out)
     log(f"sources: {', '.join(layers)} -> pivot {cfg.pivot}, mode {cfg.mode}, loss {cfg.loss}, lambda {cfg.lam}")
+    check_sources(layers, cfg.join)  # a cache that failed verification is refused before its manifest is read
     check_source_domains(layers, cfg.source_domains)
     check_domain_epochs(layers, cfg.domain_epochs)
     unknown = sorted(set(cfg.source_gates) - set(layers))
