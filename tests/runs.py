@@ -23,6 +23,12 @@ def train_config(world, out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides}).validate()
 
 
+def train_args(world, mode: str, *flags: str) -> list[str]:
+    """fuse-train's command-line arguments for a short run of `mode` over the world's caches, plus `flags`."""
+    return ["--shards", str(world["cache"]), "--pivot", str(world["models"]["pivot"]), "--mode", mode,
+            "--batch-tokens", "256", *flags]
+
+
 def run_losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 

@@ -12,6 +12,7 @@ from fuse_trainer.cli import parse_domain_epochs, train
 from fuse_trainer.config import TrainConfig
 from fuse_trainer.data import FusionData, check_domain_epochs, discover_sources
 from fuse_trainer.stream import MicroBatchStream
+from tests.runs import train_args
 
 
 def _served(data, plan):
@@ -66,8 +67,7 @@ def test_unknown_domains_and_bad_counts_are_refused_by_name(world):
 def test_fuse_train_domain_epochs_from_the_command_line(world, tmp_path):
     """The flag reaches the run: fewer steps for the same --epochs (the later epochs are shorter), saved in its
     config, and a resume with another value is refused; SFT takes it too (it is about the data, not the sources)."""
-    args = ["--shards", str(world["cache"]), "--pivot", str(world["models"]["pivot"]), "--mode", "sft",
-            "--epochs", "2", "--batch-tokens", "256", "--lr", "1e-3"]
+    args = train_args(world, "sft", "--epochs", "2", "--lr", "1e-3")
     runner = CliRunner()
     result = runner.invoke(train, args + ["--out", str(tmp_path / "every")])
     assert result.exit_code == 0, result.output

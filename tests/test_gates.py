@@ -111,9 +111,9 @@ def test_fuse_train_source_gates_from_the_command_line(world, tmp_path):
     from click.testing import CliRunner
 
     from fuse_trainer.cli import train
+    from tests.runs import train_args
 
-    args = ["--shards", str(world["cache"]), "--pivot", str(world["models"]["pivot"]), "--mode", "unified",
-            "--max-steps", "1", "--batch-tokens", "256", "--gate", "candidate+chunk", "--out", str(tmp_path / "run")]
+    args = train_args(world, "unified", "--max-steps", "1", "--gate", "candidate+chunk", "--out", str(tmp_path / "run"))
     runner = CliRunner()
     result = runner.invoke(train, args + ["--source-gates", "qwen=none"])
     assert result.exit_code != 0 and "source_gates names qwen, not a source of this run (srcg, srcq" in result.output

@@ -12,6 +12,7 @@ from fuse_trainer.config import TrainConfig
 from cache_builder.reader import Ragged
 from fuse_trainer.data import (FusionData, check_source_domains, collate, discover_sources, emptied_rows,
                                  taught_records)
+from tests.runs import train_args
 
 
 def _terms(model, batch, cfg):
@@ -89,8 +90,7 @@ def test_parse_per_source():
 def test_fuse_train_source_domains_from_the_command_line(world, tmp_path):
     """The flag reaches the run: saved in its config, a misspelt domain stops it with one line, and a resume
     with other domains is refused."""
-    args = ["--shards", str(world["cache"]), "--pivot", str(world["models"]["pivot"]), "--mode", "unified",
-            "--max-steps", "2", "--batch-tokens", "256", "--lr", "1e-3", "--out", str(tmp_path / "run")]
+    args = train_args(world, "unified", "--max-steps", "2", "--lr", "1e-3", "--out", str(tmp_path / "run"))
     runner = CliRunner()
     result = runner.invoke(train, args + ["--source-domains", "srcq=cod"])
     assert result.exit_code != 0 and "cod, which its corpus does not have" in result.output
