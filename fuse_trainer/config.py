@@ -136,8 +136,8 @@ class TrainConfig:
         """The gates `gate` combines: "candidate+token" -> ("candidate", "token")."""
         return tuple(self.gate.split("+"))
 
-    def gates_of(self, source: str) -> tuple[str, ...]:
-        """The gates a source's targets pass: its own (`source_gates`), else `gate`'s."""
+    def gates_of(self, source: str | None) -> tuple[str, ...]:
+        """The gates a source's targets pass: its own (`source_gates`), else `gate`'s (None: `gate`'s)."""
         return tuple(self.source_gates.get(source, self.gate).split("+"))
 
     def validate(self) -> "TrainConfig":
