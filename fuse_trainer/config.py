@@ -124,7 +124,7 @@ class TrainConfig:
             needed["logsumexp"] = "--graph-weight (the sources' probabilities)"
         if self.weighting in ("mince", "avgce"):
             needed["chunk_logprob"] = f"--weighting {self.weighting}"
-        for gate in self.gates + tuple(g for spec in self.source_gates.values() for g in spec.split("+")):
+        for gate in self.all_gates:
             if gate == "token":
                 needed["gold_logprob"] = "--gate token"
             if gate in ("chunk", "record"):
@@ -136,9 +136,14 @@ class TrainConfig:
         """The gates `gate` combines: "candidate+token" -> ("candidate", "token")."""
         return tuple(self.gate.split("+"))
 
-    def gates_of(self, source: str | None) -> tuple[str, ...]:
-        """The gates a source's targets pass: its own (`source_gates`), else `gate`'s (None: `gate`'s)."""
-        return tuple(self.source_gates.get(source, self.gate).split("+"))
+    def gates_of(self, source: str) -> tuple[str, ...]:
+        """The gates a source's targets pass: its own (`source_gates`), else `gate`'s."""
+        return tuple(self.source_gates[source].split("+")) if source in self.source_gates else self.gates
+
+    @property
+    def all_gates(self) -> tuple[str, ...]:
+        """Every gate some source passes, once each, in order: `gate`'s, then those of `source_gates`."""
+        return tuple(dict.fromkeys(self.gates + tuple(g for source in self.source_gates for g in self.gates_of(source))))
 
     def validate(self) -> "TrainConfig":
         from fuse_trainer.losses import FUSION_LOSSES
@@ -175,8 +180,7 @@ class TrainConfig:
              "train_splits must not name validation or heldout: those records are for evaluation"),
             (isinstance(self.distill_only_splits, list) and set(self.distill_only_splits) <= set(self.train_splits),
              "distill_only_splits must be a list of splits that train_splits also names"),
-            (self.gate_margin == 0.0 or {g for source in [None, *self.source_gates] for g in self.gates_of(source)}
-             & set(LIKELIHOOD_GATES),
+            (self.gate_margin == 0.0 or set(self.all_gates) & set(LIKELIHOOD_GATES),
              f"gate_margin compares likelihoods; only the {'/'.join(LIKELIHOOD_GATES)} gates do: drop gate_margin"),
             (self.eval_every >= 0, "eval_every must be 0 (no evaluation during training) or a number of steps"),
             (not (self.fsdp and self.eval_every), "eval_every scores the pivot on rank 0 alone, which a sharded pivot "

@@ -109,12 +109,19 @@ def check_domain_epochs(layers: dict[str, VerifiedLayer], domain_epochs: dict[st
                          f"(its domains: {', '.join(sorted(known)) or 'none recorded'})")
 
 
+def check_named_sources(layers: dict[str, VerifiedLayer], setting: str, names) -> None:
+    """ValueError unless every source a per-source setting names is one of `layers`."""
+    unknown = sorted(set(names) - set(layers))
+    if unknown:
+        raise ValueError(f"{setting} names {', '.join(map(repr, unknown))}, not a source of this run "
+                         f"({', '.join(layers)})")
+
+
 def check_source_domains(layers: dict[str, VerifiedLayer], source_domains: dict[str, list[str]]) -> None:
     """ValueError unless every source named in `source_domains` is one of `layers` and every domain listed for it
     is one of its corpus's (a misspelt domain would silently leave the source teaching nothing)."""
+    check_named_sources(layers, "source_domains", source_domains)
     for name, domains in source_domains.items():
-        if name not in layers:
-            raise ValueError(f"source_domains names {name!r}, not a source of this run ({', '.join(layers)})")
         known = layers[name].manifest["corpus"]["summary"].get("domains", {})
         unknown = sorted(set(domains) - set(known))
         if unknown:
@@ -122,12 +129,18 @@ def check_source_domains(layers: dict[str, VerifiedLayer], source_domains: dict[
                              f"have (its domains: {', '.join(sorted(known)) or 'none recorded'})")
 
 
-def check_sources(layers: dict[str, VerifiedLayer], join: str = "exact") -> None:
-    """Refuse layers that failed verification when opened, or that do not describe the same records (join
-    `exact`) or share none (`intersect`), or were aligned to different pivot tokenizers."""
+def refuse_unverified(layers: dict[str, VerifiedLayer]) -> None:
+    """CacheError naming every problem of the layers that failed verification when opened (their manifests are
+    not to be read)."""
     problems = [p for layer in layers.values() for p in layer.problems]
     if problems:
         raise CacheError("refusing to train on these caches: " + "; ".join(problems))
+
+
+def check_sources(layers: dict[str, VerifiedLayer], join: str = "exact") -> None:
+    """Refuse layers that failed verification when opened, or that do not describe the same records (join
+    `exact`) or share none (`intersect`), or were aligned to different pivot tokenizers."""
+    refuse_unverified(layers)
     keys = {name: Path(layer.origin) for name, layer in layers.items()}
     ids = {keys[n]: set(layer.record_ids) for n, layer in layers.items()}
     corpus = {keys[n]: layer.manifest["corpus"]["fingerprint"] for n, layer in layers.items()}

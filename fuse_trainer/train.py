@@ -46,8 +46,9 @@ from fuse_trainer.checkpoint import (
     save_hf,
 )
 from fuse_trainer.config import TrainConfig, dump_yaml
-from fuse_trainer.data import (Batch, FusionData, check_domain_epochs, check_pivot, check_source_domains, check_sources,
-                                 check_statistics, collate, discover_sources)
+from fuse_trainer.data import (Batch, FusionData, check_domain_epochs, check_named_sources, check_pivot,
+                                 check_source_domains, check_sources, check_statistics, collate, discover_sources,
+                                 refuse_unverified)
 from fuse_trainer.gates import teacher_gate
 from fuse_trainer.graph_loss import graph_loss
 from fuse_trainer.guard import stop_if_not_finite
@@ -384,12 +385,10 @@ def fuse_train(cfg: TrainConfig, log=print) -> Path:
                               store=store, allow_insecure=cfg.allow_insecure, log=log)
     out = Path(cfg.out)
     log(f"sources: {', '.join(layers)} -> pivot {cfg.pivot}, mode {cfg.mode}, loss {cfg.loss}, lambda {cfg.lam}")
-    check_sources(layers, cfg.join)  # a cache that failed verification is refused before its manifest is read
+    refuse_unverified(layers)  # before the settings below read the manifests
     check_source_domains(layers, cfg.source_domains)
+    check_named_sources(layers, "source_gates", cfg.source_gates)
     check_domain_epochs(layers, cfg.domain_epochs)
-    unknown = sorted(set(cfg.source_gates) - set(layers))
-    if unknown:
-        raise ValueError(f"source_gates names {', '.join(unknown)}, not a source of this run ({', '.join(layers)})")
     if cfg.mode != "pairwise":
         return train_run(cfg, layers, out, log)
     if cfg.merge_weights and len(cfg.merge_weights) != len(layers):

@@ -116,7 +116,7 @@ def test_fuse_train_source_gates_from_the_command_line(world, tmp_path):
     args = train_args(world, "unified", "--max-steps", "1", "--gate", "candidate+chunk", "--out", str(tmp_path / "run"))
     runner = CliRunner()
     result = runner.invoke(train, args + ["--source-gates", "qwen=none"])
-    assert result.exit_code != 0 and "source_gates names qwen, not a source of this run (srcg, srcq" in result.output
+    assert result.exit_code != 0 and "source_gates names 'qwen', not a source of this run (srcg, srcq" in result.output
     result = runner.invoke(train, args + ["--source-gates", "srcq=nothing"])
     assert result.exit_code != 0 and "source_gates must map source names to a gate" in result.output
     result = runner.invoke(train, args + ["--source-gates", "srcq=none,srcg=candidate"])
