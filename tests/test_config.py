@@ -25,7 +25,7 @@ def test_every_shipped_recipe_loads_and_says_what_it_is_for():
         header = (RECIPES / f"{name}.yaml").read_text().split("\n\n")[0]
         assert header.startswith("# ") and len(header) > 80, name
         resolve_config({}, name)
-    with pytest.raises(ValueError, match="no recipe 'nope': give a YAML file or one of fusellm, infifusion"):
+    with pytest.raises(ValueError, match="no recipe 'nope': give a YAML file or one of anchored, fusellm, infifusion"):
         resolve_config({}, "nope")
 
 
