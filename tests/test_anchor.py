@@ -12,7 +12,7 @@ from cache_builder.align import align_cache
 from cache_builder.build import BuildSettings, build_cache
 from fuse_trainer.cli import train
 from fuse_trainer.train import fuse_train
-from tests.runs import train_args, train_config
+from tests.runs import train_config
 
 
 def _first_step(run) -> dict:
@@ -49,9 +49,9 @@ def test_the_anchored_recipe_trains_from_two_cache_roots(world, tmp_path):
     the recipe's λ ramp and the teacher's own gate reach the run, which trains from both roots. With the
     recipe's own names (sft, qwen, gemma3) on caches that lack qwen and gemma3 it stops with one line."""
     _, anchor = _teacher_from_sft(world, tmp_path)
-    shards = f"{world['cache']},{anchor}"
-    args = train_args(world, "unified", "--max-steps", "3", "--lr", "1e-3", "--recipe", "anchored", "--dtype", "fp32",
-                      "--shards", shards, "--out", str(tmp_path / "run"))
+    args = ["--shards", f"{world['cache']},{anchor}", "--pivot", str(world["models"]["pivot"]), "--mode", "unified",
+            "--recipe", "anchored", "--batch-tokens", "256", "--max-steps", "3", "--lr", "1e-3", "--dtype", "fp32",
+            "--out", str(tmp_path / "run")]
     runner = CliRunner()
     result = runner.invoke(train, args)
     assert result.exit_code != 0 and "source_domains names 'gemma3', 'qwen', not a source of this run" in result.output
