@@ -89,6 +89,7 @@ if [ "$ANCHOR" = 1 ]; then
   # pairwise + merge was measured with λ 0 -> 0.7 (docs/experiments.md, 2026-12-06)
   .venv/bin/fuse-train --shards "$OUT/cache,$OUT/cache-anchor" --mode pairwise --recipe anchored --lambda 0.7 \
     $TRAIN_FLAGS --epochs "$EPOCHS" $FUSION_FLAGS --out "$OUT/runs/pairwise-anchored" --resume
+  .venv/bin/python -m fuse_trainer.plot "$OUT/runs" "$OUT/training_curves.png"  # the demo's plot, with both arms
   ANCHORED=(--model "unified-anchored=$OUT/runs/unified-anchored/final"
             --model "pairwise-anchored+merge=$OUT/runs/pairwise-anchored/merged")
 fi
