@@ -84,11 +84,10 @@ if [ "$ANCHOR" = 1 ]; then
   fi
   .venv/bin/cache-build --model "$OUT/teachers/sft" --corpus "$CORPUS" --out "$OUT/cache-anchor" --pivot smollm2 --dtype bf16
   .venv/bin/cache-verify "$OUT/cache-anchor"
-  .venv/bin/fuse-train --shards "$OUT/cache,$OUT/cache-anchor" --mode unified --recipe anchored $TRAIN_FLAGS \
-    --epochs "$EPOCHS" $FUSION_FLAGS --out "$OUT/runs/unified-anchored" --resume
-  # pairwise + merge was measured with λ 0 -> 0.7 (docs/experiments.md, 2026-12-06)
-  .venv/bin/fuse-train --shards "$OUT/cache,$OUT/cache-anchor" --mode pairwise --recipe anchored --lambda 0.7 \
-    $TRAIN_FLAGS --epochs "$EPOCHS" $FUSION_FLAGS --out "$OUT/runs/pairwise-anchored" --resume
+  for MODE in unified pairwise; do
+    .venv/bin/fuse-train --shards "$OUT/cache,$OUT/cache-anchor" --mode $MODE --recipe anchored $TRAIN_FLAGS \
+      --epochs "$EPOCHS" $FUSION_FLAGS --out "$OUT/runs/$MODE-anchored" --resume
+  done
   .venv/bin/python -m fuse_trainer.plot "$OUT/runs" "$OUT/training_curves.png"  # the demo's plot, with both arms
   ANCHORED=(--model "unified-anchored=$OUT/runs/unified-anchored/final"
             --model "pairwise-anchored+merge=$OUT/runs/pairwise-anchored/merged")
