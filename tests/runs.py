@@ -23,9 +23,10 @@ def train_config(world, out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**{**base, **overrides}).validate()
 
 
-def train_args(world, mode: str, *flags: str) -> list[str]:
-    """fuse-train's command-line arguments for a short run of `mode` over the world's caches, plus `flags`."""
-    return ["--shards", str(world["cache"]), "--pivot", str(world["models"]["pivot"]), "--mode", mode,
+def train_args(world, mode: str, *flags: str, shards: str | None = None) -> list[str]:
+    """fuse-train's command-line arguments for a short run of `mode` over the world's caches (or `shards`), plus
+    `flags`."""
+    return ["--shards", shards or str(world["cache"]), "--pivot", str(world["models"]["pivot"]), "--mode", mode,
             "--batch-tokens", "256", *flags]
 
 
